@@ -1,0 +1,206 @@
+"""What a store holds, as frozen dataclasses saved in the store's Zarr attributes.
+
+A :class:`FeatureSpec` describes one backbone's features over one dataset split; a
+:class:`TargetSpec` the backbone-independent targets of one dataset split at one output size.
+Each has a content key: a hash of everything that determines the stored values (DESIGN contract
+4), so asking twice for the same thing finds the same store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["FORMAT_VERSION", "LayerSpec", "FeatureSpec", "TargetSpec", "content_key", "grid_token_centres"]
+
+#: Bump when the on-disk layout changes: it is part of every content key.
+FORMAT_VERSION = 1
+
+
+def content_key(identity: dict[str, Any]) -> str:
+    """A 16-hex-digit hash of a JSON-serialisable identity dict (order-independent)."""
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def grid_token_centres(grid: tuple[int, int]) -> list[list[list[float]]]:
+    """Normalised ``(y, x)`` centres of an ``(h, w)`` token grid that tiles the whole input."""
+    h, w = grid
+    return [[[(i + 0.5) / h, (j + 0.5) / w] for j in range(w)] for i in range(h)]
+
+
+def _tuplify(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerSpec:
+    """One stored feature layer: an ``(N, h, w, C)`` float16 array.
+
+    Attributes:
+        name: layer name, also the array name under ``features/`` (e.g. ``"last"``, ``"stage2"``).
+        grid: ``(h, w)`` token grid.
+        channels: ``C``.
+        stride: input pixels per token along ``(y, x)``.
+        token_centres: ``(h, w, 2)`` nested tuples, each token centre's normalised ``(y, x)``
+            image coordinates in [0, 1] (DESIGN contract 2).
+    """
+
+    name: str
+    grid: tuple[int, int]
+    channels: int
+    stride: tuple[float, float]
+    token_centres: tuple = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", tuple(int(v) for v in self.grid))
+        object.__setattr__(self, "stride", tuple(float(v) for v in self.stride))
+        if not self.token_centres:
+            object.__setattr__(self, "token_centres", _tuplify(grid_token_centres(self.grid)))
+        else:
+            object.__setattr__(self, "token_centres", _tuplify(self.token_centres))
+        if len(self.token_centres) != self.grid[0] or len(self.token_centres[0]) != self.grid[1]:
+            raise ValueError(f"token_centres of layer {self.name!r} do not match its grid {self.grid}")
+        if self.channels <= 0:
+            raise ValueError(f"layer {self.name!r} has {self.channels} channels")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerSpec":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureSpec:
+    """Everything that determines a feature store's contents.
+
+    Attributes:
+        backbone: registry name (``"siglip_384"``, ``"timm:test_vit"``).
+        timm_name: the timm model name.
+        weights_id: identity of the weights (``"pretrained:<name>"``, ``"random:seed0"``,
+            ``"file:<sha256>"``).
+        input_size: ``(H, W)`` the backbone saw (native, from timm's pretrained config).
+        mean, std, interpolation: the input normalisation and resize filter.
+        resize: how images became ``input_size`` (``"squash"``: the whole image, no crop).
+        layers: the stored layers.
+        dataset, split, dataset_options: the dataset reader's identity.
+        num_images: N.
+        image_ids_hash: hash of the ordered image ids; target stores must match it.
+        dtype: stored dtype of the features.
+    """
+
+    backbone: str
+    timm_name: str
+    weights_id: str
+    input_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    resize: str = "squash"
+    layers: tuple[LayerSpec, ...]
+    dataset: str
+    split: str
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    num_images: int
+    image_ids_hash: str
+    dtype: str = "float16"
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        layers = tuple(l if isinstance(l, LayerSpec) else LayerSpec.from_dict(l) for l in self.layers)
+        object.__setattr__(self, "layers", layers)
+        if not layers:
+            raise ValueError("a feature store needs at least one layer")
+        if len({l.name for l in layers}) != len(layers):
+            raise ValueError("layer names must be unique")
+        if self.num_images < 0:
+            raise ValueError("num_images must be >= 0")
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(l.name for l in self.layers)
+
+    def layer(self, name: str | None = None) -> LayerSpec:
+        """The layer ``name`` (the first layer when ``None``)."""
+        if name is None:
+            return self.layers[0]
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(f"store has no layer {name!r}; layers: {', '.join(self.layer_names)}")
+
+    def identity(self) -> dict[str, Any]:
+        d = self.to_dict()
+        for layer in d["layers"]:
+            layer.pop("token_centres")  # derived from grid and stride, and large
+        return d
+
+    @property
+    def key(self) -> str:
+        return content_key({"kind": "features", **self.identity()})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [l.to_dict() for l in self.layers]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetSpec:
+    """Everything that determines a target store's contents (no backbone).
+
+    Attributes:
+        dataset, split, dataset_options: the dataset reader's identity.
+        size: ``(H, W)`` output resolution of every target.
+        kinds: the targets stored (subset of boundaries, distance, instances, semantic, depth).
+        definitions: how each target is computed (boundary width, distance normalisation, resize).
+        build: the target-building configuration (its parameters and version).
+        num_images, image_ids_hash: the images, in store order.
+        num_classes, ignore_index, class_names: semantic labels, where present.
+    """
+
+    dataset: str
+    split: str
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    size: tuple[int, int] = (224, 224)
+    kinds: tuple[str, ...]
+    definitions: dict[str, str] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)
+    num_images: int
+    image_ids_hash: str
+    num_classes: int | None = None
+    ignore_index: int = 255
+    class_names: tuple[str, ...] | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "kinds", tuple(sorted(self.kinds)))
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(self.class_names))
+        if not self.kinds:
+            raise ValueError("a target store needs at least one target kind")
+
+    @property
+    def key(self) -> str:
+        return content_key({"kind": "targets", **self.to_dict()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TargetSpec":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
