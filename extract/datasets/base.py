@@ -102,8 +102,14 @@ class DatasetReader(ABC):
         return len(self.image_ids)
 
     @abstractmethod
-    def read_image(self, index: int) -> Image.Image:
-        """Decode image ``index`` as RGB. Raises :class:`BadImageError` naming the file."""
+    def read_image(self, index: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
+        """Decode image ``index`` as RGB. Raises :class:`BadImageError` naming the file.
+
+        Args:
+            index: position in :attr:`image_ids`.
+            draft_size: passed to :func:`load_rgb`: JPEGs may decode at a reduced size no smaller
+                than this. ``None`` decodes at full size.
+        """
 
     @abstractmethod
     def read_annotation(self, index: int) -> Annotation:

@@ -1,0 +1,81 @@
+"""Decode and resize images for a backbone, inside DataLoader workers.
+
+Every image is resized whole to the backbone's native input size (``squash``: no crop, aspect
+ratio not kept), so the token grid covers exactly the field of view of the targets, which are
+resized the same way. Normalisation uses the backbone's own mean and std.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from extract.datasets.base import DatasetReader
+from store.errors import BadImageError
+
+__all__ = ["BackboneImages", "PIL_FILTERS", "collate_images"]
+
+PIL_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+class BackboneImages(Dataset):
+    """Item ``k`` is image ``indices[k]`` of ``reader`` as a normalised ``(3, H, W)`` float tensor.
+
+    A bad image does not raise inside the worker (exceptions lose their type crossing processes):
+    the item carries the file and reason, and the caller decides (raise, or ``--skip-bad``).
+
+    Args:
+        reader: the dataset reader.
+        input_size: ``(H, W)`` backbone input.
+        mean, std: per-channel normalisation (0–1 pixel scale).
+        interpolation: PIL filter name.
+    """
+
+    def __init__(
+        self,
+        reader: DatasetReader,
+        input_size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bicubic",
+    ) -> None:
+        self.reader = reader
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (np.asarray(std, dtype=np.float32).reshape(3, 1, 1) * 255.0)
+        self.filter = PIL_FILTERS.get(interpolation, Image.Resampling.BICUBIC)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        h, w = self.input_size
+        try:
+            # draft lets libjpeg decode at a reduced scale no smaller than the target size
+            image = self.reader.read_image(index, draft_size=(w, h))
+        except BadImageError as err:
+            return {"index": index, "pixels": torch.zeros(3, h, w), "bad": f"{err.path}\t{err.reason}"}
+        if image.size != (w, h):
+            image = image.resize((w, h), self.filter)
+        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+        pixels = torch.from_numpy((array - self.mean) * self.inv_std)
+        return {"index": index, "pixels": pixels, "bad": ""}
+
+
+def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "pixels": torch.stack([it["pixels"] for it in items]),
+        "bad": [it["bad"] for it in items],
+    }

@@ -1,0 +1,281 @@
+"""The extraction runner: a frozen backbone over a dataset split, once, into a feature store.
+
+Decoding runs in DataLoader workers, the forward pass in the main thread under
+``torch.inference_mode()`` (autocast on GPU), and shard writes in a small writer pool, so the three
+overlap. Batches never cross a shard boundary and always start at a shard's first image, so a run
+resumed after a kill forms exactly the same batches and produces a bitwise-equal store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from extract.backbones import LoadedBackbone, load_backbone
+from extract.datasets.base import DatasetReader, create_dataset, image_ids_hash
+from extract.images import BackboneImages, collate_images
+from extract.progress import ProgressReporter
+from extract.provenance import provenance
+from store import _layout as L
+from store.catalogue import feature_store_path
+from store.errors import BadImageError, MaxaError
+from store.spec import FeatureSpec, LayerSpec
+from store.writer import ArrayDef, StoreWriter
+
+__all__ = ["ExtractResult", "extract_features", "feature_spec_for", "default_shard_size", "resolve_device"]
+
+FP16_MAX = 65504.0
+#: Target bytes per shard: big enough for efficient I/O, small enough to buffer (TECH_NOTES).
+SHARD_BYTES = 256 * 2**20
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction produced or found."""
+
+    path: str
+    spec: FeatureSpec
+    reused: bool
+    images_written: int = 0
+    seconds: float = 0.0
+    bad_images: list[str] = field(default_factory=list)
+    clipped_values: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_written / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MaxaError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MaxaError(f"device {device!r} requested but CUDA is not available here; use --device cpu.")
+    return dev
+
+
+def default_shard_size(spec_layers: tuple[LayerSpec, ...]) -> int:
+    per_image = sum(l.grid[0] * l.grid[1] * l.channels * 2 for l in spec_layers)
+    return int(max(1, min(1024, SHARD_BYTES // per_image)))
+
+
+def feature_spec_for(backbone: LoadedBackbone, reader: DatasetReader, image_ids: list[str]) -> FeatureSpec:
+    """The spec (and so the content key) of ``backbone`` over ``image_ids`` of ``reader``."""
+    layers = tuple(
+        LayerSpec(
+            name=name,
+            grid=backbone.grids[name],
+            channels=backbone.channels[name],
+            stride=_pair(backbone.stride(name)),
+            token_centres=backbone.token_centres(name).tolist(),
+        )
+        for name in backbone.layer_names
+    )
+    ident = reader.identity()
+    return FeatureSpec(
+        backbone=backbone.entry.name,
+        timm_name=backbone.entry.timm_name,
+        weights_id=backbone.weights_id,
+        input_size=backbone.input_size,
+        mean=backbone.mean,
+        std=backbone.std,
+        interpolation=backbone.interpolation,
+        layers=layers,
+        dataset=ident["dataset"],
+        split=ident["split"],
+        dataset_options=ident["options"],
+        num_images=len(image_ids),
+        image_ids_hash=image_ids_hash(image_ids),
+    )
+
+
+def extract_features(
+    backbone: str | LoadedBackbone,
+    reader: DatasetReader,
+    store_root: str,
+    *,
+    weights: str = "pretrained",
+    layers: tuple[int, ...] | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    limit: int | None = None,
+    num_workers: int | None = None,
+    shard_size: int | None = None,
+    compression: str = "none",
+    skip_bad: bool = False,
+    show_progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> ExtractResult:
+    """Extract ``backbone`` features of ``reader``'s images into a store under ``store_root``.
+
+    Re-running with the same arguments returns the existing store at once if it is complete, and
+    finishes only the missing shards if it is not.
+
+    Args:
+        backbone: registry name or an already loaded backbone.
+        reader: the dataset split.
+        store_root: root directory of stores.
+        weights: ``"pretrained"``, ``"random"`` or a checkpoint path.
+        layers: layer indices (``None``: the backbone entry's layers).
+        batch_size: images per forward pass.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        limit: only the first ``limit`` images.
+        num_workers: DataLoader decode workers (default: up to 4, fewer on small machines).
+        shard_size: images per shard (default: ~256 MB of features).
+        compression: ``"none"`` or ``"zstd"``.
+        skip_bad: record undecodable images (zeros, flagged ``bad``) instead of stopping.
+        show_progress: draw a progress bar.
+        on_shard: called with each shard index once it is on disk (tests use it).
+    """
+    dev = resolve_device(device)
+    if isinstance(backbone, LoadedBackbone):
+        model = backbone
+    else:
+        model = load_backbone(backbone, weights=weights, device=str(dev), layers=layers)
+    image_ids = list(reader.image_ids[:limit] if limit is not None else reader.image_ids)
+    if not image_ids:
+        raise MaxaError(f"dataset {reader.name!r} split {reader.split!r} has no images to extract.")
+    spec = feature_spec_for(model, reader, image_ids)
+    path = feature_store_path(store_root, spec)
+    arrays = [
+        ArrayDef(f"{L.FEATURES}/{l.name}", (*l.grid, l.channels), "float16", ("y", "x", "c"),
+                 attrs={"token_centres": [list(map(list, row)) for row in l.token_centres]})
+        for l in spec.layers
+    ]
+    writer = StoreWriter(
+        path, kind="features", key=spec.key, spec=spec.to_dict(), arrays=arrays, image_ids=image_ids,
+        shard_size=shard_size or default_shard_size(spec.layers), compression=compression,
+        provenance=provenance(device=str(dev), batch_size=batch_size),
+    ).open()
+    if writer.complete:
+        return ExtractResult(path=path, spec=spec, reused=True)
+    missing = writer.missing_shards()
+    result = ExtractResult(path=path, spec=spec, reused=False)
+    start_time = time.perf_counter()
+    if missing:
+        _run_shards(model, reader, writer, missing, spec, dev, batch_size, num_workers, skip_bad,
+                    show_progress, on_shard, result)
+    writer.finalize(bad_images=result.bad_images, clipped_values=result.clipped_values)
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+def _batches(writer: StoreWriter, shards: list[int], batch_size: int) -> list[list[int]]:
+    out = []
+    for s in shards:
+        start, stop = writer.shard_range(s)
+        out.extend(list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size))
+    return out
+
+
+def _default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _run_shards(model, reader, writer, shards, spec, dev, batch_size, num_workers, skip_bad,
+                show_progress, on_shard, result) -> None:
+    images = BackboneImages(reader, spec.input_size, spec.mean, spec.std, spec.interpolation)
+    workers = _default_workers() if num_workers is None else num_workers
+    loader = DataLoader(
+        images,
+        batch_sampler=_batches(writer, shards, batch_size),
+        num_workers=workers,
+        collate_fn=collate_images,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    shard_of = {s: writer.shard_range(s) for s in shards}
+    buffers: dict[int, dict[str, np.ndarray]] = {}
+    bad_flags: dict[int, np.ndarray] = {}
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maxa-writer")
+    pending: list[Future] = []
+    total = sum(stop - start for start, stop in shard_of.values())
+    progress = ProgressReporter(f"extract {spec.backbone} {spec.dataset}/{spec.split}", total, enabled=show_progress)
+
+    def write(shard: int, data: dict[str, np.ndarray], bad: np.ndarray) -> int:
+        writer.write_shard(shard, data, bad)
+        if on_shard is not None:
+            on_shard(shard)
+        return shard
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    try:
+        with progress:
+            for batch in loader:
+                idx = batch["index"].numpy()
+                for k, msg in enumerate(batch["bad"]):
+                    if msg:
+                        path, _, reason = msg.partition("\t")
+                        if not skip_bad:
+                            raise BadImageError(path, reason)
+                        result.bad_images.append(path)
+                pixels = batch["pixels"].to(dev, non_blocking=True)
+                with torch.inference_mode(), autocast:
+                    feats = model.forward(pixels)
+                shard = int(idx[0] // writer.shard_size)
+                start, stop = shard_of[shard]
+                if shard not in buffers:
+                    buffers[shard] = {
+                        f"{L.FEATURES}/{l.name}": np.zeros((stop - start, *l.grid, l.channels), np.float16)
+                        for l in spec.layers
+                    }
+                    bad_flags[shard] = np.zeros(stop - start, np.uint8)
+                for l in spec.layers:
+                    values, clipped = _to_fp16(feats[l.name])
+                    result.clipped_values += clipped
+                    buffers[shard][f"{L.FEATURES}/{l.name}"][idx - start] = values
+                for k, msg in enumerate(batch["bad"]):
+                    if msg:
+                        bad_flags[shard][idx[k] - start] = 1
+                        for arr in buffers[shard].values():
+                            arr[idx[k] - start] = 0
+                progress.advance(len(idx))
+                result.images_written += len(idx)
+                if idx[-1] == stop - 1:  # last batch of the shard: hand it to a writer
+                    pending = _reap(pending)
+                    while len(pending) >= 2:  # bound the memory held by shards in flight
+                        pending.pop(0).result()
+                    pending.append(pool.submit(write, shard, buffers.pop(shard), bad_flags.pop(shard)))
+            for f in pending:
+                f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=False)
+
+
+def _pair(value: Any) -> tuple[float, float]:
+    if isinstance(value, (tuple, list)):
+        return float(value[0]), float(value[1])
+    return float(value), float(value)
+
+
+def _reap(pending: list[Future]) -> list[Future]:
+    """Drop finished writes, re-raising any write error here."""
+    still = []
+    for f in pending:
+        if f.done():
+            f.result()
+        else:
+            still.append(f)
+    return still
+
+
+def _to_fp16(x: torch.Tensor) -> tuple[np.ndarray, int]:
+    """Cast on the device; values beyond float16's range are clipped (and counted), not inf."""
+    bad = ~torch.isfinite(x) | (x.abs() > FP16_MAX)
+    clipped = int(bad.sum())
+    if clipped:
+        x = x.float().nan_to_num(0.0, posinf=FP16_MAX, neginf=-FP16_MAX).clamp(-FP16_MAX, FP16_MAX)
+    return x.to(torch.float16).cpu().numpy(), clipped

@@ -1,0 +1,157 @@
+"""Build a dataset split's target store once, at the output resolution, for every backbone.
+
+Annotations are decoded and turned into targets (``extract.targets``) in DataLoader workers and
+written shard by shard with the same crash-safe writer as feature stores.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from extract.datasets.base import DatasetReader, image_ids_hash
+from extract.progress import ProgressReporter
+from extract.provenance import provenance
+from extract.targets import TARGET_OUTPUTS, build_targets
+from extract.targets import TargetSpec as TargetConfig
+from store.catalogue import target_store_path
+from store.errors import MaxaError
+from store.spec import TargetSpec
+from store.writer import ArrayDef, StoreWriter
+
+__all__ = ["TargetBuildResult", "build_target_store", "target_spec_for", "MAX_INSTANCES"]
+
+#: Per-image instance areas are stored padded to this many instances.
+MAX_INSTANCES = 256
+TARGET_SHARD_SIZE = 256
+
+
+@dataclass
+class TargetBuildResult:
+    path: str
+    spec: TargetSpec
+    reused: bool
+    images_written: int = 0
+    seconds: float = 0.0
+    truncated_instances: int = 0
+
+
+def _array_defs(kinds: tuple[str, ...], size: tuple[int, int]) -> list[ArrayDef]:
+    yx = ("y", "x")
+    table = {
+        "instances": ArrayDef("instances", size, "uint16", yx),
+        "instance_count": ArrayDef("instance_count", (), "int32", chunk_per_image=False),
+        "instance_area": ArrayDef("instance_area", (MAX_INSTANCES,), "float32", ("instance",), chunk_per_image=False),
+        "foreground": ArrayDef("foreground", size, "uint8", yx),
+        "instance_ignore": ArrayDef("instance_ignore", size, "uint8", yx),
+        "boundaries": ArrayDef("boundaries", size, "uint8", yx),
+        "distance": ArrayDef("distance", size, "float32", yx),
+        "semantic": ArrayDef("semantic", size, "uint8", yx),
+        "depth": ArrayDef("depth", size, "float32", yx),
+    }
+    names = [name for kind in kinds for name in TARGET_OUTPUTS[kind]]
+    return [table[n] for n in dict.fromkeys(names)]
+
+
+def target_spec_for(reader: DatasetReader, image_ids: list[str], config: TargetConfig) -> TargetSpec:
+    ident = reader.identity()
+    return TargetSpec(
+        dataset=ident["dataset"],
+        split=ident["split"],
+        dataset_options=ident["options"],
+        size=config.size,
+        kinds=tuple(sorted(reader.targets)),
+        definitions={k: v for k, v in config.definitions().items() if k in reader.targets or k == "resize"},
+        build=config.to_dict(),
+        num_images=len(image_ids),
+        image_ids_hash=image_ids_hash(image_ids),
+        num_classes=reader.num_classes,
+        ignore_index=reader.ignore_index,
+        class_names=tuple(reader.class_names) if reader.class_names else None,
+    )
+
+
+class _TargetItems(Dataset):
+    def __init__(self, reader: DatasetReader, config: TargetConfig, kinds: tuple[str, ...]) -> None:
+        self.reader, self.config, self.kinds = reader, config, kinds
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> tuple[int, dict[str, np.ndarray]]:
+        out = build_targets(self.reader.read_annotation(index), self.config, self.kinds)
+        if "instance_area" in out:
+            area = np.zeros(MAX_INSTANCES, np.float32)
+            k = min(len(out["instance_area"]), MAX_INSTANCES)
+            area[:k] = out["instance_area"][:k]
+            out["instance_area"] = area
+        return index, out
+
+
+def build_target_store(
+    reader: DatasetReader,
+    store_root: str,
+    *,
+    size: tuple[int, int] = (224, 224),
+    limit: int | None = None,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+    config: TargetConfig | None = None,
+) -> TargetBuildResult:
+    """Build (or find) the target store of ``reader``'s split under ``store_root``.
+
+    Args:
+        reader: the dataset split.
+        store_root: root directory of stores.
+        size: output ``(H, W)``.
+        limit: only the first ``limit`` images (must match the feature store's ``--limit``).
+        num_workers: DataLoader workers.
+        show_progress: draw a progress bar.
+        config: target-building parameters (default: ``TargetConfig(size=size)``).
+    """
+    config = config or TargetConfig(size=tuple(size))
+    kinds = tuple(sorted(reader.targets))
+    if not kinds:
+        raise MaxaError(f"dataset {reader.name!r} provides no targets.")
+    image_ids = list(reader.image_ids[:limit] if limit is not None else reader.image_ids)
+    spec = target_spec_for(reader, image_ids, config)
+    path = target_store_path(store_root, spec)
+    arrays = _array_defs(kinds, spec.size)
+    writer = StoreWriter(
+        path, kind="targets", key=spec.key, spec=spec.to_dict(), arrays=arrays, image_ids=image_ids,
+        shard_size=TARGET_SHARD_SIZE, compression="zstd", provenance=provenance(),
+    ).open()
+    result = TargetBuildResult(path=path, spec=spec, reused=writer.complete)
+    if writer.complete:
+        return result
+    t0 = time.perf_counter()
+    missing = writer.missing_shards()
+    indices = [i for s in missing for i in range(*writer.shard_range(s))]
+    workers = max(0, min(4, (os.cpu_count() or 2) - 1)) if num_workers is None else num_workers
+    loader = DataLoader(
+        _TargetItems(reader, config, kinds), sampler=indices, batch_size=None, num_workers=workers,
+        prefetch_factor=8 if workers else None,
+    )
+    buffers: dict[int, dict[str, np.ndarray]] = {}
+    with ProgressReporter(f"targets {spec.dataset}/{spec.split}", len(indices), enabled=show_progress) as bar:
+        for index, out in loader:
+            shard = index // writer.shard_size
+            start, stop = writer.shard_range(shard)
+            if shard not in buffers:
+                buffers[shard] = {a.name: np.zeros((stop - start, *a.shape), a.dtype) for a in arrays}
+            for name, value in out.items():
+                buffers[shard][name][index - start] = value
+            if "instance_count" in out and int(out["instance_count"]) > MAX_INSTANCES:
+                result.truncated_instances += 1
+            bar.advance(1)
+            result.images_written += 1
+            if index == stop - 1:
+                writer.write_shard(shard, buffers.pop(shard))
+    writer.finalize(max_instances=MAX_INSTANCES, truncated_instance_areas=result.truncated_instances)
+    result.seconds = time.perf_counter() - t0
+    return result

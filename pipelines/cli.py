@@ -1,0 +1,276 @@
+"""The ``maxa`` command line: thin typer commands over library functions.
+
+Bad input (``MaxaError``) prints one line naming the problem and the fix, and exits 2; set
+``MAXA_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from store.errors import MaxaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Dense evaluation of frozen vision backbones with masked cross-attention adapters.")
+stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature and target stores.")
+app.add_typer(stores_app, name="stores")
+
+# Piped output gets a wide, stable layout instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+DEFAULT_STORE_ROOT = os.environ.get("MAXA_STORE_ROOT", "maxa-stores")
+
+
+class Weights(StrEnum):
+    pretrained = "pretrained"
+    random = "random"
+
+
+class Compression(StrEnum):
+    none = "none"
+    zstd = "zstd"
+
+
+def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn MaxaError and Ctrl-C into one line and a non-zero exit (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MaxaError as e:
+            if os.environ.get("MAXA_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False, markup=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]: finished shards are kept; re-run the same command to resume.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise MaxaError(f"--layers {text!r}: give comma-separated layer indices, e.g. --layers 2,3 or -1.") from None
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None or n < 0:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+# -- backbones ------------------------------------------------------------------------------------
+@app.command()
+@clean_errors
+def backbones(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    include_test: Annotated[bool, typer.Option("--all", help="Also list the tiny test aliases.")] = False,
+) -> None:
+    """The backbone registry: every row of the paper's Tables 1-3, plus tiny test models."""
+    from extract.backbones import backbone_table
+
+    rows = backbone_table(include_test=include_test)
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title="maxa backbones (any timm model also works as timm:NAME)")
+    for col in ("name", "timm model", "input", "grid", "channels", "params (M)", "paper I/F", "weights"):
+        table.add_column(col)
+    for r in rows:
+        paper = f"{r.get('paper_image_size') or '-'}/{r.get('paper_feature_size') or '-'}"
+        grids = "; ".join(f"{g[0]}x{g[1]}" for g in r["grids"])
+        chans = "; ".join(str(c) for c in r["channels"])
+        table.add_row(r["name"], r["timm_name"], str(r["input_size"]), grids, chans,
+                      f"{r['num_params'] / 1e6:.1f}", paper, str(r.get("weights", "")))
+    out.print(table)
+
+
+@app.command()
+@clean_errors
+def datasets() -> None:
+    """The dataset readers and the targets each supports."""
+    from extract.datasets import dataset_names, get_dataset_class
+
+    for name in dataset_names():
+        cls = get_dataset_class(name)
+        out.print(f"[bold]{name}[/]: {', '.join(sorted(cls.targets))}  (splits: {', '.join(cls.splits)})")
+
+
+# -- extract --------------------------------------------------------------------------------------
+@app.command()
+@clean_errors
+def extract(
+    backbone: Annotated[str, typer.Option(help="Registry name (see `maxa backbones`) or timm:NAME.")],
+    dataset: Annotated[str, typer.Option(help="Dataset reader: coco, voc, cocostuff, nyuv2, segfolder, shapes.")],
+    split: Annotated[str, typer.Option(help="Dataset split.")] = "val",
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root directory (not needed for shapes).")] = None,
+    store_root: Annotated[Path, typer.Option(help="Where stores live ($MAXA_STORE_ROOT).")] = Path(DEFAULT_STORE_ROOT),
+    weights: Annotated[str, typer.Option(help="pretrained (timm hub / HF cache), random, or a checkpoint PATH.")] = "pretrained",
+    layers: Annotated[Optional[str], typer.Option(help="Comma-separated layer indices (default: the entry's).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decode workers (default: up to 4).")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(min=1, help="Images per shard (default: ~256 MB).")] = None,
+    compression: Annotated[Compression, typer.Option(help="Feature compression.")] = Compression.none,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record undecodable images and go on.")] = False,
+    targets: Annotated[bool, typer.Option(help="Also build the split's target store.")] = True,
+    target_size: Annotated[int, typer.Option(min=8, help="Target (output) resolution, square.")] = 224,
+    num_classes: Annotated[Optional[int], typer.Option(help="segfolder: number of classes.")] = None,
+    ignore_index: Annotated[Optional[int], typer.Option(help="segfolder: label value to ignore.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
+    num_images: Annotated[Optional[int], typer.Option(help="shapes: images in the split.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run a frozen backbone once over a dataset split into a feature store (and its targets)."""
+    from extract.jobs import run_extract
+
+    options = {"num_classes": num_classes, "ignore_index": ignore_index, "seed": seed, "num_images": num_images}
+    result = run_extract(
+        backbone=backbone, dataset=dataset, split=split, root=root, store_root=store_root,
+        dataset_options={k: v for k, v in options.items() if v is not None}, weights=weights,
+        layers=_parse_layers(layers), batch_size=batch_size, device=device, limit=limit,
+        num_workers=workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
+        targets=targets, target_size=(target_size, target_size), show_progress=progress,
+    )
+    f = result.features
+    if f.reused:
+        out.print(f"features: [green]complete store found[/] {f.path}")
+    else:
+        out.print(f"features: wrote {f.images_written} images in {f.seconds:.1f} s "
+                  f"({f.images_per_second:.1f} img/s) → {f.path}")
+    if f.bad_images:
+        out.print(f"[yellow]{len(f.bad_images)} undecodable image(s) recorded as bad[/]: {', '.join(f.bad_images[:5])}")
+    if result.targets is not None:
+        t = result.targets
+        state = "complete store found" if t.reused else f"built {t.images_written} images"
+        out.print(f"targets:  {state} → {t.path}")
+
+
+# -- stores ---------------------------------------------------------------------------------------
+@stores_app.command("ls")
+@clean_errors
+def stores_ls(
+    root: Annotated[Path, typer.Argument(help="Store root.")] = Path(DEFAULT_STORE_ROOT),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Every store under ROOT: backbone, dataset, split, images, grid, size, complete?"""
+    from store.catalogue import list_stores
+
+    if not root.is_dir():
+        raise MaxaError(f"store root {root} does not exist; extract something first (`maxa extract …`).")
+    rows = list_stores(root)
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"stores under {root}")
+    for col in ("kind", "backbone", "dataset", "split", "images", "grid / targets", "size", "complete", "path"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["kind"], str(r["backbone"]), str(r["dataset"]), str(r["split"]), str(r["images"]),
+                      r["grid"], _human_bytes(r.get("bytes")), "yes" if r["complete"] else "[red]no[/]",
+                      os.path.relpath(r["path"], root))
+    out.print(table if rows else f"no stores under {root}")
+
+
+@stores_app.command("info")
+@clean_errors
+def stores_info(
+    path: Annotated[Path, typer.Argument(help="A store (….zarr).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A store's spec, provenance and state."""
+    from store.reader import open_store
+
+    s = open_store(path, allow_incomplete=True)
+    spec = s.spec.to_dict()
+    for layer in spec.get("layers", []):
+        layer.pop("token_centres", None)  # recorded in the store; too long to print
+    info = {"path": str(path), "kind": s.kind, "key": s.key, "complete": s.complete, "images": len(s),
+            "shard_size": s.shard_size, "shards_done": int(s.shard_done().sum()),
+            "num_shards": int(s.meta["num_shards"]), "bad_images": int(len(s.bad)),
+            "bytes": s.nbytes_stored(), "compression": s.meta.get("compression"),
+            "spec": spec, "provenance": s.provenance}
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    for k, v in info.items():
+        if isinstance(v, dict):
+            out.print(f"[bold]{k}[/]:")
+            for kk, vv in v.items():
+                out.print(f"  {kk}: {vv}", highlight=False, soft_wrap=True)
+        else:
+            out.print(f"[bold]{k}[/]: {_human_bytes(v) if k == 'bytes' else v}", highlight=False)
+
+
+@stores_app.command("verify")
+@clean_errors
+def stores_verify(
+    path: Annotated[Path, typer.Argument(help="A store (….zarr).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Re-read every chunk: checksums, completeness, shard flags. Exit 1 if anything is wrong."""
+    from store.verify import verify_store
+
+    report = verify_store(path)
+    if as_json:
+        out.print_json(json.dumps(report.to_dict(), default=str))
+    else:
+        status = "[green]OK[/]" if report.ok else "[red]PROBLEMS[/]"
+        out.print(f"{status} {report.path}: {report.kind}, {report.num_images} images, "
+                  f"{report.shards_done}/{report.num_shards} shards done, {report.arrays_checked} arrays, "
+                  f"{report.chunks_read} chunks read", highlight=False)
+        for p in report.problems:
+            out.print(f"  - {p}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# -- quick start ----------------------------------------------------------------------------------
+@app.command()
+@clean_errors
+def quickstart(
+    store_root: Annotated[Path, typer.Option(help="Where stores live.")] = Path(DEFAULT_STORE_ROOT),
+    backbone: Annotated[str, typer.Option(help="Backbone (random init).")] = "test_vit",
+) -> None:
+    """The built-in default job, offline: extract `shapes` train and val with a tiny random backbone."""
+    from extract.jobs import run_extract
+
+    for split in ("train", "val"):
+        r = run_extract(backbone=backbone, dataset="shapes", split=split, store_root=store_root,
+                        weights="random", device="cpu", batch_size=32)
+        out.print(f"{split}: features {r.features.path}" + (f"\n{split}: targets  {r.targets.path}" if r.targets else ""))
+    stores_ls(store_root, as_json=False)
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
