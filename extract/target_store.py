@@ -18,7 +18,7 @@ from extract.datasets.base import DatasetReader, image_ids_hash
 from extract.progress import ProgressReporter
 from extract.provenance import provenance
 from extract.targets import TARGET_OUTPUTS, build_targets
-from extract.targets import TargetSpec as TargetConfig
+from extract.targets import TargetConfig
 from store.catalogue import target_store_path
 from store.errors import MaxaError
 from store.spec import TargetSpec
@@ -73,6 +73,7 @@ def target_spec_for(reader: DatasetReader, image_ids: list[str], config: TargetC
         num_classes=reader.num_classes,
         ignore_index=reader.ignore_index,
         class_names=tuple(reader.class_names) if reader.class_names else None,
+        large_area=float(getattr(reader, "large_area", 96.0**2)),
     )
 
 

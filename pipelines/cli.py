@@ -251,6 +251,79 @@ def stores_verify(
         raise typer.Exit(1)
 
 
+# -- probe ----------------------------------------------------------------------------------------
+class Head(StrEnum):
+    maxa = "maxa"
+    linear = "linear"
+    cnn = "cnn"
+
+
+def _results_table(records: list[dict[str, Any]], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("backbone", "dataset", "task", "variant", "head", "seed", "metrics", "trivial", "P_learn", "epochs", "time"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        metrics = "  ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items() if not k.startswith("n_"))
+        trivial = "  ".join(f"{k} {v:.4g}" for k, v in r["trivial"].items() if not k.startswith("n_"))
+        table.add_row(r["backbone"], r["dataset"], r["task"], r["variant"], r["head"], str(r["seed"]), metrics,
+                      trivial, f"{r['p_learn'] / 1e6:.3f} M", str(r["epochs"]), f"{r['timings']['total_s']:.1f} s")
+    return table
+
+
+@app.command()
+@clean_errors
+def probe(
+    store: Annotated[Path, typer.Option(help="Training feature store (….zarr).")],
+    task: Annotated[str, typer.Option(help="boundaries, distance, instances, semseg or depth.")],
+    eval_store: Annotated[Optional[Path], typer.Option(help="Eval feature store (default: same backbone+dataset, val/test split).")] = None,
+    variant: Annotated[str, typer.Option(help="base, d16, no-sigma, shared-sigma, single-layer, paper-budget.")] = "base",
+    head: Annotated[Head, typer.Option(help="Readout: the MAXA adapter or a baseline head.")] = Head.maxa,
+    seed: Annotated[int, typer.Option(help="Seed: initialisation, validation split, shuffling.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap (early stopping on validation loss).")] = 30,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without improvement before stopping.")] = 5,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the task's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    targets: Annotated[Optional[Path], typer.Option(help="Training target store (default: found by image ids).")] = None,
+    eval_targets: Annotated[Optional[Path], typer.Option(help="Eval target store (default: found by image ids).")] = None,
+    results_root: Annotated[Optional[Path], typer.Option(help="Where runs and results go (default: the store root).")] = None,
+    min_large: Annotated[Optional[int], typer.Option(help="instances: eval images need this many large objects (3).")] = None,
+    progress: Annotated[bool, typer.Option(help="Print per-epoch progress.")] = True,
+) -> None:
+    """Train the MAXA adapter (or a baseline head) on a store and evaluate it; record the result."""
+    from probe.train import ProbeConfig, train_probe
+
+    options = {"min_large": min_large} if min_large is not None else {}
+    config = ProbeConfig(task=task, variant=variant, head=head.value, seed=seed, batch_size=batch_size,
+                         max_epochs=max_epochs, patience=patience, lr=lr, task_options=options)
+    result = train_probe(str(store), config, eval_features=str(eval_store) if eval_store else None,
+                         targets=str(targets) if targets else None,
+                         eval_targets=str(eval_targets) if eval_targets else None,
+                         results_root=str(results_root) if results_root else None, device=device,
+                         show_progress=progress)
+    out.print(_results_table([result.record], "probe result"))
+    out.print(f"adapter: {result.run_dir}\nresult:  {result.result_path}", highlight=False)
+
+
+@app.command()
+@clean_errors
+def predict(
+    adapter: Annotated[Path, typer.Option(help="Run directory written by `maxa probe`.")],
+    store: Annotated[Path, typer.Option(help="Feature store holding the image.")],
+    index: Annotated[int, typer.Option(help="Image index in the store.")] = 0,
+    size: Annotated[int, typer.Option(min=8, help="Output resolution (any; the adapter takes positions).")] = 224,
+    out_path: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("pred.png"),
+) -> None:
+    """Render a trained adapter's prediction for one stored image at any output size."""
+    from probe.predict import colourise, predict as run_predict
+
+    raw, meta = run_predict(adapter, store, index, (size, size))
+    colourise(raw, meta["task"]).save(out_path)
+    out.print(f"wrote {out_path} ({size}x{size}, task {meta['task']})")
+
+
 # -- quick start ----------------------------------------------------------------------------------
 @app.command()
 @clean_errors

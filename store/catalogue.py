@@ -17,7 +17,15 @@ from typing import Any
 from store import _layout as L
 from store.spec import FeatureSpec, TargetSpec
 
-__all__ = ["feature_store_path", "target_store_path", "list_stores", "store_summary"]
+__all__ = [
+    "feature_store_path",
+    "target_store_path",
+    "list_stores",
+    "store_summary",
+    "store_root_of",
+    "find_target_store",
+    "find_eval_features",
+]
 
 
 def feature_store_path(root: str | Path, spec: FeatureSpec) -> str:
@@ -90,3 +98,56 @@ def list_stores(root: str | Path, *, with_size: bool = True) -> list[dict[str, A
                 keep.append(d)
         dirs[:] = keep
     return rows
+
+
+def store_root_of(path: str | Path) -> str:
+    """The store root holding the store at ``path`` (``<root>/features/<backbone>/<name>.zarr`` or
+    ``<root>/targets/<name>.zarr``)."""
+    p = Path(path)
+    meta = L.read_attrs(p)
+    kind = meta.get("kind") if meta else None
+    return str(p.parents[2] if kind == "features" else p.parents[1])
+
+
+def find_target_store(root: str | Path, spec: FeatureSpec | dict[str, Any],
+                      size: tuple[int, int] | None = None) -> str | None:
+    """The complete target store under ``root`` that indexes the same images as a feature store.
+
+    Args:
+        root: store root.
+        spec: the feature store's spec (or its dict).
+        size: output resolution; ``None`` takes 224 × 224 if present, else any.
+    """
+    spec = spec.to_dict() if isinstance(spec, FeatureSpec) else spec
+    found = []
+    for row in list_stores(Path(root) / "targets", with_size=False) if (Path(root) / "targets").is_dir() else []:
+        meta = L.read_attrs(row["path"]) or {}
+        t = meta.get("spec", {})
+        if (row["complete"] and t.get("dataset") == spec["dataset"] and t.get("split") == spec["split"]
+                and t.get("image_ids_hash") == spec["image_ids_hash"]):
+            found.append((tuple(t.get("size", ())), row["path"]))
+    if size is not None:
+        found = [f for f in found if f[0] == tuple(size)]
+    found.sort(key=lambda f: (f[0] != (224, 224), f[1]))
+    return found[0][1] if found else None
+
+
+def find_eval_features(root: str | Path, spec: FeatureSpec, splits: tuple[str, ...] = ("val", "test")) -> str | None:
+    """A complete feature store of the same backbone, weights, layers and dataset on an eval split."""
+    backbone_dir = Path(root) / "features" / L.safe_name(spec.backbone)
+    if not backbone_dir.is_dir():
+        return None
+    # dataset options may legitimately differ per split (e.g. shapes' num_images): prefer equal ones
+    same = ("backbone", "timm_name", "weights_id", "input_size", "mean", "std", "interpolation", "dataset")
+    mine = spec.identity()
+    candidates = []
+    for row in list_stores(backbone_dir, with_size=False):
+        meta = L.read_attrs(row["path"]) or {}
+        other = FeatureSpec.from_dict(meta.get("spec", {})).identity() if meta.get("spec") else {}
+        if (row["complete"] and other and all(other.get(k) == mine.get(k) for k in same)
+                and other.get("layers") == mine.get("layers") and other["split"] in splits
+                and other["split"] != spec.split):
+            options_differ = other.get("dataset_options") != mine.get("dataset_options")
+            candidates.append((splits.index(other["split"]), options_differ, -int(other["num_images"]), row["path"]))
+    candidates.sort()
+    return candidates[0][-1] if candidates else None

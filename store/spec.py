@@ -170,6 +170,8 @@ class TargetSpec:
         build: the target-building configuration (its parameters and version).
         num_images, image_ids_hash: the images, in store order.
         num_classes, ignore_index, class_names: semantic labels, where present.
+        large_area: the dataset's "large object" area in original pixels (COCO: 96²), for the
+            instance-discrimination test-image rule.
     """
 
     dataset: str
@@ -184,6 +186,7 @@ class TargetSpec:
     num_classes: int | None = None
     ignore_index: int = 255
     class_names: tuple[str, ...] | None = None
+    large_area: float = 96.0**2
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:

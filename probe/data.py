@@ -1,0 +1,171 @@
+"""Batches of stored features and targets for training and evaluation (no images, no backbone).
+
+A :class:`ProbeData` pairs a feature store with its aligned target store. When the arrays a task
+needs fit in memory they are read once, shard by shard, into tensors (on the GPU when training
+there), and a batch is a single gather. Otherwise batches are read from the stores by a background
+thread a few batches ahead, so the device never waits on a per-item loop.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from store.reader import FeatureStore, TargetStore, check_aligned
+
+__all__ = ["ProbeData", "memory_budget_bytes"]
+
+
+def memory_budget_bytes(fraction: float = 0.4) -> int:
+    """A fraction of this machine's physical memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * 2**30
+    return int(total * fraction)
+
+
+def _to_tensor(a: np.ndarray) -> torch.Tensor:
+    if a.dtype == np.uint16:  # torch's uint16 support is thin; ids fit in int32
+        a = a.astype(np.int32)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+class ProbeData:
+    """Features and targets of images ``indices`` of an aligned (feature, target) store pair.
+
+    Args:
+        features: the feature store.
+        targets: the target store (same images, same order: checked).
+        needs: target arrays to read (a task's ``needs`` minus derived fields).
+        indices: which images (default: all).
+        device: where batches go.
+        in_memory: force (True) or forbid (False) the in-memory path; default: if it fits.
+        prefetch: batches read ahead on the streaming path.
+    """
+
+    def __init__(
+        self,
+        features: FeatureStore,
+        targets: TargetStore,
+        needs: Sequence[str],
+        *,
+        indices: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+        in_memory: bool | None = None,
+        prefetch: int = 4,
+    ) -> None:
+        check_aligned(features, targets)
+        self.features, self.targets = features, targets
+        self.needs = [n for n in needs if n in targets.array_names]
+        self.indices = np.arange(len(features)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.layers = features.spec.layer_names
+        self.token_pos = [
+            torch.from_numpy(features.token_centres(l).reshape(-1, 2)).to(self.device) for l in self.layers
+        ]
+        need_bytes = self.nbytes_estimate()
+        self.in_memory = need_bytes <= memory_budget_bytes() if in_memory is None else in_memory
+        self._feat: list[torch.Tensor] = []
+        self._tgt: dict[str, torch.Tensor] = {}
+        if self.in_memory:
+            self._load()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def in_channels(self) -> tuple[int, ...]:
+        return tuple(self.features.spec.layer(l).channels for l in self.layers)
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self.features.spec.layer(l).grid for l in self.layers)
+
+    def nbytes_estimate(self) -> int:
+        per_image = sum(g[0] * g[1] * c * 2 for g, c in zip(self.grids, self.in_channels))
+        h, w = self.targets.spec.size
+        per_image += len(self.needs) * h * w * 4
+        return per_image * len(self.indices)
+
+    def _load(self) -> None:
+        idx = self.indices
+        contiguous = len(idx) == len(self.features) and np.array_equal(idx, np.arange(len(idx)))
+        for l in self.layers:
+            a = self.features.read_all(l) if contiguous else self.features.read_batch(idx, l)
+            self._feat.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])).to(self.device))
+        for name in self.needs:
+            a = self.targets.read_all(name) if contiguous else self.targets.read(name, idx)
+            self._tgt[name] = _to_tensor(a).to(self.device)
+
+    def _read(self, positions: np.ndarray) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """A batch by position in ``self.indices``, from memory or from the stores."""
+        if self.in_memory:
+            pos = torch.from_numpy(positions).to(self.device)
+            feats = [f.index_select(0, pos).float() for f in self._feat]
+            tgts = {k: v.index_select(0, pos) for k, v in self._tgt.items()}
+            return feats, tgts
+        idx = self.indices[positions]
+        feats = []
+        for l in self.layers:
+            a = self.features.read_batch(idx, l)
+            feats.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])).to(self.device).float())
+        tgts = {k: _to_tensor(self.targets.read(k, idx)).to(self.device) for k in self.needs}
+        return feats, tgts
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[np.ndarray, list[torch.Tensor], dict[str, torch.Tensor]]]:
+        """Yield ``(store_indices, features per layer (B, N, C), targets (B, ...))``."""
+        n = len(self.indices)
+        order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
+        chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        if self.in_memory:
+            for pos in chunks:
+                yield (self.indices[pos], *self._read(pos))
+            return
+        yield from self._prefetched(chunks)
+
+    def _prefetched(self, chunks: list[np.ndarray]) -> Iterator[Any]:
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for pos in chunks:
+                    if stop.is_set():
+                        return
+                    q.put((self.indices[pos], *self._read(pos)))
+                q.put(None)
+            except BaseException as e:  # hand errors to the consumer
+                q.put(e)
+
+        t = threading.Thread(target=work, name="maxa-prefetch", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while t.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(timeout=0.05)
+
+    def numpy_batches(self, names: Sequence[str], batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
+        """Target arrays only, as NumPy (for the trivial baselines)."""
+        for i in range(0, len(self.indices), batch_size):
+            idx = self.indices[i : i + batch_size]
+            yield {n: self.targets.read(n, idx) for n in names if n in self.targets.array_names}

@@ -1,0 +1,76 @@
+"""Render a trained adapter's prediction for one stored image, at any output size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from probe.adapter import AdapterConfig
+from probe.heads import build_head
+from probe.tasks import TargetInfo, create_task
+from store.errors import MaxaError
+from store.reader import open_features
+
+__all__ = ["load_adapter", "predict", "colourise"]
+
+
+def load_adapter(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model of ``run_dir`` (from ``maxa probe``) and its meta."""
+    run_dir = Path(run_dir)
+    meta_path, weights_path = run_dir / "meta.json", run_dir / "adapter.pt"
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise MaxaError(f"{run_dir} is not an adapter run directory (needs meta.json and adapter.pt from `maxa probe`).")
+    meta = json.loads(meta_path.read_text())
+    config = AdapterConfig.from_dict(meta["config"]["adapter"])
+    model = build_head(meta["config"]["probe"]["head"], config)
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, meta
+
+
+def predict(run_dir: str | Path, store: str | Path, index: int, size: tuple[int, int]) -> tuple[np.ndarray, dict]:
+    """``(C, H, W)`` raw adapter output for image ``index`` of feature store ``store``."""
+    model, meta = load_adapter(run_dir)
+    fs = open_features(store)
+    if list(fs.spec.layer_names) != meta["layers"]:
+        raise MaxaError(f"store {store} has layers {fs.spec.layer_names}, the adapter was trained on {meta['layers']}.")
+    if not 0 <= index < len(fs):
+        raise MaxaError(f"--index {index} is out of range: the store has {len(fs)} images.")
+    feats, pos = [], []
+    for layer in fs.spec.layer_names:
+        a = fs.read(index, layer).astype(np.float32)
+        feats.append(torch.from_numpy(a.reshape(1, -1, a.shape[-1])))
+        pos.append(torch.from_numpy(fs.token_centres(layer).reshape(-1, 2)))
+    with torch.no_grad():
+        out = model(feats, pos, tuple(size))[0].numpy()
+    return out, meta
+
+
+def colourise(out: np.ndarray, task: str) -> Image.Image:
+    """A viewable image of a task's raw output."""
+    if task == "semseg":
+        labels = out.argmax(0).astype(np.int64)
+        rng = np.random.default_rng(0)
+        palette = rng.integers(0, 256, (max(out.shape[0], 1), 3), dtype=np.uint8)
+        palette[0] = 0
+        return Image.fromarray(palette[labels])
+    if task == "boundaries":
+        prob = 1.0 / (1.0 + np.exp(-out[0]))
+        return Image.fromarray((prob * 255).astype(np.uint8))
+    if task == "instances":  # three principal components of the latent as RGB
+        c, h, w = out.shape
+        x = out.reshape(c, -1).T
+        x = x - x.mean(0)
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        rgb = x @ vt[:3].T
+        rgb = (rgb - rgb.min(0)) / (np.ptp(rgb, 0) + 1e-8)
+        return Image.fromarray((rgb.reshape(h, w, 3) * 255).astype(np.uint8))
+    v = out[0]
+    v = (v - v.min()) / (np.ptp(v) + 1e-8)
+    return Image.fromarray((v * 255).astype(np.uint8))

@@ -1,0 +1,330 @@
+"""Train and evaluate one probe purely from stores (DESIGN contract 6).
+
+The loop knows no task by name: the task says which target arrays it needs, its output channels,
+learning rate, loss and metrics. Model selection uses the loss on a held-out part of the training
+store; evaluation runs on the eval store (the dataset's val/test split). Each finished probe writes
+its adapter (weights + JSON meta with the resolved config) and appends one record to the results
+table of the store root.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from probe.adapter import AdapterConfig, count_parameters
+from probe.data import ProbeData
+from probe.heads import build_head
+from probe.results import append_result
+from probe.tasks import TargetInfo, Task, create_task
+from probe.tasks.instances import global_instance_ids
+from probe.variants import VARIANTS, variant_config
+from store.catalogue import find_eval_features, find_target_store, store_root_of
+from store.errors import MaxaError, StoreError
+from store.reader import FeatureStore, TargetStore, open_features, open_targets
+from store.spec import content_key
+
+__all__ = ["ProbeConfig", "ProbeResult", "train_probe", "build_model", "HEADS", "MAX_CNN_CHANNELS"]
+
+HEADS = ("maxa", "linear", "cnn")
+#: D_CNN = max(D/4, D_out), capped at 64 — the paper's setting for COCO-Stuff's 171 classes.
+MAX_CNN_CHANNELS = 64
+#: The paper trains instance discrimination on 8,000 images (each instance its own class).
+INSTANCE_TRAIN_IMAGES = 8000
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig:
+    """One probe run's settings (saved, resolved, beside the adapter).
+
+    Attributes:
+        task: ``boundaries``, ``distance``, ``instances``, ``semseg`` or ``depth``.
+        variant: adapter variant (``base``, ``d16``, ``no-sigma``, ``shared-sigma``, ``single-layer``,
+            ``paper-budget``); baseline heads take ``base`` only.
+        head: ``maxa`` (default), ``linear`` or ``cnn``.
+        seed: seeds initialisation, the train/validation split and shuffling.
+        batch_size: images per step.
+        max_epochs: epoch cap.
+        patience: stop after this many epochs without a lower validation loss.
+        val_fraction: part of the training store held out for model selection.
+        lr: learning rate; ``None`` = the task's (1e-3, 2e-3 for boundaries and depth).
+        max_train_images: cap on training images (``None``: 8,000 for instances, else all).
+        task_options: task keyword options (e.g. ``{"min_large": 3}``).
+    """
+
+    task: str
+    variant: str = "base"
+    head: str = "maxa"
+    seed: int = 0
+    batch_size: int = 16
+    max_epochs: int = 30
+    patience: int = 5
+    val_fraction: float = 0.1
+    lr: float | None = None
+    max_train_images: int | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise MaxaError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}.")
+        if self.head not in HEADS:
+            raise MaxaError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}.")
+        if self.head != "maxa" and self.variant != "base":
+            raise MaxaError(f"--variant {self.variant} applies to the maxa head only; use --head maxa.")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise MaxaError("--val-fraction must be between 0 and 1.")
+        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
+            raise MaxaError("batch size, max epochs and patience must be >= 1.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProbeConfig":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass
+class ProbeResult:
+    record: dict[str, Any]
+    run_dir: str
+    result_path: str
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.record["metrics"]
+
+
+def _resolve_device(device: str) -> torch.device:
+    from extract.runner import resolve_device  # shared rule; torch only, no backbone
+
+    return resolve_device(device)
+
+
+def _open_pair(features_path: str, targets_path: str | None) -> tuple[FeatureStore, TargetStore]:
+    fs = open_features(features_path)
+    if targets_path is None:
+        root = store_root_of(features_path)
+        targets_path = find_target_store(root, fs.spec)
+        if targets_path is None:
+            raise StoreError(
+                f"no complete target store for {fs.spec.dataset}/{fs.spec.split} under {root}; "
+                "run `maxa extract` for this split with targets (the default), or pass --targets."
+            )
+    return fs, open_targets(targets_path)
+
+
+def build_model(config: ProbeConfig, task: Task, in_channels, grids) -> tuple[torch.nn.Module, AdapterConfig]:
+    """The adapter (or baseline head) for ``task`` on features with ``in_channels``/``grids``."""
+    out = task.out_channels()
+    base = variant_config(config.variant, in_channels=tuple(in_channels), grids=tuple(grids), out_channels=out)
+    cnn = min(base.cnn_dim, MAX_CNN_CHANNELS)
+    adapter_config = variant_config(config.variant, in_channels=tuple(in_channels), grids=tuple(grids),
+                                    out_channels=out, cnn_channels=cnn)
+    return build_head(config.head, adapter_config), adapter_config
+
+
+def _derive(task: Task, batch: dict[str, torch.Tensor], idx: np.ndarray, offsets: np.ndarray | None) -> None:
+    """Add fields a task derives from stored arrays (instances: global training instance ids)."""
+    if "instance_global" in task.needs and offsets is not None and "instances" in batch:
+        batch["instance_global"] = global_instance_ids(
+            batch["instances"], torch.from_numpy(offsets[idx]).to(batch["instances"].device),
+            batch.get("foreground"), batch.get("instance_ignore"),
+        )
+
+
+def _forward(model, feats, data: ProbeData, out_size):
+    return model(feats, data.token_pos, out_size)
+
+
+def train_probe(
+    features: str,
+    config: ProbeConfig,
+    *,
+    eval_features: str | None = None,
+    targets: str | None = None,
+    eval_targets: str | None = None,
+    results_root: str | None = None,
+    device: str = "auto",
+    in_memory: bool | None = None,
+    show_progress: bool = True,
+    log: Any = None,
+) -> ProbeResult:
+    """Train ``config.task`` on the feature store ``features`` and evaluate on ``eval_features``.
+
+    Args:
+        features: training feature store.
+        config: the probe settings.
+        eval_features: eval feature store (default: same backbone and dataset, split val/test, in
+            the same store root).
+        targets, eval_targets: target stores (default: found in the store root by image ids).
+        results_root: where runs and results go (default: the training store's root); lets a
+            reader with read-only access to a shared root keep results in their own.
+        device: ``auto``, ``cpu``, ``cuda``.
+        in_memory: force or forbid holding the stores in memory (default: if they fit).
+        show_progress: print per-epoch progress.
+        log: callable for progress lines (default: print to stderr).
+    """
+    t_start = time.perf_counter()
+    dev = _resolve_device(device)
+    torch.manual_seed(config.seed)
+    train_fs, train_ts = _open_pair(features, targets)
+    root = store_root_of(features)
+    if eval_features is None:
+        eval_features = find_eval_features(root, train_fs.spec)
+        if eval_features is None:
+            raise StoreError(
+                f"no eval store for {train_fs.spec.backbone} on {train_fs.spec.dataset} (val/test split) under "
+                f"{root}; extract the val split with the same backbone and weights, or pass --eval-store."
+            )
+    eval_fs, eval_ts = _open_pair(eval_features, eval_targets)
+    if eval_fs.spec.layers != train_fs.spec.layers or eval_fs.spec.weights_id != train_fs.spec.weights_id:
+        raise StoreError(f"train store {features} and eval store {eval_features} come from different "
+                         "backbones, weights or layers.")
+
+    # the task, sized from the training targets
+    cap = config.max_train_images
+    if cap is None and config.task == "instances":
+        cap = INSTANCE_TRAIN_IMAGES
+    n_train_total = len(train_fs) if cap is None else min(cap, len(train_fs))
+    tspec = train_ts.spec
+    offsets = None
+    num_instances = None
+    if "instance_count" in train_ts.array_names:
+        counts = train_ts.read_all("instance_count")[:n_train_total].astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        num_instances = int(counts.sum())
+    info = TargetInfo(num_classes=tspec.num_classes, ignore_index=tspec.ignore_index,
+                      num_instances=num_instances, class_names=tspec.class_names)
+    task_options = dict(config.task_options)
+    if config.task == "instances":  # the dataset's own "large object" rule unless overridden
+        task_options.setdefault("large_area", tspec.large_area)
+    task = create_task(config.task, info, **task_options)
+    if task.target_kind not in tspec.kinds:
+        raise MaxaError(f"task {config.task!r} needs {task.target_kind!r} targets; dataset {tspec.dataset!r} "
+                        f"has {', '.join(tspec.kinds)}.")
+    stored = [n for n in task.needs if n not in getattr(task, "derived", ())]
+    if "instance_global" in task.needs:
+        stored = list(dict.fromkeys([*stored, "instances", "foreground", "instance_ignore"]))
+
+    # split the training store: a seeded held-out part for model selection
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(n_train_total)
+    n_val = max(1, int(round(config.val_fraction * n_train_total)))
+    if n_train_total - n_val < 1:
+        raise MaxaError(f"the training store has {n_train_total} image(s): too few to hold out a validation part.")
+    val_idx, fit_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    fit = ProbeData(train_fs, train_ts, stored, indices=fit_idx, device=dev, in_memory=in_memory)
+    val = ProbeData(train_fs, train_ts, stored, indices=val_idx, device=dev, in_memory=in_memory)
+    evaluation = ProbeData(eval_fs, eval_ts, stored, device=dev, in_memory=in_memory)
+    out_size = tuple(tspec.size)
+
+    model, adapter_config = build_model(config, task, fit.in_channels, fit.grids)
+    model.to(dev)
+    extra = task.extra_module()
+    if extra is not None:
+        extra.to(dev)
+    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    lr = config.lr if config.lr is not None else task.lr
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    say = log or (lambda msg: print(msg, flush=True, file=__import__("sys").stderr))
+
+    def run_epoch(data: ProbeData, train: bool) -> float:
+        model.train(train)
+        total, count = 0.0, 0
+        with torch.set_grad_enabled(train):
+            for idx, feats, batch in data.batches(config.batch_size, shuffle=train, generator=gen):
+                _derive(task, batch, idx, offsets)
+                loss = task.loss(_forward(model, feats, data, out_size), batch, extra)
+                if train:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+        return total / max(count, 1)
+
+    best = (math.inf, -1, None)
+    history = []
+    t_train = time.perf_counter()
+    for epoch in range(config.max_epochs):
+        t0 = time.perf_counter()
+        train_loss = run_epoch(fit, True)
+        val_loss = run_epoch(val, False)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "seconds": time.perf_counter() - t0})
+        improved = val_loss < best[0]
+        if improved:
+            best = (val_loss, epoch, (copy.deepcopy(model.state_dict()),
+                                      copy.deepcopy(extra.state_dict()) if extra is not None else None))
+        if show_progress:
+            say(f"  {config.task} epoch {epoch + 1:>3}/{config.max_epochs}  train {train_loss:.4f}  "
+                f"val {val_loss:.4f}{'  *' if improved else ''}  ({time.perf_counter() - t0:.1f} s)")
+        if epoch - best[1] >= config.patience:
+            break
+    train_seconds = time.perf_counter() - t_train
+    model.load_state_dict(best[2][0])
+    if extra is not None:
+        extra.load_state_dict(best[2][1])
+
+    # evaluation on the eval store
+    t_eval = time.perf_counter()
+    model.eval()
+    state = task.metric_state()
+    with torch.no_grad():
+        for idx, feats, batch in evaluation.batches(config.batch_size):
+            task.update(state, _forward(model, feats, evaluation, out_size), batch)
+    metrics = task.compute(state)
+    trivial_names = [n for n in stored]
+    trivial = task.trivial_metrics(fit.numpy_batches(trivial_names), evaluation.numpy_batches(trivial_names))
+    eval_seconds = time.perf_counter() - t_eval
+
+    # save the adapter and the record
+    from extract.provenance import tool_version  # version string only
+
+    p_learn = count_parameters(model)
+    run_key = content_key({"train": train_fs.key, "eval": eval_fs.key, "config": config.to_dict()})
+    out_root = Path(results_root or root)
+    run_dir = out_root / "runs" / _safe(train_fs.spec.backbone) / f"{tspec.dataset}-{config.task}-{config.variant}-{config.head}-seed{config.seed}-{run_key}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None},
+               run_dir / "adapter.pt")
+    record = {
+        "task": config.task, "variant": config.variant, "head": config.head, "seed": config.seed,
+        "backbone": train_fs.spec.backbone, "weights": train_fs.spec.weights_id, "dataset": tspec.dataset,
+        "train_split": train_fs.spec.split, "eval_split": eval_fs.spec.split,
+        "train_images": int(len(fit)), "val_images": int(len(val)), "eval_images": int(len(evaluation)),
+        "primary_metric": task.primary_metric, "primary_value": float(metrics.get(task.primary_metric, math.nan)),
+        "higher_is_better": task.higher_is_better,
+        "metrics": metrics, "trivial": trivial, "p_learn": int(p_learn),
+        "epochs": len(history), "best_epoch": int(best[1]) + 1,
+        "train_store": train_fs.key, "eval_store": eval_fs.key,
+        "train_targets": train_ts.key, "eval_targets": eval_ts.key,
+        "timings": {"train_s": train_seconds, "eval_s": eval_seconds, "total_s": time.perf_counter() - t_start,
+                    "epoch_s": train_seconds / max(len(history), 1)},
+        "config": {"probe": config.to_dict(), "adapter": adapter_config.to_dict(), "task_options": task.options(),
+                   "lr": lr, "device": str(dev), "in_memory": fit.in_memory},
+        "run_dir": str(run_dir), "tool_version": tool_version(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    meta = {**record, "history": history, "info": info.to_dict(), "out_size": list(out_size),
+            "train_features": str(features), "eval_features": str(eval_features),
+            "layers": list(train_fs.spec.layer_names)}
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
+    result_path = append_result(out_root, record)
+    return ProbeResult(record=record, run_dir=str(run_dir), result_path=result_path)
+
+
+def _safe(text: str) -> str:
+    from store._layout import safe_name
+
+    return safe_name(text)
