@@ -125,7 +125,8 @@ def _timm_entry(timm_name: str) -> BackboneEntry:
     arch = timm_name.split(".", 1)[0]
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        hint = (f" Did you mean: {', '.join(TIMM_PREFIX + c for c in close)}?" if close
+                else " Pick a name from timm.list_models(), e.g. timm:vit_small_patch16_224, or a short name from `maxa backbones`.")
         raise UnknownNameError(f"unknown timm model {arch!r} in backbone {TIMM_PREFIX}{timm_name}.{hint}")
     return BackboneEntry(name=TIMM_PREFIX + timm_name, timm_name=timm_name, note="resolved on the fly from timm")
 

@@ -360,7 +360,10 @@ def load_backbone(
         path = Path(weights).expanduser()
         if not path.exists():
             source = f" Get it from {entry.checkpoint.source}." if entry.checkpoint else ""
-            raise WeightsUnavailableError(f"weights file {path} for backbone {entry.name} does not exist.{source}")
+            raise WeightsUnavailableError(
+                f"weights file {path} for backbone {entry.name} does not exist: check the path, or use "
+                f"--weights pretrained (timm hub / HF cache) or --weights random.{source}"
+            )
         model = _create_random(entry)
         load_weights_file(model, entry, path)
         weights_id = f"file:{file_digest(path)}"

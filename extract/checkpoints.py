@@ -129,13 +129,22 @@ KEY_MAPS: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 # ---------------------------------------------------------------- local files
 
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (library errors can run to many lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else type(err).__name__
+
+
 def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "module"):
             if key in obj and isinstance(obj[key], dict):
                 return _unwrap(obj[key])
         return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    raise WeightsUnavailableError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+    raise WeightsUnavailableError(
+        f"checkpoint holds a {type(obj).__name__}, not a state dict; pass a safetensors file or a torch file "
+        "holding a dict of tensors (or --weights random)."
+    )
 
 
 def read_state_dict(path: str | Path, keep_prefix: str = "") -> dict[str, torch.Tensor]:
@@ -148,25 +157,43 @@ def read_state_dict(path: str | Path, keep_prefix: str = "") -> dict[str, torch.
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
-            raise WeightsUnavailableError(f"weights folder {path} holds no *.safetensors files")
+            raise WeightsUnavailableError(
+                f"weights folder {path} holds no *.safetensors files; pass the checkpoint file itself, or a folder "
+                "of *.safetensors shards."
+            )
     elif path.is_file():
         files = [path]
     else:
-        raise WeightsUnavailableError(f"weights file {path} does not exist")
+        raise WeightsUnavailableError(
+            f"weights file {path} does not exist; check the path, or use --weights pretrained or --weights random."
+        )
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(f), framework="pt", device="cpu") as fh:
-                for k in fh.keys():
-                    if k.startswith(keep_prefix):
-                        sd[k] = fh.get_tensor(k)
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as fh:
+                    for k in fh.keys():
+                        if k.startswith(keep_prefix):
+                            sd[k] = fh.get_tensor(k)
+            except Exception as err:  # SafetensorError: truncated or not a safetensors file at all
+                raise WeightsUnavailableError(
+                    f"cannot read weights file {f}: {_first_line(err)}; replace it with a valid safetensors file "
+                    "(or use --weights random)."
+                ) from err
         else:
             try:
                 obj = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as err:  # pickle, zip or format errors all mean "not a usable checkpoint"
-                raise WeightsUnavailableError(f"cannot read weights file {f}: {err}") from err
+                why = (
+                    "not a torch checkpoint, or it pickles objects other than tensors, which torch.load(weights_only=True) refuses"
+                    if "weights only load failed" in str(err).lower() else _first_line(err)
+                )
+                raise WeightsUnavailableError(
+                    f"cannot read weights file {f}: {why}; re-save just the state dict (torch.save(model.state_dict(), "
+                    "PATH)) or convert it to safetensors, or use --weights random."
+                ) from err
             sd.update({k: v for k, v in _unwrap(obj).items() if k.startswith(keep_prefix)})
     return sd
 
@@ -207,7 +234,7 @@ def load_weights_file(model: torch.nn.Module, entry: BackboneEntry, path: str | 
     if not sd:
         raise WeightsUnavailableError(
             f"weights file {path} holds no tensors" + (f" under {recipe.keep_prefix!r}" if recipe and recipe.keep_prefix else "")
-            + f" for backbone {entry.name}."
+            + f" for backbone {entry.name}; pass this backbone's checkpoint (or --weights random)."
         )
     if recipe is not None:
         sd = apply_recipe(sd, recipe)
@@ -220,12 +247,16 @@ def load_weights_file(model: torch.nn.Module, entry: BackboneEntry, path: str | 
     try:
         result = model.load_state_dict(sd, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise WeightsUnavailableError(f"weights file {path} does not fit backbone {entry.name} ({entry.timm_name}): {str(err).splitlines()[0]}") from err
+        raise WeightsUnavailableError(
+            f"weights file {path} does not fit backbone {entry.name} ({entry.timm_name}): {_first_line(err)}; "
+            "pass this backbone's checkpoint, or the backbone this file belongs to."
+        ) from err
     bad = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
     if bad:
         more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
         raise WeightsUnavailableError(
-            f"weights file {path} does not fit backbone {entry.name} ({entry.timm_name}): {', '.join(bad[:4])}{more}."
+            f"weights file {path} does not fit backbone {entry.name} ({entry.timm_name}): {', '.join(bad[:4])}{more}; "
+            "pass this backbone's checkpoint, or the backbone this file belongs to."
         )
 
 

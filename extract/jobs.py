@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from extract.backbone_registry import entry_geometry, get_backbone_entry
+from extract.backbones import load_backbone
 from extract.datasets.base import create_dataset
+from extract.devices import resolve_device
 from extract.runner import ExtractResult, extract_features
 from extract.target_store import TargetBuildResult, build_target_store
+from store.errors import MaxaError
 
 __all__ = ["ExtractJobResult", "run_extract"]
 
@@ -45,7 +50,15 @@ def run_extract(
     The target store is backbone-independent: it is built once per dataset split and size and
     found again by every later extraction of the same split.
     """
+    # Everything that can be refused is checked before any store is written: the store root, the
+    # backbone name, layers, device and weights, then the dataset root.
+    store_root = Path(store_root)
+    if store_root.exists() and not store_root.is_dir():
+        raise MaxaError(f"--store-root {store_root} is a file, not a folder; choose a folder for the stores.")
+    _check_layers(backbone, layers)
+    dev = resolve_device(device)
     reader = create_dataset(dataset, root, split, **(dataset_options or {}))
+    model = load_backbone(backbone, weights=weights, device=str(dev), layers=layers)
     target_result = None
     if targets and reader.targets:
         target_result = build_target_store(
@@ -53,8 +66,24 @@ def run_extract(
             show_progress=show_progress,
         )
     feature_result = extract_features(
-        backbone, reader, str(store_root), weights=weights, layers=layers, batch_size=batch_size,
+        model, reader, str(store_root), weights=weights, layers=layers, batch_size=batch_size,
         device=device, limit=limit, num_workers=num_workers, shard_size=shard_size,
         compression=compression, skip_bad=skip_bad, show_progress=show_progress,
     )
     return ExtractJobResult(features=feature_result, targets=target_result)
+
+
+def _check_layers(backbone: str, layers: tuple[int, ...] | None) -> None:
+    """Refuse layer indices the backbone does not have, in one line (no weights are loaded)."""
+    entry = get_backbone_entry(backbone)
+    if layers is None:
+        return
+    text = ",".join(str(i) for i in layers)
+    try:
+        entry_geometry(dataclasses.replace(entry, layers=tuple(layers)))
+    except ValueError as err:
+        raise MaxaError(
+            f"--layers {text} does not fit backbone {entry.name}: {str(err).removeprefix(entry.name + ': ')}; "
+            "give block/stage indices that exist (negative counts from the end, -1 is the last); "
+            "`maxa backbones --json` lists each backbone's layers."
+        ) from None

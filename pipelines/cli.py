@@ -7,6 +7,7 @@ Bad input (``MaxaError``) prints one line naming the problem and the fix, and ex
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
@@ -16,6 +17,8 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
+from typer.exceptions import TyperException
 
 from store.errors import MaxaError
 
@@ -48,25 +51,80 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, TyperException):  # typer's own exits and usage errors
+            raise
         except MaxaError as e:
             if os.environ.get("MAXA_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False, markup=True)
+            _error_line(str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished shards are kept; re-run the same command to resume.")
             raise typer.Exit(130) from None
+        except OSError as e:  # disk full, permissions, a file where a folder should be, ...
+            if os.environ.get("MAXA_DEBUG"):
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            _error_line(f"{e.strerror or type(e).__name__}:{where} ({type(e).__name__}); check that path, its "
+                        "permissions and free space, then re-run (MAXA_DEBUG=1 shows the traceback).")
+            raise typer.Exit(2) from None
+        except Exception as e:  # a bug: still one line by default, the traceback on request
+            if os.environ.get("MAXA_DEBUG"):
+                raise
+            unwrapped = _worker_error(e)
+            if unwrapped is not None:  # a MaxaError raised in a DataLoader worker, re-raised by torch
+                _error_line(unwrapped[0])
+                raise typer.Exit(unwrapped[1]) from None
+            _error_line(f"unexpected {type(e).__name__}: {e}; this is a bug in maxa: re-run with MAXA_DEBUG=1 "
+                        "for the traceback and report it.")
+            raise typer.Exit(1) from None
 
     return wrapper
 
 
-def _parse_layers(text: str | None) -> tuple[int, ...] | None:
-    if not text:
+def _worker_error(e: BaseException) -> tuple[str, int] | None:
+    """``(message, exit code)`` of a MaxaError that torch re-raised from a DataLoader worker.
+
+    torch re-raises worker exceptions as ``RuntimeError("Caught X in DataLoader worker process N.
+    Original Traceback ...")`` when ``X`` cannot be rebuilt from that text; its last line is
+    ``module.X: message``.
+    """
+    text = str(e)
+    if not text.startswith("Caught ") or "DataLoader worker" not in text.splitlines()[0]:
+        return None
+    lines = [line for line in text.splitlines() if line.strip()]
+    qualname, sep, message = lines[-1].partition(": ")
+    module, _, name = qualname.rpartition(".")
+    if not sep or not module:
         return None
     try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
+        cls = getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001 - not ours: leave it to the generic handler
+        return None
+    if isinstance(cls, type) and issubclass(cls, MaxaError):
+        return message.strip(), cls.exit_code
+    return None
+
+
+def _error_line(message: str) -> None:
+    """Print ``message`` as one ``error:`` line (newlines in wrapped library messages are folded)."""
+    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err.print(f"[bold red]error:[/] {rich_escape(text)}", soft_wrap=True, highlight=False, markup=True)
+
+
+def _parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    hint = "give comma-separated layer indices, e.g. --layers 2,3 or -1"
+    try:
+        layers = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise MaxaError(f"--layers {text!r}: give comma-separated layer indices, e.g. --layers 2,3 or -1.") from None
+        raise MaxaError(f"--layers {text!r}: {hint}.") from None
+    if not layers:
+        raise MaxaError(f"--layers {text!r} names no layer: {hint} (or leave it out for the backbone's default).")
+    if len(set(layers)) != len(layers):
+        raise MaxaError(f"--layers {text!r} repeats a layer: {hint}, each once.")
+    return layers
 
 
 def _human_bytes(n: int | None) -> str:
@@ -101,8 +159,9 @@ def backbones(
         table.add_column(col)
     for r in rows:
         paper = f"{r.get('paper_image_size') or '-'}/{r.get('paper_feature_size') or '-'}"
-        grids = "; ".join(f"{g[0]}x{g[1]}" for g in r["grids"])
-        chans = "; ".join(str(c) for c in r["channels"])
+        many = len(r["grid"]) > 1  # name the layers only when there are several
+        grids = "; ".join(f"{name + ' ' if many else ''}{g[0]}x{g[1]}" for name, g in r["grid"].items())
+        chans = "; ".join(str(c) for c in r["channels"].values())
         table.add_row(r["name"], r["timm_name"], str(r["input_size"]), grids, chans,
                       f"{r['num_params'] / 1e6:.1f}", paper, str(r.get("weights", "")))
     out.print(table)
@@ -171,6 +230,23 @@ def extract(
 
 
 # -- stores ---------------------------------------------------------------------------------------
+def _require_store(path: Path) -> None:
+    """One line naming the fix when ``path`` is missing, a store root, or not a maxa store at all."""
+    from store import _layout as L
+    from store.catalogue import list_stores
+    from store.errors import StoreError
+
+    if L.read_attrs(str(path)) is not None:
+        return
+    if not path.exists():
+        raise StoreError(f"no store at {path}; list stores with `maxa stores ls ROOT` and give one of their paths.")
+    if path.is_dir() and list_stores(path, with_size=False):
+        raise StoreError(f"{path} is a store root, not a store; list its stores with `maxa stores ls {path}` "
+                         "and give one of their ….zarr paths.")
+    raise StoreError(f"{path} is not a maxa store (no 'maxa' attributes in its zarr.json); give a ….zarr path "
+                     "listed by `maxa stores ls ROOT`.")
+
+
 @stores_app.command("ls")
 @clean_errors
 def stores_ls(
@@ -180,8 +256,11 @@ def stores_ls(
     """Every store under ROOT: backbone, dataset, split, images, grid, size, complete?"""
     from store.catalogue import list_stores
 
+    if root.exists() and not root.is_dir():
+        raise MaxaError(f"store root {root} is a file, not a folder; give the folder that holds features/ and targets/.")
     if not root.is_dir():
-        raise MaxaError(f"store root {root} does not exist; extract something first (`maxa extract …`).")
+        raise MaxaError(f"store root {root} does not exist; extract something first (`maxa extract …`) "
+                        "or give the root you extracted into.")
     rows = list_stores(root)
     if as_json:
         out.print_json(json.dumps(rows, default=str))
@@ -207,6 +286,7 @@ def stores_info(
     """A store's spec, provenance and state."""
     from store.reader import open_store
 
+    _require_store(path)
     s = open_store(path, allow_incomplete=True)
     spec = s.spec.to_dict()
     for layer in spec.get("layers", []):
@@ -237,6 +317,7 @@ def stores_verify(
     """Re-read every chunk: checksums, completeness, shard flags. Exit 1 if anything is wrong."""
     from store.verify import verify_store
 
+    _require_store(path)
     report = verify_store(path)
     if as_json:
         out.print_json(json.dumps(report.to_dict(), default=str))
@@ -322,6 +403,27 @@ def predict(
     raw, meta = run_predict(adapter, store, index, (size, size))
     colourise(raw, meta["task"]).save(out_path)
     out.print(f"wrote {out_path} ({size}x{size}, task {meta['task']})")
+
+
+# -- report ---------------------------------------------------------------------------------------
+@app.command()
+@clean_errors
+def report(
+    roots: Annotated[list[Path], typer.Argument(help="Store root(s) whose results/ to report.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for results.md, index.html and img/.")] = Path("maxa-report"),
+    max_feature_images: Annotated[int, typer.Option(min=0, help="Images per backbone in the feature PCA figure.")] = 4,
+) -> None:
+    """Paper-style tables (with the paper's numbers and Δ), plots, feature PCA and predictions as Markdown + HTML."""
+    from pipelines.report import write_report
+
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:
+        raise MaxaError(f"store root {', '.join(missing)} does not exist; pass the --store-root you extracted into.")
+    paths = write_report([str(r) for r in roots], str(out_dir), max_feature_images=max_feature_images)
+    for note in paths.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    out.print(f"wrote {paths.markdown}\nwrote {paths.html} ({len(paths.images)} images in {out_dir / 'img'})",
+              highlight=False)
 
 
 # -- quick start ----------------------------------------------------------------------------------

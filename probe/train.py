@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from extract.devices import resolve_device
+from extract.provenance import tool_version
 from probe.adapter import AdapterConfig, count_parameters
 from probe.data import ProbeData
 from probe.heads import build_head
@@ -103,12 +105,6 @@ class ProbeResult:
         return self.record["metrics"]
 
 
-def _resolve_device(device: str) -> torch.device:
-    from extract.runner import resolve_device  # shared rule; torch only, no backbone
-
-    return resolve_device(device)
-
-
 def _open_pair(features_path: str, targets_path: str | None) -> tuple[FeatureStore, TargetStore]:
     fs = open_features(features_path)
     if targets_path is None:
@@ -174,7 +170,7 @@ def train_probe(
         log: callable for progress lines (default: print to stderr).
     """
     t_start = time.perf_counter()
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch.manual_seed(config.seed)
     train_fs, train_ts = _open_pair(features, targets)
     root = store_root_of(features)
@@ -289,8 +285,6 @@ def train_probe(
     eval_seconds = time.perf_counter() - t_eval
 
     # save the adapter and the record
-    from extract.provenance import tool_version  # version string only
-
     p_learn = count_parameters(model)
     run_key = content_key({"train": train_fs.key, "eval": eval_fs.key, "config": config.to_dict()})
     out_root = Path(results_root or root)

@@ -72,7 +72,9 @@ class COCODataset(DatasetReader):
     def __init__(self, root: str | Path | None, split: str, **options: Any) -> None:
         super().__init__(root, split, **options)
         if self.root is None:
-            raise DatasetError(f"COCO needs a root folder; {_LAYOUT}.")
+            raise DatasetError(f"COCO needs a root folder: pass --root ROOT; {_LAYOUT}.")
+        if not self.root.is_dir():
+            raise DatasetError(f"COCO root {self.root} does not exist or is not a folder: pass --root with the COCO folder; {_LAYOUT}.")
         ann_file = self.root / "annotations" / f"instances_{split}2017.json"
         self._image_dir = self.root / f"{split}2017"
         if not ann_file.is_file():

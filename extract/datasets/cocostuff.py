@@ -88,7 +88,7 @@ class CocoStuffDataset(DatasetReader):
     def __init__(self, root: str | Path | None, split: str, **options: Any) -> None:
         super().__init__(root, split, **options)
         if self.root is None or not self.root.is_dir():
-            raise DatasetError(f"COCO-Stuff root {self.root} is not a directory; {_LAYOUT}.")
+            raise DatasetError(f"COCO-Stuff root {self.root} does not exist or is not a folder: pass --root with the COCO-Stuff folder; {_LAYOUT}.")
         folder = f"{split}2017"
         image_dir = _first_dir(self.root / "images" / folder, self.root / folder)
         if image_dir is None:

@@ -52,7 +52,7 @@ class NYUv2Dataset(DatasetReader):
     def __init__(self, root: str | Path | None, split: str, **options: Any) -> None:
         super().__init__(root, split, **options)
         if self.root is None or not self.root.is_dir():
-            raise DatasetError(f"NYUv2 root {self.root} is not a directory; {_LAYOUT}.")
+            raise DatasetError(f"NYUv2 root {self.root} does not exist or is not a folder: pass --root with the NYUv2 folder; {_LAYOUT}.")
         self._h5: Any = None
         self._h5_pid: int | None = None
         self._indices: list[int] = []  # labeled layout: 0-based rows of the .mat

@@ -22,7 +22,7 @@ from PIL import Image
 from extract.datasets.base import Annotation, DatasetReader, load_rgb, register_dataset
 from store.errors import BadImageError, DatasetError
 
-__all__ = ["SegFolderDataset", "read_index_png"]
+__all__ = ["LabelValueError", "SegFolderDataset", "read_index_png"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: Label files read to infer ``num_classes`` when it is not given.
@@ -31,6 +31,24 @@ _LAYOUT = (
     "expected ROOT/{split}/*.png|jpg with ROOT/{split}annot/*.png, or ROOT/images/{split}/* with "
     "ROOT/labels/{split}/*.png or ROOT/annotations/{split}/*.png"
 )
+
+
+class LabelValueError(BadImageError):
+    """A label file holds a value that is neither a class nor ``ignore_index``.
+
+    Usually the options are wrong rather than the file, so the message points at ``--num-classes`` and
+    ``--ignore-index`` first.
+    """
+
+    def __init__(self, path: str, reason: str, value: int | None = None) -> None:
+        super().__init__(path, reason)
+        self.value = value
+        fix = (f"pass --num-classes {value + 1} or --ignore-index {value} if that value is a class or void"
+               if value is not None and value >= 0 else "pass the right --num-classes / --ignore-index")
+        self.args = (f"label file {self.path}: {reason}; {fix}, or fix the file.",)
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.value))
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -84,7 +102,7 @@ class SegFolderDataset(DatasetReader):
     def __init__(self, root: str | Path | None, split: str, **options: Any) -> None:
         super().__init__(root, split, **options)
         if self.root is None or not self.root.is_dir():
-            raise DatasetError(f"segfolder root {self.root} is not a directory; {_LAYOUT}.")
+            raise DatasetError(f"segfolder root {self.root} does not exist or is not a folder: pass --root with the dataset folder; {_LAYOUT}.")
         self._image_dir, self._label_dir = self._find_dirs(self.root, split)
         images = sorted(
             p for p in self._image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()
@@ -108,7 +126,7 @@ class SegFolderDataset(DatasetReader):
             self.options["num_classes"] = num_classes
         self.num_classes = int(num_classes)
         if not 1 <= self.num_classes <= 255:
-            raise DatasetError(f"segfolder num_classes must be in 1..255 (255 marks ignored), not {self.num_classes}.")
+            raise DatasetError(f"segfolder num_classes must be in 1..255 (255 marks ignored), not {self.num_classes}; pass --num-classes N with the number of classes (or leave it out to infer it).")
         if 0 <= self._source_ignore < self.num_classes:
             raise DatasetError(
                 f"segfolder ignore_index {self._source_ignore} is one of the {self.num_classes} classes; "
@@ -165,9 +183,10 @@ class SegFolderDataset(DatasetReader):
         semantic = self._lut[labels] if in_range else None
         if semantic is None or (semantic < 0).any():
             bad = labels[(labels < 0) | (labels >= self._lut.size)] if semantic is None else labels[semantic < 0]
-            raise BadImageError(
+            raise LabelValueError(
                 str(path),
                 f"label {int(bad.flat[0])} is neither a class (num_classes {self.num_classes}) "
                 f"nor ignore_index {self._source_ignore}",
+                value=int(bad.flat[0]),
             )
         return Annotation(size=(int(labels.shape[0]), int(labels.shape[1])), semantic=semantic.astype(np.uint8))

@@ -41,7 +41,7 @@ def _find_voc_root(root: Path) -> Path:
         if (candidate / "ImageSets" / "Segmentation").is_dir():
             return candidate
     if not root.is_dir():
-        raise DatasetError(f"VOC root {root} is not a directory; {_LAYOUT}.")
+        raise DatasetError(f"VOC root {root} does not exist or is not a folder: pass --root with the VOC folder; {_LAYOUT}.")
     raise DatasetError(f"VOC root {root} has no ImageSets/Segmentation (nor VOCdevkit/VOC2012/...); {_LAYOUT}.")
 
 
@@ -64,7 +64,7 @@ class VOCDataset(DatasetReader):
     def __init__(self, root: str | Path | None, split: str, **options: Any) -> None:
         super().__init__(root, split, **options)
         if self.root is None:
-            raise DatasetError(f"VOC needs a root folder; {_LAYOUT}.")
+            raise DatasetError(f"VOC needs a root folder: pass --root ROOT; {_LAYOUT}.")
         self._base = _find_voc_root(self.root)
         split_file = self._base / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not split_file.is_file():
