@@ -26,6 +26,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Dense evaluation of frozen vision backbones with masked cross-attention adapters.")
 stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature and target stores.")
 app.add_typer(stores_app, name="stores")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: backbone and adapter inference speed (paper §4.5).")
+app.add_typer(bench_app, name="bench")
 
 # Piped output gets a wide, stable layout instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -426,21 +428,74 @@ def report(
               highlight=False)
 
 
+# -- bench ----------------------------------------------------------------------------------------
+@bench_app.command("speed")
+@clean_errors
+def bench_speed(
+    backbones: Annotated[str, typer.Option(help="Comma-separated registry names or timm:NAME, e.g. dinov2_b14,siglip_384.")],
+    reference: Annotated[str, typer.Option(help="Reference backbone (ViT-B/16 at 224), always timed in the same run.")] = "imagenet_b16",
+    batches: Annotated[int, typer.Option(min=1, help="Timed batches (paper: 10); shrink for large models on a CPU.")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (paper: 8).")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    store_root: Annotated[Optional[Path], typer.Option(help="Also append one task='speed' record per backbone to ROOT/results.")] = None,
+    weights: Annotated[Weights, typer.Option(help="random (default: runtime does not depend on the weights, nothing "
+                                                  "to download) or pretrained.")] = Weights.random,
+    task_dim: Annotated[int, typer.Option(min=1, help="Adapter output channels D_out for its timing (1 = depth, boundaries).")] = 1,
+    warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed warm-up batches (default: 1 on CPU, 2 on CUDA).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of a table.")] = False,
+) -> None:
+    """Time backbones (and the MAXA adapter on their features) relative to ViT-B/16 at 224, as paper Fig. 6/8."""
+    from pipelines.bench import speed_benchmark, write_speed_records
+
+    rows = speed_benchmark(backbones.split(","), reference=reference, batches=batches, batch_size=batch_size,
+                           device=device, weights=weights.value, task_dim=task_dim, warmup=warmup,
+                           log=lambda m: err.print(m, highlight=False))
+    paths = write_speed_records(store_root, rows) if store_root is not None else []
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+    else:
+        from rich.table import Table
+
+        r0 = rows[0]
+        table = Table(title=f"inference speed on {r0['device_name']} ({r0['device']}, {r0['dtype']}, "
+                            f"{r0['torch_threads']} threads), {r0['batches']} batches x {r0['batch_size']} images, "
+                            f"median per batch",
+                      caption=f"relative = time / {r0['reference']} (same run); adapter = MAXA base, "
+                              f"D_out {r0['task_dim']}, 224x224 output; adapter rel. in units of the reference "
+                              "backbone's time. Weights: " + ", ".join(sorted({r['weights'] for r in rows})))
+        for col in ("backbone", "input", "grid", "params (M)", "s / batch", "img / s", "rel. ViT-B/16",
+                    "adapter s / batch", "adapter rel.", "adapter P_learn"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            grid = "; ".join(f"{g[0]}x{g[1]}" for g in r["grids"].values())
+            name = r["backbone"] + (" (ref)" if r["is_reference"] else "")
+            table.add_row(name, f"{r['input_size'][0]}x{r['input_size'][1]}", grid, f"{r['backbone_params'] / 1e6:.1f}",
+                          f"{r['seconds_per_batch']:.4f}", f"{r['images_per_second']:.2f}",
+                          f"{r['relative_to_vitb16']:.2f}", f"{r['adapter_seconds_per_batch']:.4f}",
+                          f"{r['adapter_relative']:.3f}", f"{r['p_learn'] / 1e6:.3f} M")
+        out.print(table)
+    if paths:
+        out.print(f"wrote {len(paths)} speed record(s) under {store_root / 'results'}", highlight=False)
+
+
 # -- quick start ----------------------------------------------------------------------------------
 @app.command()
 @clean_errors
 def quickstart(
-    store_root: Annotated[Path, typer.Option(help="Where stores live.")] = Path(DEFAULT_STORE_ROOT),
+    store_root: Annotated[Path, typer.Option(help="Where stores, adapters and results go.")] = Path(DEFAULT_STORE_ROOT),
     backbone: Annotated[str, typer.Option(help="Backbone (random init).")] = "test_vit",
+    max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap per task.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
 ) -> None:
-    """The built-in default job, offline: extract `shapes` train and val with a tiny random backbone."""
-    from extract.jobs import run_extract
+    """The built-in default job, offline: extract `shapes` with a tiny random backbone, then train and
+    evaluate the MAXA adapter on every task from the stores, and print the results."""
+    from pipelines.quickstart import run_quickstart
 
-    for split in ("train", "val"):
-        r = run_extract(backbone=backbone, dataset="shapes", split=split, store_root=store_root,
-                        weights="random", device="cpu", batch_size=32)
-        out.print(f"{split}: features {r.features.path}" + (f"\n{split}: targets  {r.targets.path}" if r.targets else ""))
+    result = run_quickstart(store_root, backbone=backbone, max_epochs=max_epochs, device=device,
+                            show_progress=progress, log=lambda m: err.print(m, highlight=False))
     stores_ls(store_root, as_json=False)
+    out.print(_results_table(result.records, "MAXA on shapes (metrics on the val split; trivial = constant/majority predictor)"))
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

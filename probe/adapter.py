@@ -211,8 +211,14 @@ class UpsampleCNN(nn.Module):
         self.skip = nn.Conv2d(dim, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = F.interpolate(x, scale_factor=self.region, mode="bilinear", align_corners=False)
-        return self.skip(skip) + self.cnn(x)
+        # Bilinear interpolation (weights sum to 1) commutes with the 1×1 conv, bias included, so the
+        # skip path projects on the coarse grid first when that is the smaller tensor: the same output
+        # at a fraction of the cost for few output channels.
+        if self.skip.out_channels <= self.skip.in_channels:
+            skip = F.interpolate(self.skip(x), scale_factor=self.region, mode="bilinear", align_corners=False)
+        else:
+            skip = self.skip(F.interpolate(x, scale_factor=self.region, mode="bilinear", align_corners=False))
+        return skip + self.cnn(x)
 
 
 class FeatureProjection(nn.Module):

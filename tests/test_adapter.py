@@ -284,3 +284,17 @@ def test_build_head_types_and_unknown():
     assert isinstance(cnn, CnnHead) and cnn.n_up == 4  # 14 · 2^4 = 224
     with pytest.raises(UnknownNameError, match="maxa"):
         build_head("dpt", cfg)
+
+
+@pytest.mark.parametrize("out_channels", [1, 64])
+def test_cnn_skip_path_equals_upsample_then_project(out_channels):
+    """Both orders of the skip path (project then upsample, or the reverse) give the appendix's output."""
+    import torch.nn.functional as F
+
+    from probe.adapter import UpsampleCNN
+
+    torch.manual_seed(0)
+    cnn = UpsampleCNN(32, 8, out_channels)
+    x = torch.randn(2, 32, 7, 5)
+    reference = cnn.skip(F.interpolate(x, scale_factor=8, mode="bilinear", align_corners=False)) + cnn.cnn(x)
+    torch.testing.assert_close(cnn(x), reference, atol=1e-5, rtol=1e-5)
