@@ -27,6 +27,7 @@ from extract.backbone_registry import (
     register_backbone,
 )
 from extract.checkpoints import create_pretrained, file_digest, load_weights_file
+from extract.sam2_neck import SAM2_BPLUS_CHECKPOINT_URL, SAM2_BPLUS_FPN, pretrained_unavailable_message
 from store.errors import WeightsUnavailableError
 
 __all__ = [
@@ -65,11 +66,23 @@ def imagenet_b16() -> BackboneEntry:
 @register_backbone
 def sam2_hiera_bplus() -> BackboneEntry:
     return BackboneEntry(
-        name="sam2_hiera_bplus", timm_name="sam2_hiera_base_plus.fb_r896", input_size=1024, layers=(2,),
+        name="sam2_hiera_bplus", timm_name=SAM2_BPLUS_FPN, input_size=1024,
+        weights="official SAM2 checkpoint file sam2_hiera_base_plus.pt (--weights PATH)",
+        checkpoint=CheckpointRecipe(source=SAM2_BPLUS_CHECKPOINT_URL, keep_prefix="image_encoder."),
         paper_row="SAM V2 B+", paper_image_size=1024, paper_feature_size=64,
-        note="timm's config says 896 px; SAM2 itself runs at 1024, as the paper. The paper's 64x64 grid is "
-             "SAM2's stride-16 image embedding (FPN neck, 256 ch), which timm does not ship: we take the Hiera "
-             "trunk's stage 2 (stride 16, 448 ch) at 1024 px; its last stage would give 32x32",
+        note="SAM2's image embedding (vision_features): timm's Hiera-B+ trunk + SAM2's FPN neck (extract/sam2_neck.py), "
+             "256 ch at stride 16 (64x64 at 1024 px), SAM2's bilinear resize; timm's hub has no neck, so the weights "
+             "come from the official checkpoint (a SAM2.1 file has the same keys). The trunk alone: sam2_hiera_bplus_trunk",
+    )
+
+
+@register_backbone
+def sam2_hiera_bplus_trunk() -> BackboneEntry:
+    return BackboneEntry(
+        name="sam2_hiera_bplus_trunk", timm_name="sam2_hiera_base_plus.fb_r896", input_size=1024, layers=(2,),
+        paper_row="SAM V2 B+", paper_image_size=1024, paper_feature_size=64,
+        note="timm's Hiera-B+ trunk only (timm hub weights), stage 2 at 1024 px: stride 16, 64x64 as the paper but "
+             "448 ch, not the paper's 256-ch neck output (sam2_hiera_bplus); timm's config says 896 px",
     )
 
 
@@ -349,6 +362,8 @@ def load_backbone(
     if weights == "random":
         model, weights_id = _create_random(entry), f"random:seed{RANDOM_SEED}"
     elif weights == "pretrained":
+        if entry.timm_name == SAM2_BPLUS_FPN:  # trunk on the hub, neck only in the official checkpoint
+            raise WeightsUnavailableError(pretrained_unavailable_message(entry.name))
         if entry.checkpoint is not None:
             raise WeightsUnavailableError(
                 f"weights for backbone {entry.name} are not on the timm hub: download {entry.checkpoint.source} "

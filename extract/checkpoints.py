@@ -4,9 +4,11 @@ Three sources, one error type. ``pretrained`` goes through timm's own hub loadin
 cache and ``HF_HUB_OFFLINE`` behave as timm users expect; before timm is called we check the cache and the
 network cheaply, so a machine without either fails in well under a second instead of retrying for ~15 s.
 A local file is read here (safetensors or torch), passed through the checkpoint recipe if the entry has
-one (MoCo v3, Phi-3.5-vision), then through timm's own ``checkpoint_filter_fn`` for the architecture, and
-loaded with missing or unexpected keys treated as an error: timm itself loads head-less models with
-``strict=False`` and would silently keep random weights for a wrong file.
+one (MoCo v3, Phi-3.5-vision, SAM2), then through the ``checkpoint_filter_fn`` of the model's module
+(timm's own for timm architectures; :mod:`extract.sam2_neck`'s for the SAM2 image encoder, which maps the
+official ``image_encoder.trunk.*`` / ``image_encoder.neck.*`` names), and loaded with missing or unexpected
+keys treated as an error: timm itself loads head-less models with ``strict=False`` and would silently keep
+random weights for a wrong file.
 """
 
 from __future__ import annotations

@@ -32,6 +32,11 @@ PIL_FILTERS = {
 class BackboneImages(Dataset):
     """Item ``k`` is image ``indices[k]`` of ``reader`` as a normalised ``(3, H, W)`` float tensor.
 
+    With ``normalize=False`` the item is the resized ``(3, H, W)`` uint8 image instead, and
+    :meth:`normalize` turns a batch of them into exactly (bitwise) the same float32 values: the
+    extraction runner does that on the main thread / device, so DataLoader workers do less work
+    and send 4x fewer bytes between processes.
+
     A bad image does not raise inside the worker (exceptions lose their type crossing processes):
     the item carries the file and reason, and the caller decides (raise, or ``--skip-bad``).
 
@@ -40,6 +45,7 @@ class BackboneImages(Dataset):
         input_size: ``(H, W)`` backbone input.
         mean, std: per-channel normalisation (0–1 pixel scale).
         interpolation: PIL filter name.
+        normalize: return normalised float32 pixels (default) or uint8 pixels.
     """
 
     def __init__(
@@ -49,12 +55,15 @@ class BackboneImages(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         interpolation: str = "bicubic",
+        normalize: bool = True,
     ) -> None:
         self.reader = reader
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) * 255.0
         self.inv_std = 1.0 / (np.asarray(std, dtype=np.float32).reshape(3, 1, 1) * 255.0)
         self.filter = PIL_FILTERS.get(interpolation, Image.Resampling.BICUBIC)
+        self.normalize_in_worker = bool(normalize)
+        self._device_constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -65,12 +74,31 @@ class BackboneImages(Dataset):
             # draft lets libjpeg decode at a reduced scale no smaller than the target size
             image = self.reader.read_image(index, draft_size=(w, h))
         except BadImageError as err:
-            return {"index": index, "pixels": torch.zeros(3, h, w), "bad": f"{err.path}\t{err.reason}"}
+            dtype = torch.float32 if self.normalize_in_worker else torch.uint8
+            return {"index": index, "pixels": torch.zeros(3, h, w, dtype=dtype), "bad": f"{err.path}\t{err.reason}"}
         if image.size != (w, h):
             image = image.resize((w, h), self.filter)
+        if not self.normalize_in_worker:
+            return {"index": index, "pixels": torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))),
+                    "bad": ""}
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
         pixels = torch.from_numpy((array - self.mean) * self.inv_std)
         return {"index": index, "pixels": pixels, "bad": ""}
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalise a ``(B, 3, H, W)`` uint8 batch (on any device) to float32.
+
+        The same float32 operations as the worker path (subtract ``mean·255``, then multiply by
+        ``1/(std·255)``, each rounded once), so the values are bitwise those of ``normalize=True``.
+        """
+        if pixels.dtype != torch.uint8:
+            return pixels  # already normalised in the workers
+        consts = self._device_constants.get(pixels.device)
+        if consts is None:
+            consts = (torch.from_numpy(self.mean).to(pixels.device), torch.from_numpy(self.inv_std).to(pixels.device))
+            self._device_constants[pixels.device] = consts
+        mean, inv_std = consts
+        return pixels.to(torch.float32).sub_(mean).mul_(inv_std)
 
 
 def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:

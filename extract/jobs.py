@@ -44,16 +44,18 @@ def run_extract(
     targets: bool = True,
     target_size: tuple[int, int] = (224, 224),
     show_progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
 ) -> ExtractJobResult:
     """Extract ``backbone`` features of ``dataset``/``split`` and (by default) build its targets.
 
     The target store is backbone-independent: it is built once per dataset split and size and
-    found again by every later extraction of the same split.
+    found again by every later extraction of the same split. ``store_root`` may be a URL
+    (``s3://bucket/prefix``) with fsspec ``storage_options``.
     """
     # Everything that can be refused is checked before any store is written: the store root, the
     # backbone name, layers, device and weights, then the dataset root.
-    store_root = Path(store_root)
-    if store_root.exists() and not store_root.is_dir():
+    store_root = str(store_root) if "://" in str(store_root) else Path(store_root)
+    if isinstance(store_root, Path) and store_root.exists() and not store_root.is_dir():
         raise MaxaError(f"--store-root {store_root} is a file, not a folder; choose a folder for the stores.")
     _check_layers(backbone, layers)
     dev = resolve_device(device)
@@ -63,12 +65,13 @@ def run_extract(
     if targets and reader.targets:
         target_result = build_target_store(
             reader, str(store_root), size=target_size, limit=limit, num_workers=num_workers,
-            show_progress=show_progress,
+            show_progress=show_progress, storage_options=storage_options,
         )
     feature_result = extract_features(
         model, reader, str(store_root), weights=weights, layers=layers, batch_size=batch_size,
         device=device, limit=limit, num_workers=num_workers, shard_size=shard_size,
         compression=compression, skip_bad=skip_bad, show_progress=show_progress,
+        storage_options=storage_options,
     )
     return ExtractJobResult(features=feature_result, targets=target_result)
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from extract.backbones import LoadedBackbone, load_backbone
+from extract.devices import resolve_device
 from extract.datasets.base import DatasetReader, create_dataset, image_ids_hash
 from extract.images import BackboneImages, collate_images
 from extract.progress import ProgressReporter
@@ -52,18 +53,6 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float:
         return self.images_written / self.seconds if self.seconds > 0 else 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MaxaError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MaxaError(f"device {device!r} requested but CUDA is not available here; use --device cpu.")
-    return dev
 
 
 def default_shard_size(spec_layers: tuple[LayerSpec, ...]) -> int:
@@ -117,16 +106,20 @@ def extract_features(
     skip_bad: bool = False,
     show_progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    wait_timeout: float | None = None,
 ) -> ExtractResult:
     """Extract ``backbone`` features of ``reader``'s images into a store under ``store_root``.
 
     Re-running with the same arguments returns the existing store at once if it is complete, and
-    finishes only the missing shards if it is not.
+    finishes only the missing shards if it is not. Two processes asking for the same store at once
+    share it: the second waits on the first's lease, then reuses the store (or takes over a stale
+    lease and writes only the missing shards); see ``store.lease``.
 
     Args:
         backbone: registry name or an already loaded backbone.
         reader: the dataset split.
-        store_root: root directory of stores.
+        store_root: root directory of stores, or a URL (``s3://bucket/prefix``).
         weights: ``"pretrained"``, ``"random"`` or a checkpoint path.
         layers: layer indices (``None``: the backbone entry's layers).
         batch_size: images per forward pass.
@@ -138,6 +131,9 @@ def extract_features(
         skip_bad: record undecodable images (zeros, flagged ``bad``) instead of stopping.
         show_progress: draw a progress bar.
         on_shard: called with each shard index once it is on disk (tests use it).
+        storage_options: fsspec options for a URL ``store_root`` (endpoint, key, secret, ...).
+        wait_timeout: seconds to wait for another live writer of the same store (default: while
+            its lease is live).
     """
     dev = resolve_device(device)
     if isinstance(backbone, LoadedBackbone):
@@ -158,16 +154,18 @@ def extract_features(
         path, kind="features", key=spec.key, spec=spec.to_dict(), arrays=arrays, image_ids=image_ids,
         shard_size=shard_size or default_shard_size(spec.layers), compression=compression,
         provenance=provenance(device=str(dev), batch_size=batch_size),
+        storage_options=storage_options, wait_timeout=wait_timeout,
     ).open()
     if writer.complete:
         return ExtractResult(path=path, spec=spec, reused=True)
     missing = writer.missing_shards()
     result = ExtractResult(path=path, spec=spec, reused=False)
     start_time = time.perf_counter()
-    if missing:
-        _run_shards(model, reader, writer, missing, spec, dev, batch_size, num_workers, skip_bad,
-                    show_progress, on_shard, result)
-    writer.finalize(bad_images=result.bad_images, clipped_values=result.clipped_values)
+    with writer:  # releases the store's lease however this ends
+        if missing:
+            _run_shards(model, reader, writer, missing, spec, dev, batch_size, num_workers, skip_bad,
+                        show_progress, on_shard, result)
+        writer.finalize(bad_images=result.bad_images, clipped_values=result.clipped_values)
     result.seconds = time.perf_counter() - start_time
     return result
 
@@ -186,7 +184,8 @@ def _default_workers() -> int:
 
 def _run_shards(model, reader, writer, shards, spec, dev, batch_size, num_workers, skip_bad,
                 show_progress, on_shard, result) -> None:
-    images = BackboneImages(reader, spec.input_size, spec.mean, spec.std, spec.interpolation)
+    # workers decode and resize to uint8; normalisation happens here, on the device (bitwise the same)
+    images = BackboneImages(reader, spec.input_size, spec.mean, spec.std, spec.interpolation, normalize=False)
     workers = _default_workers() if num_workers is None else num_workers
     loader = DataLoader(
         images,
@@ -222,7 +221,7 @@ def _run_shards(model, reader, writer, shards, spec, dev, batch_size, num_worker
                         if not skip_bad:
                             raise BadImageError(path, reason)
                         result.bad_images.append(path)
-                pixels = batch["pixels"].to(dev, non_blocking=True)
+                pixels = images.normalize(batch["pixels"].to(dev, non_blocking=True))
                 with torch.inference_mode(), autocast:
                     feats = model.forward(pixels)
                 shard = int(idx[0] // writer.shard_size)
@@ -233,10 +232,9 @@ def _run_shards(model, reader, writer, shards, spec, dev, batch_size, num_worker
                         for l in spec.layers
                     }
                     bad_flags[shard] = np.zeros(stop - start, np.uint8)
+                rows = slice(int(idx[0]) - start, int(idx[-1]) + 1 - start)  # batches are consecutive images
                 for l in spec.layers:
-                    values, clipped = _to_fp16(feats[l.name])
-                    result.clipped_values += clipped
-                    buffers[shard][f"{L.FEATURES}/{l.name}"][idx - start] = values
+                    result.clipped_values += _store_fp16(feats[l.name], buffers[shard][f"{L.FEATURES}/{l.name}"][rows])
                 for k, msg in enumerate(batch["bad"]):
                     if msg:
                         bad_flags[shard][idx[k] - start] = 1
@@ -270,6 +268,25 @@ def _reap(pending: list[Future]) -> list[Future]:
         else:
             still.append(f)
     return still
+
+
+def _store_fp16(x: torch.Tensor, out: np.ndarray) -> int:
+    """Cast ``x`` to float16 into ``out`` (a view of a shard buffer); returns the clipped count.
+
+    Fast path: one ``aminmax`` pass proves every value finite and within float16's range (NaN
+    propagates into it), then the cast writes straight into ``out``. Otherwise :func:`_to_fp16`
+    clips and counts. The stored values are the same either way.
+    """
+    lo, hi = torch.aminmax(x)
+    if bool(lo >= -FP16_MAX) and bool(hi <= FP16_MAX):
+        if x.device.type == "cpu":
+            torch.from_numpy(out).copy_(x)
+        else:
+            out[...] = x.to(torch.float16).cpu().numpy()
+        return 0
+    values, clipped = _to_fp16(x)
+    out[...] = values
+    return clipped
 
 
 def _to_fp16(x: torch.Tensor) -> tuple[np.ndarray, int]:

@@ -103,6 +103,7 @@ def build_target_store(
     num_workers: int | None = None,
     show_progress: bool = True,
     config: TargetConfig | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> TargetBuildResult:
     """Build (or find) the target store of ``reader``'s split under ``store_root``.
 
@@ -114,6 +115,7 @@ def build_target_store(
         num_workers: DataLoader workers.
         show_progress: draw a progress bar.
         config: target-building parameters (default: ``TargetConfig(size=size)``).
+        storage_options: fsspec options for a URL ``store_root``.
     """
     config = config or TargetConfig(size=tuple(size))
     kinds = tuple(sorted(reader.targets))
@@ -126,6 +128,7 @@ def build_target_store(
     writer = StoreWriter(
         path, kind="targets", key=spec.key, spec=spec.to_dict(), arrays=arrays, image_ids=image_ids,
         shard_size=TARGET_SHARD_SIZE, compression="zstd", provenance=provenance(),
+        storage_options=storage_options,
     ).open()
     result = TargetBuildResult(path=path, spec=spec, reused=writer.complete)
     if writer.complete:
@@ -139,7 +142,7 @@ def build_target_store(
         prefetch_factor=8 if workers else None,
     )
     buffers: dict[int, dict[str, np.ndarray]] = {}
-    with ProgressReporter(f"targets {spec.dataset}/{spec.split}", len(indices), enabled=show_progress) as bar:
+    with writer, ProgressReporter(f"targets {spec.dataset}/{spec.split}", len(indices), enabled=show_progress) as bar:
         for index, out in loader:
             shard = index // writer.shard_size
             start, stop = writer.shard_range(shard)
@@ -153,6 +156,6 @@ def build_target_store(
             result.images_written += 1
             if index == stop - 1:
                 writer.write_shard(shard, buffers.pop(shard))
-    writer.finalize(max_instances=MAX_INSTANCES, truncated_instance_areas=result.truncated_instances)
+        writer.finalize(max_instances=MAX_INSTANCES, truncated_instance_areas=result.truncated_instances)
     result.seconds = time.perf_counter() - t0
     return result

@@ -140,6 +140,38 @@ def _human_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+StorageOptionList = Annotated[
+    Optional[list[str]],
+    typer.Option("--storage-option", metavar="KEY=VALUE",
+                 help="fsspec option for s3://… stores (repeatable): endpoint_url=…, key=…, secret=…, anon=true, "
+                      "client_kwargs.region_name=…; the AWS_* environment variables work without it."),
+]
+
+
+def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
+    """``--storage-option KEY=VALUE`` pairs as a dict; values are JSON where they parse (true, 3,
+    {...}), else text; ``a.b=v`` nests (``client_kwargs.region_name=eu-west-1``)."""
+    if not items:
+        return None
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise MaxaError(f"--storage-option {item!r}: give KEY=VALUE, e.g. --storage-option endpoint_url=http://host:9000.")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        *outer, last = key.strip().split(".")
+        d = options
+        for part in outer:
+            d = d.setdefault(part, {})
+            if not isinstance(d, dict):
+                raise MaxaError(f"--storage-option {item!r}: {part} is set both as a value and as a group.")
+        d[last] = value
+    return options
+
+
 # -- backbones ------------------------------------------------------------------------------------
 @app.command()
 @clean_errors
@@ -188,7 +220,7 @@ def extract(
     dataset: Annotated[str, typer.Option(help="Dataset reader: coco, voc, cocostuff, nyuv2, segfolder, shapes.")],
     split: Annotated[str, typer.Option(help="Dataset split.")] = "val",
     root: Annotated[Optional[Path], typer.Option(help="Dataset root directory (not needed for shapes).")] = None,
-    store_root: Annotated[Path, typer.Option(help="Where stores live ($MAXA_STORE_ROOT).")] = Path(DEFAULT_STORE_ROOT),
+    store_root: Annotated[str, typer.Option(help="Where stores live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
     weights: Annotated[str, typer.Option(help="pretrained (timm hub / HF cache), random, or a checkpoint PATH.")] = "pretrained",
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated layer indices (default: the entry's).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
@@ -205,8 +237,12 @@ def extract(
     seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
     num_images: Annotated[Optional[int], typer.Option(help="shapes: images in the split.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    storage_option: StorageOptionList = None,
 ) -> None:
-    """Run a frozen backbone once over a dataset split into a feature store (and its targets)."""
+    """Run a frozen backbone once over a dataset split into a feature store (and its targets).
+
+    Two people asking for the same extraction share one store: the second waits for the first
+    (its lease beside the store), then reuses the finished store."""
     from extract.jobs import run_extract
 
     options = {"num_classes": num_classes, "ignore_index": ignore_index, "seed": seed, "num_images": num_images}
@@ -216,6 +252,7 @@ def extract(
         layers=_parse_layers(layers), batch_size=batch_size, device=device, limit=limit,
         num_workers=workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
         targets=targets, target_size=(target_size, target_size), show_progress=progress,
+        storage_options=_storage_options(storage_option),
     )
     f = result.features
     if f.reused:
@@ -232,17 +269,18 @@ def extract(
 
 
 # -- stores ---------------------------------------------------------------------------------------
-def _require_store(path: Path) -> None:
+def _require_store(path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
     """One line naming the fix when ``path`` is missing, a store root, or not a maxa store at all."""
     from store import _layout as L
     from store.catalogue import list_stores
     from store.errors import StoreError
 
-    if L.read_attrs(str(path)) is not None:
+    path = str(path)
+    if L.read_attrs(path, storage_options) is not None:
         return
-    if not path.exists():
+    if not L.exists(path, storage_options):
         raise StoreError(f"no store at {path}; list stores with `maxa stores ls ROOT` and give one of their paths.")
-    if path.is_dir() and list_stores(path, with_size=False):
+    if L.isdir(path, storage_options) and list_stores(path, with_size=False, storage_options=storage_options):
         raise StoreError(f"{path} is a store root, not a store; list its stores with `maxa stores ls {path}` "
                          "and give one of their ….zarr paths.")
     raise StoreError(f"{path} is not a maxa store (no 'maxa' attributes in its zarr.json); give a ….zarr path "
@@ -252,51 +290,68 @@ def _require_store(path: Path) -> None:
 @stores_app.command("ls")
 @clean_errors
 def stores_ls(
-    root: Annotated[Path, typer.Argument(help="Store root.")] = Path(DEFAULT_STORE_ROOT),
+    root: Annotated[str, typer.Argument(help="Store root: a folder or s3://bucket/prefix.")] = DEFAULT_STORE_ROOT,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    storage_option: StorageOptionList = None,
 ) -> None:
-    """Every store under ROOT: backbone, dataset, split, images, grid, size, complete?"""
+    """Every store under ROOT: backbone, dataset, split, images, grid, size, complete?, results
+    recorded under ROOT that used it, and who is writing it (lease)."""
+    from probe.results import result_counts
+    from store import _layout as L
     from store.catalogue import list_stores
+    from store.lease import read_lease
 
-    if root.exists() and not root.is_dir():
+    root = str(root)
+    so = _storage_options(storage_option)
+    if not L.is_remote(root) and Path(root).exists() and not Path(root).is_dir():
         raise MaxaError(f"store root {root} is a file, not a folder; give the folder that holds features/ and targets/.")
-    if not root.is_dir():
+    if not L.isdir(root, so):
         raise MaxaError(f"store root {root} does not exist; extract something first (`maxa extract …`) "
                         "or give the root you extracted into.")
-    rows = list_stores(root)
+    rows = list_stores(root, storage_options=so)
+    counts = result_counts(root, storage_options=so)
+    for r in rows:
+        r["results"] = counts.get(str(r["key"]), 0)
+        lease = None if r["complete"] else read_lease(r["path"], so)
+        r["writer"] = lease.describe() if lease is not None else None
     if as_json:
         out.print_json(json.dumps(rows, default=str))
         return
     from rich.table import Table
 
     table = Table(title=f"stores under {root}")
-    for col in ("kind", "backbone", "dataset", "split", "images", "grid / targets", "size", "complete", "path"):
+    for col in ("kind", "backbone", "dataset", "split", "images", "grid / targets", "size", "complete", "results", "path"):
         table.add_column(col, overflow="fold")
     for r in rows:
+        state = "yes" if r["complete"] else ("[yellow]writing[/]" if r["writer"] else "[red]no[/]")
         table.add_row(r["kind"], str(r["backbone"]), str(r["dataset"]), str(r["split"]), str(r["images"]),
-                      r["grid"], _human_bytes(r.get("bytes")), "yes" if r["complete"] else "[red]no[/]",
-                      os.path.relpath(r["path"], root))
+                      r["grid"], _human_bytes(r.get("bytes")), state, str(r["results"]), L.relative(r["path"], root))
     out.print(table if rows else f"no stores under {root}")
 
 
 @stores_app.command("info")
 @clean_errors
 def stores_info(
-    path: Annotated[Path, typer.Argument(help="A store (….zarr).")],
+    path: Annotated[str, typer.Argument(help="A store (….zarr, a path or s3://… URL).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    storage_option: StorageOptionList = None,
 ) -> None:
-    """A store's spec, provenance and state."""
+    """A store's spec, provenance and state (and its writer's lease, if one holds it)."""
+    from store.lease import read_lease
     from store.reader import open_store
 
-    _require_store(path)
-    s = open_store(path, allow_incomplete=True)
+    so = _storage_options(storage_option)
+    _require_store(path, so)
+    s = open_store(str(path), allow_incomplete=True, storage_options=so)
     spec = s.spec.to_dict()
     for layer in spec.get("layers", []):
         layer.pop("token_centres", None)  # recorded in the store; too long to print
+    lease = read_lease(str(path), so)
     info = {"path": str(path), "kind": s.kind, "key": s.key, "complete": s.complete, "images": len(s),
             "shard_size": s.shard_size, "shards_done": int(s.shard_done().sum()),
             "num_shards": int(s.meta["num_shards"]), "bad_images": int(len(s.bad)),
             "bytes": s.nbytes_stored(), "compression": s.meta.get("compression"),
+            "writer": lease.describe() if lease is not None else None,
             "spec": spec, "provenance": s.provenance}
     if as_json:
         out.print_json(json.dumps(info, default=str))
@@ -313,14 +368,16 @@ def stores_info(
 @stores_app.command("verify")
 @clean_errors
 def stores_verify(
-    path: Annotated[Path, typer.Argument(help="A store (….zarr).")],
+    path: Annotated[str, typer.Argument(help="A store (….zarr, a path or s3://… URL).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    storage_option: StorageOptionList = None,
 ) -> None:
     """Re-read every chunk: checksums, completeness, shard flags. Exit 1 if anything is wrong."""
     from store.verify import verify_store
 
-    _require_store(path)
-    report = verify_store(path)
+    so = _storage_options(storage_option)
+    _require_store(path, so)
+    report = verify_store(str(path), storage_options=so)
     if as_json:
         out.print_json(json.dumps(report.to_dict(), default=str))
     else:
@@ -332,6 +389,32 @@ def stores_verify(
             out.print(f"  - {p}", highlight=False)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@stores_app.command("rm")
+@clean_errors
+def stores_rm(
+    path: Annotated[str, typer.Argument(help="The store to delete (….zarr, a path or s3://… URL).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Delete even while a live writer holds the store's lease.")] = False,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Delete one store: refuses anything that is not a maxa store, and a store being written
+    (unless --force). The completion mark goes first, so readers never see a half-deleted store
+    as complete."""
+    from store.writer import check_removable, remove_store
+
+    so = _storage_options(storage_option)
+    path = str(path)
+    meta = check_removable(path, force=force, storage_options=so)
+    spec = meta.get("spec", {})
+    what = (f"{meta.get('kind')} store {spec.get('backbone', '')} {spec.get('dataset')}/{spec.get('split')} "
+            f"({meta.get('num_images')} images, {'complete' if meta.get('complete') else 'incomplete'})")
+    if not yes and not typer.confirm(f"delete {what} at {path}?", default=False):
+        out.print("nothing deleted")
+        raise typer.Exit(1)
+    remove_store(path, force=force, storage_options=so)
+    out.print(f"deleted {path}", highlight=False)
 
 
 # -- probe ----------------------------------------------------------------------------------------
@@ -358,9 +441,9 @@ def _results_table(records: list[dict[str, Any]], title: str):
 @app.command()
 @clean_errors
 def probe(
-    store: Annotated[Path, typer.Option(help="Training feature store (….zarr).")],
+    store: Annotated[str, typer.Option(help="Training feature store (….zarr, a path or s3://… URL).")],
     task: Annotated[str, typer.Option(help="boundaries, distance, instances, semseg or depth.")],
-    eval_store: Annotated[Optional[Path], typer.Option(help="Eval feature store (default: same backbone+dataset, val/test split).")] = None,
+    eval_store: Annotated[Optional[str], typer.Option(help="Eval feature store (default: same backbone+dataset, val/test split).")] = None,
     variant: Annotated[str, typer.Option(help="base, d16, no-sigma, shared-sigma, single-layer, paper-budget.")] = "base",
     head: Annotated[Head, typer.Option(help="Readout: the MAXA adapter or a baseline head.")] = Head.maxa,
     seed: Annotated[int, typer.Option(help="Seed: initialisation, validation split, shuffling.")] = 0,
@@ -369,11 +452,13 @@ def probe(
     patience: Annotated[int, typer.Option(min=1, help="Epochs without improvement before stopping.")] = 5,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the task's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
-    targets: Annotated[Optional[Path], typer.Option(help="Training target store (default: found by image ids).")] = None,
-    eval_targets: Annotated[Optional[Path], typer.Option(help="Eval target store (default: found by image ids).")] = None,
-    results_root: Annotated[Optional[Path], typer.Option(help="Where runs and results go (default: the store root).")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="Training target store (default: found by image ids).")] = None,
+    eval_targets: Annotated[Optional[str], typer.Option(help="Eval target store (default: found by image ids).")] = None,
+    results_root: Annotated[Optional[str], typer.Option(help="Where runs and results go (default: the store root); "
+                                                        "use your own with read-only access to a shared root.")] = None,
     min_large: Annotated[Optional[int], typer.Option(help="instances: eval images need this many large objects (3).")] = None,
     progress: Annotated[bool, typer.Option(help="Print per-epoch progress.")] = True,
+    storage_option: StorageOptionList = None,
 ) -> None:
     """Train the MAXA adapter (or a baseline head) on a store and evaluate it; record the result."""
     from probe.train import ProbeConfig, train_probe
@@ -385,7 +470,7 @@ def probe(
                          targets=str(targets) if targets else None,
                          eval_targets=str(eval_targets) if eval_targets else None,
                          results_root=str(results_root) if results_root else None, device=device,
-                         show_progress=progress)
+                         show_progress=progress, storage_options=_storage_options(storage_option))
     out.print(_results_table([result.record], "probe result"))
     out.print(f"adapter: {result.run_dir}\nresult:  {result.result_path}", highlight=False)
 
@@ -460,7 +545,8 @@ def bench_speed(
         table = Table(title=f"inference speed on {r0['device_name']} ({r0['device']}, {r0['dtype']}, "
                             f"{r0['torch_threads']} threads), {r0['batches']} batches x {r0['batch_size']} images, "
                             f"median per batch",
-                      caption=f"relative = time / {r0['reference']} (same run); adapter = MAXA base, "
+                      caption=f"relative = time / {r0['reference']} (same run, timed first and last: drift "
+                              f"{r0['reference_drift']:.2f}); adapter = MAXA base, "
                               f"D_out {r0['task_dim']}, 224x224 output; adapter rel. in units of the reference "
                               "backbone's time. Weights: " + ", ".join(sorted({r['weights'] for r in rows})))
         for col in ("backbone", "input", "grid", "params (M)", "s / batch", "img / s", "rel. ViT-B/16",
@@ -474,8 +560,13 @@ def bench_speed(
                           f"{r['relative_to_vitb16']:.2f}", f"{r['adapter_seconds_per_batch']:.4f}",
                           f"{r['adapter_relative']:.3f}", f"{r['p_learn'] / 1e6:.3f} M")
         out.print(table)
+    drift = rows[0]["reference_drift"]
+    if not 0.83 <= drift <= 1.2:
+        err.print(f"[yellow]note:[/] the reference ran {drift:.2f}x as long the second time (timed first and last): "
+                  "the machine's speed changed during the run (other load?), so the ratios are noisy.",
+                  highlight=False, soft_wrap=True)
     if paths:
-        out.print(f"wrote {len(paths)} speed record(s) under {store_root / 'results'}", highlight=False)
+        err.print(f"wrote {len(paths)} speed record(s) under {store_root / 'results'}", highlight=False)
 
 
 # -- quick start ----------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
 """The results table: one parquet file per finished probe under ``<root>/results/``.
 
 One file per record makes appends atomic and safe for several writers (a write goes to a
-temporary name, then is renamed); ``read_results`` reads the directory as one table.
+temporary name, then is renamed; on object storage one PUT is atomic by itself);
+``read_results`` reads the directory as one table. ``root`` may be a local folder or a URL
+(``s3://bucket/prefix``) with fsspec ``storage_options``. A reader with read-only access to a
+shared store root keeps results in a root of their own (``maxa probe --results-root MINE``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,35 +21,84 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["RESULTS_DIR", "append_result", "read_results"]
+from store import _layout as L
+
+__all__ = ["RESULTS_DIR", "append_result", "read_results", "result_counts", "write_run_files"]
 
 RESULTS_DIR = "results"
 _JSON_FIELDS = ("metrics", "trivial", "config", "timings")
+#: Record fields that name the stores a probe used.
+STORE_KEY_FIELDS = ("train_store", "eval_store", "train_targets", "eval_targets")
 
 
-def append_result(root: str | Path, record: dict[str, Any]) -> str:
+def append_result(root: str | Path, record: dict[str, Any], *, storage_options: dict[str, Any] | None = None) -> str:
     """Write ``record`` as one row; nested fields (metrics, config, ...) are stored as JSON text."""
-    out_dir = Path(root) / RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
     row = {k: (json.dumps(v, sort_keys=True, default=float) if k in _JSON_FIELDS else v) for k, v in record.items()}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    path = out_dir / f"{stamp}-{row.get('task', 'probe')}-{uuid.uuid4().hex[:8]}.parquet"
+    name = f"{stamp}-{row.get('task', 'probe')}-{uuid.uuid4().hex[:8]}.parquet"
+    table = pa.Table.from_pylist([row])
+    if L.is_remote(root):
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        url = L.join(root, RESULTS_DIR, name)
+        fs, p = L.fs_path(url, storage_options)
+        fs.pipe_file(p, buf.getvalue())
+        return url
+    out_dir = Path(root) / RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
     tmp = out_dir / f".{path.name}.tmp"
-    pq.write_table(pa.Table.from_pylist([row]), tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
     return str(path)
 
 
-def read_results(root: str | Path) -> list[dict[str, Any]]:
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    for k in _JSON_FIELDS:
+        if isinstance(row.get(k), str):
+            row[k] = json.loads(row[k])
+    return row
+
+
+def read_results(root: str | Path, *, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every record under ``root/results`` (JSON fields decoded), oldest first."""
+    rows = []
+    if L.is_remote(root):
+        fs, p = L.fs_path(L.join(root, RESULTS_DIR), storage_options)
+        fs.invalidate_cache(p)
+        if not fs.isdir(p):
+            return []
+        for f in sorted(fs.glob(p.rstrip("/") + "/*.parquet")):
+            with fs.open(f, "rb") as fh:
+                rows.extend(_decode(r) for r in pq.read_table(fh).to_pylist())
+        return rows
     out_dir = Path(root) / RESULTS_DIR
     if not out_dir.is_dir():
         return []
-    rows = []
     for f in sorted(out_dir.glob("*.parquet")):
-        for row in pq.read_table(f).to_pylist():
-            for k in _JSON_FIELDS:
-                if isinstance(row.get(k), str):
-                    row[k] = json.loads(row[k])
-            rows.append(row)
+        rows.extend(_decode(r) for r in pq.read_table(f).to_pylist())
     return rows
+
+
+def result_counts(root: str | Path, *, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    """How many result records under ``root`` used each store: content key → count (a record
+    counts once for each store it names as train/eval features or targets)."""
+    counts: Counter[str] = Counter()
+    for r in read_results(root, storage_options=storage_options):
+        for key in {r.get(f) for f in STORE_KEY_FIELDS} - {None, ""}:
+            counts[str(key)] += 1
+    return dict(counts)
+
+
+def write_run_files(run_dir: str, files: dict[str, bytes], *, storage_options: dict[str, Any] | None = None) -> None:
+    """Write a probe run's files (adapter weights, meta JSON) into ``run_dir`` (folder or URL)."""
+    if L.is_remote(run_dir):
+        fs, p = L.fs_path(run_dir, storage_options)
+        for name, data in files.items():
+            fs.pipe_file(f"{p.rstrip('/')}/{name}", data)
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        tmp = Path(run_dir) / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, Path(run_dir) / name)

@@ -10,6 +10,7 @@ table of the store root.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from extract.provenance import tool_version
 from probe.adapter import AdapterConfig, count_parameters
 from probe.data import ProbeData
 from probe.heads import build_head
-from probe.results import append_result
+from probe.results import append_result, write_run_files
 from probe.tasks import TargetInfo, Task, create_task
 from probe.tasks.instances import global_instance_ids
 from probe.variants import VARIANTS, variant_config
@@ -105,17 +106,18 @@ class ProbeResult:
         return self.record["metrics"]
 
 
-def _open_pair(features_path: str, targets_path: str | None) -> tuple[FeatureStore, TargetStore]:
-    fs = open_features(features_path)
+def _open_pair(features_path: str, targets_path: str | None,
+               storage_options: dict[str, Any] | None = None) -> tuple[FeatureStore, TargetStore]:
+    fs = open_features(features_path, storage_options=storage_options)
     if targets_path is None:
-        root = store_root_of(features_path)
-        targets_path = find_target_store(root, fs.spec)
+        root = store_root_of(features_path, storage_options)
+        targets_path = find_target_store(root, fs.spec, storage_options=storage_options)
         if targets_path is None:
             raise StoreError(
                 f"no complete target store for {fs.spec.dataset}/{fs.spec.split} under {root}; "
                 "run `maxa extract` for this split with targets (the default), or pass --targets."
             )
-    return fs, open_targets(targets_path)
+    return fs, open_targets(targets_path, storage_options=storage_options)
 
 
 def build_model(config: ProbeConfig, task: Task, in_channels, grids) -> tuple[torch.nn.Module, AdapterConfig]:
@@ -153,6 +155,7 @@ def train_probe(
     in_memory: bool | None = None,
     show_progress: bool = True,
     log: Any = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ProbeResult:
     """Train ``config.task`` on the feature store ``features`` and evaluate on ``eval_features``.
 
@@ -168,20 +171,23 @@ def train_probe(
         in_memory: force or forbid holding the stores in memory (default: if they fit).
         show_progress: print per-epoch progress.
         log: callable for progress lines (default: print to stderr).
+        storage_options: fsspec options for stores (and results) given as URLs (``s3://…``).
+            Probing only reads the stores: with ``results_root`` elsewhere nothing is written
+            under the store root.
     """
     t_start = time.perf_counter()
     dev = resolve_device(device)
     torch.manual_seed(config.seed)
-    train_fs, train_ts = _open_pair(features, targets)
-    root = store_root_of(features)
+    train_fs, train_ts = _open_pair(features, targets, storage_options)
+    root = store_root_of(features, storage_options)
     if eval_features is None:
-        eval_features = find_eval_features(root, train_fs.spec)
+        eval_features = find_eval_features(root, train_fs.spec, storage_options=storage_options)
         if eval_features is None:
             raise StoreError(
                 f"no eval store for {train_fs.spec.backbone} on {train_fs.spec.dataset} (val/test split) under "
                 f"{root}; extract the val split with the same backbone and weights, or pass --eval-store."
             )
-    eval_fs, eval_ts = _open_pair(eval_features, eval_targets)
+    eval_fs, eval_ts = _open_pair(eval_features, eval_targets, storage_options)
     if eval_fs.spec.layers != train_fs.spec.layers or eval_fs.spec.weights_id != train_fs.spec.weights_id:
         raise StoreError(f"train store {features} and eval store {eval_features} come from different "
                          "backbones, weights or layers.")
@@ -287,11 +293,11 @@ def train_probe(
     # save the adapter and the record
     p_learn = count_parameters(model)
     run_key = content_key({"train": train_fs.key, "eval": eval_fs.key, "config": config.to_dict()})
-    out_root = Path(results_root or root)
-    run_dir = out_root / "runs" / _safe(train_fs.spec.backbone) / f"{tspec.dataset}-{config.task}-{config.variant}-{config.head}-seed{config.seed}-{run_key}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out_root = str(results_root or root)
+    run_dir = _join(out_root, "runs", _safe(train_fs.spec.backbone), f"{tspec.dataset}-{config.task}-{config.variant}-{config.head}-seed{config.seed}-{run_key}")
+    adapter_bytes = io.BytesIO()
     torch.save({"model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None},
-               run_dir / "adapter.pt")
+               adapter_bytes)
     record = {
         "task": config.task, "variant": config.variant, "head": config.head, "seed": config.seed,
         "backbone": train_fs.spec.backbone, "weights": train_fs.spec.weights_id, "dataset": tspec.dataset,
@@ -313,8 +319,10 @@ def train_probe(
     meta = {**record, "history": history, "info": info.to_dict(), "out_size": list(out_size),
             "train_features": str(features), "eval_features": str(eval_features),
             "layers": list(train_fs.spec.layer_names)}
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
-    result_path = append_result(out_root, record)
+    write_run_files(run_dir, {"adapter.pt": adapter_bytes.getvalue(),
+                              "meta.json": json.dumps(meta, indent=2, default=float).encode()},
+                    storage_options=storage_options)
+    result_path = append_result(out_root, record, storage_options=storage_options)
     return ProbeResult(record=record, run_dir=str(run_dir), result_path=result_path)
 
 
@@ -322,3 +330,9 @@ def _safe(text: str) -> str:
     from store._layout import safe_name
 
     return safe_name(text)
+
+
+def _join(root: str, *parts: str) -> str:
+    from store._layout import join
+
+    return join(root, *parts)

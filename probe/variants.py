@@ -8,10 +8,11 @@ the paper's learnable-parameter count next to this implementation's ``base`` and
 What could not be matched (documented in the table's footnotes):
 
 * SAM2 Hiera-B+ (1024 px, 64×64 features): the paper's 0.115 M fits 256 channels — the output of SAM2's FPN
-  neck (``d_model = 256``, stride 16). timm's ``sam2_hiera_base_plus`` is the bare trunk (448 channels at
-  stride 16 / 64×64, 896 at stride 32 / 32×32) and has no neck; the registry's ``sam2_hiera_bplus`` stores
-  the 448-channel stride-16 stage, for which paper-budget gives 0.151 M (ratio 1.32 for one-channel tasks,
-  1.13 for COCO-Stuff). The table shows both: the paper row with 256 channels, and an extra row with 448.
+  neck (``d_model = 256``, stride 16), which the registry's ``sam2_hiera_bplus`` stores (timm's Hiera-B+
+  trunk + :mod:`extract.sam2_neck`, weights from the official SAM2 checkpoint). timm's
+  ``sam2_hiera_base_plus`` alone is the bare trunk (448 channels at stride 16 / 64×64, 896 at stride 32 /
+  32×32); ``sam2_hiera_bplus_trunk`` stores its 448-channel stride-16 stage, for which paper-budget gives
+  0.151 M (ratio 1.32 for one-channel tasks, 1.13 for COCO-Stuff): the table shows it as an extra row.
 * ConvNeXt (2 layers): one ψ per layer, so the layer-independent part of ψ is counted twice (+1.6 %).
 * The tables' per-channel slope is ~195 (least squares over all rows); paper-budget has 194.
 """
@@ -75,9 +76,10 @@ PAPER_BACKBONES: dict[str, tuple[tuple[int, ...], tuple[tuple[int, int], ...], s
     "ConvNeXt (2 layers)": ((768, 1536), ((20, 20), (10, 10)), "ConvNeXt-L stages 3+4"),
     "Phi-3.5V": ((1024,), ((24, 24),), "CLIP ViT-L/14"),
 }
-# Extra rows (not in the paper): what the registry's ``sam2_hiera_bplus`` store (timm's Hiera trunk, stage
-# at stride 16: 448 channels on 64x64 at 1024 px) gives; compared with the paper's SAM2 row; does not match.
-EXTRA_BACKBONES = {"SAM V2 B+ (timm trunk 448ch)": ((448,), ((64, 64),), "timm sam2_hiera_base_plus stride 16")}
+# Extra rows (not in the paper): what the registry's ``sam2_hiera_bplus_trunk`` stores (timm's Hiera trunk,
+# stage at stride 16: 448 channels on 64x64 at 1024 px, no neck); compared with the paper's SAM2 row; does
+# not match. ``sam2_hiera_bplus`` (trunk + SAM2's FPN neck, 256 @ 64x64) is the paper row itself.
+EXTRA_BACKBONES = {"SAM V2 B+ (timm trunk 448ch)": ((448,), ((64, 64),), "sam2_hiera_bplus_trunk: timm trunk stride 16")}
 
 # task column → (D_out, D_CNN or None for max(D/4, D_out))
 TASK_OUTPUTS: dict[str, tuple[int, int | None]] = {
@@ -137,7 +139,8 @@ def parameter_table(path: Path | str | None = None, file: TextIO | None = sys.st
                 file=file,
             )
         print("ratio = paper-budget / paper. Paper counts are rounded to 1e-3 M.", file=file)
-        print("SAM V2 B+ uses 256 channels (SAM2's FPN neck); timm's trunk (448 @ 64²) cannot match.", file=file)
+        print("SAM V2 B+: 256 channels, SAM2's FPN neck (registry sam2_hiera_bplus); the trunk alone "
+              "(sam2_hiera_bplus_trunk, 448 @ 64²) cannot match.", file=file)
     return rows
 
 

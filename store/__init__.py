@@ -4,18 +4,20 @@ Nothing in this package imports torch or timm; the writer and reader are the onl
 the layout.
 """
 
-from store.catalogue import feature_store_path, list_stores, store_summary, target_store_path
+from store.catalogue import feature_store_path, list_stores, store_root_of, store_summary, target_store_path
 from store.errors import MaxaError, StoreError, StoreMismatchError
+from store.lease import LeaseInfo, read_lease
 from store.reader import FeatureStore, TargetStore, check_aligned, open_features, open_store, open_targets
 from store.spec import FORMAT_VERSION, FeatureSpec, LayerSpec, TargetSpec, content_key
 from store.verify import VerifyReport, verify_store
-from store.writer import ArrayDef, StoreWriter
+from store.writer import ArrayDef, StoreWriter, remove_store
 
 __all__ = [
     "FORMAT_VERSION",
     "ArrayDef",
     "FeatureSpec",
     "FeatureStore",
+    "LeaseInfo",
     "LayerSpec",
     "MaxaError",
     "StoreError",
@@ -31,6 +33,9 @@ __all__ = [
     "open_features",
     "open_store",
     "open_targets",
+    "read_lease",
+    "remove_store",
+    "store_root_of",
     "store_summary",
     "target_store_path",
     "verify_store",

@@ -5,7 +5,9 @@
 <root>/targets/<dataset>-<split>-<H>x<W>-<key>.zarr
 ```
 The key in the name makes the path a function of the spec: asking twice for the same extraction
-finds the same store.
+finds the same store (and, through the store's lease, two people asking at once share one
+writer). A root is a local folder or an fsspec URL (``s3://bucket/prefix``); every function takes
+``storage_options`` for URLs. Local roots are walked with ``os`` as before.
 """
 
 from __future__ import annotations
@@ -27,16 +29,18 @@ __all__ = [
     "find_eval_features",
 ]
 
+SO = dict[str, Any] | None
+
 
 def feature_store_path(root: str | Path, spec: FeatureSpec) -> str:
     name = f"{L.safe_name(spec.dataset)}-{L.safe_name(spec.split)}-{spec.key}.zarr"
-    return str(Path(root) / "features" / L.safe_name(spec.backbone) / name)
+    return L.join(root, "features", L.safe_name(spec.backbone), name)
 
 
 def target_store_path(root: str | Path, spec: TargetSpec) -> str:
     h, w = spec.size
     name = f"{L.safe_name(spec.dataset)}-{L.safe_name(spec.split)}-{h}x{w}-{spec.key}.zarr"
-    return str(Path(root) / "targets" / name)
+    return L.join(root, "targets", name)
 
 
 def _du(path: str) -> int:
@@ -50,7 +54,8 @@ def _du(path: str) -> int:
     return total
 
 
-def store_summary(path: str, meta: dict[str, Any], *, with_size: bool = True) -> dict[str, Any]:
+def store_summary(path: str, meta: dict[str, Any], *, with_size: bool = True,
+                  storage_options: SO = None) -> dict[str, Any]:
     """One row describing a store, from its attributes (no array reads)."""
     spec = meta.get("spec", {})
     row: dict[str, Any] = {
@@ -74,14 +79,20 @@ def store_summary(path: str, meta: dict[str, Any], *, with_size: bool = True) ->
         row["weights"] = "-"
         row["input_size"] = spec.get("size")
         row["grid"] = ", ".join(spec.get("kinds", []))
-    if with_size and not L.is_remote(path):
-        row["bytes"] = _du(path)
+    if with_size:
+        if L.is_remote(path):
+            fs, p = L.fs_path(path, storage_options)
+            row["bytes"] = int(fs.du(p, total=True))
+        else:
+            row["bytes"] = _du(path)
     return row
 
 
-def list_stores(root: str | Path, *, with_size: bool = True) -> list[dict[str, Any]]:
+def list_stores(root: str | Path, *, with_size: bool = True, storage_options: SO = None) -> list[dict[str, Any]]:
     """Every maxa store under ``root`` (depth-first, not descending into stores)."""
     root = str(root)
+    if L.is_remote(root):
+        return _list_remote(root, with_size, storage_options)
     rows: list[dict[str, Any]] = []
     if not os.path.isdir(root):
         return rows
@@ -100,28 +111,57 @@ def list_stores(root: str | Path, *, with_size: bool = True) -> list[dict[str, A
     return rows
 
 
-def store_root_of(path: str | Path) -> str:
+def _list_remote(root: str, with_size: bool, storage_options: SO) -> list[dict[str, Any]]:
+    fs, top = L.fs_path(root, storage_options)
+    fs.invalidate_cache(top)
+    rows: list[dict[str, Any]] = []
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = fs.ls(d, detail=True)
+        except FileNotFoundError:
+            continue
+        subdirs = sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory")
+        later = []
+        for sub in subdirs:
+            name = sub.rsplit("/", 1)[-1]
+            if name.endswith(".zarr"):
+                url = fs.unstrip_protocol(sub)
+                meta = L.read_attrs(url, storage_options)
+                if meta is not None:
+                    rows.append(store_summary(url, meta, with_size=with_size, storage_options=storage_options))
+            elif not name.startswith("."):
+                later.append(sub)
+        stack.extend(reversed(later))  # depth-first, in name order like the local walk
+    return rows
+
+
+def store_root_of(path: str | Path, storage_options: SO = None) -> str:
     """The store root holding the store at ``path`` (``<root>/features/<backbone>/<name>.zarr`` or
     ``<root>/targets/<name>.zarr``)."""
-    p = Path(path)
-    meta = L.read_attrs(p)
+    meta = L.read_attrs(path, storage_options)
     kind = meta.get("kind") if meta else None
-    return str(p.parents[2] if kind == "features" else p.parents[1])
+    return L.parent(path, 3 if kind == "features" else 2)
 
 
 def find_target_store(root: str | Path, spec: FeatureSpec | dict[str, Any],
-                      size: tuple[int, int] | None = None) -> str | None:
+                      size: tuple[int, int] | None = None, storage_options: SO = None) -> str | None:
     """The complete target store under ``root`` that indexes the same images as a feature store.
 
     Args:
         root: store root.
         spec: the feature store's spec (or its dict).
         size: output resolution; ``None`` takes 224 × 224 if present, else any.
+        storage_options: fsspec options for a URL root.
     """
     spec = spec.to_dict() if isinstance(spec, FeatureSpec) else spec
     found = []
-    for row in list_stores(Path(root) / "targets", with_size=False) if (Path(root) / "targets").is_dir() else []:
-        meta = L.read_attrs(row["path"]) or {}
+    targets_dir = L.join(root, "targets")
+    rows = list_stores(targets_dir, with_size=False, storage_options=storage_options) \
+        if L.isdir(targets_dir, storage_options) else []
+    for row in rows:
+        meta = L.read_attrs(row["path"], storage_options) or {}
         t = meta.get("spec", {})
         if (row["complete"] and t.get("dataset") == spec["dataset"] and t.get("split") == spec["split"]
                 and t.get("image_ids_hash") == spec["image_ids_hash"]):
@@ -132,17 +172,18 @@ def find_target_store(root: str | Path, spec: FeatureSpec | dict[str, Any],
     return found[0][1] if found else None
 
 
-def find_eval_features(root: str | Path, spec: FeatureSpec, splits: tuple[str, ...] = ("val", "test")) -> str | None:
+def find_eval_features(root: str | Path, spec: FeatureSpec, splits: tuple[str, ...] = ("val", "test"),
+                       storage_options: SO = None) -> str | None:
     """A complete feature store of the same backbone, weights, layers and dataset on an eval split."""
-    backbone_dir = Path(root) / "features" / L.safe_name(spec.backbone)
-    if not backbone_dir.is_dir():
+    backbone_dir = L.join(root, "features", L.safe_name(spec.backbone))
+    if not L.isdir(backbone_dir, storage_options):
         return None
     # dataset options may legitimately differ per split (e.g. shapes' num_images): prefer equal ones
     same = ("backbone", "timm_name", "weights_id", "input_size", "mean", "std", "interpolation", "dataset")
     mine = spec.identity()
     candidates = []
-    for row in list_stores(backbone_dir, with_size=False):
-        meta = L.read_attrs(row["path"]) or {}
+    for row in list_stores(backbone_dir, with_size=False, storage_options=storage_options):
+        meta = L.read_attrs(row["path"], storage_options) or {}
         other = FeatureSpec.from_dict(meta.get("spec", {})).identity() if meta.get("spec") else {}
         if (row["complete"] and other and all(other.get(k) == mine.get(k) for k in same)
                 and other.get("layers") == mine.get("layers") and other["split"] in splits

@@ -1,7 +1,8 @@
 """Read feature and target stores: ``open_features(path)`` and ``open_targets(path)``.
 
 Only this module and the writer know the layout. Readers refuse incomplete stores unless asked
-(``allow_incomplete=True``). Batched reads go through zarr's async API with one request per image,
+(``allow_incomplete=True``). A path may be a URL (``s3://bucket/root/features/…zarr``) with fsspec
+``storage_options``; reading never writes anything under the store root. Batched reads go through zarr's async API with one request per image,
 gathered concurrently: ``oindex`` on sharded arrays is an order of magnitude slower
 (TECH_NOTES "Batch reads").
 """
@@ -26,9 +27,11 @@ __all__ = ["FeatureStore", "TargetStore", "open_features", "open_targets", "open
 class _Store:
     kind = ""
 
-    def __init__(self, path: str | Path, *, allow_incomplete: bool = False) -> None:
+    def __init__(self, path: str | Path, *, allow_incomplete: bool = False,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.path = str(path)
-        meta = L.read_attrs(self.path)
+        self.storage_options = dict(storage_options) if storage_options else None
+        meta = L.read_attrs(self.path, self.storage_options)
         if meta is None:
             if not L.is_remote(self.path) and not Path(self.path).exists():
                 raise StoreError(f"no store at {self.path}; list stores with `maxa stores ls ROOT`.")
@@ -40,7 +43,7 @@ class _Store:
                 f"{self.path} is incomplete (extraction interrupted?); re-run the same `maxa extract` to finish it."
             )
         self.meta = meta
-        self.group = L.open_group(self.path, "r")
+        self.group = L.open_group(self.path, "r", self.storage_options)
 
     @property
     def key(self) -> str:
@@ -99,9 +102,10 @@ class _Store:
             yield start, np.asarray(arr[start : start + step])
 
     def nbytes_stored(self) -> int:
-        """Bytes on disk (local stores)."""
+        """Bytes stored (local disk or object storage)."""
         if L.is_remote(self.path):
-            return -1
+            fs, p = L.fs_path(self.path, self.storage_options)
+            return int(fs.du(p, total=True))
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
 
 
@@ -189,22 +193,25 @@ class TargetStore(_Store):
         return np.concatenate([[0], np.cumsum(counts)[:-1]])
 
 
-def open_features(path: str | Path, *, allow_incomplete: bool = False) -> FeatureStore:
+def open_features(path: str | Path, *, allow_incomplete: bool = False,
+                  storage_options: dict[str, Any] | None = None) -> FeatureStore:
     """Open a feature store for reading (refuses incomplete stores unless asked)."""
-    return FeatureStore(path, allow_incomplete=allow_incomplete)
+    return FeatureStore(path, allow_incomplete=allow_incomplete, storage_options=storage_options)
 
 
-def open_targets(path: str | Path, *, allow_incomplete: bool = False) -> TargetStore:
+def open_targets(path: str | Path, *, allow_incomplete: bool = False,
+                 storage_options: dict[str, Any] | None = None) -> TargetStore:
     """Open a target store for reading (refuses incomplete stores unless asked)."""
-    return TargetStore(path, allow_incomplete=allow_incomplete)
+    return TargetStore(path, allow_incomplete=allow_incomplete, storage_options=storage_options)
 
 
-def open_store(path: str | Path, *, allow_incomplete: bool = True) -> FeatureStore | TargetStore:
+def open_store(path: str | Path, *, allow_incomplete: bool = True,
+               storage_options: dict[str, Any] | None = None) -> FeatureStore | TargetStore:
     """Open a store of either kind."""
-    meta = L.read_attrs(path)
+    meta = L.read_attrs(path, storage_options)
     if meta is not None and meta.get("kind") == "targets":
-        return TargetStore(path, allow_incomplete=allow_incomplete)
-    return FeatureStore(path, allow_incomplete=allow_incomplete)
+        return TargetStore(path, allow_incomplete=allow_incomplete, storage_options=storage_options)
+    return FeatureStore(path, allow_incomplete=allow_incomplete, storage_options=storage_options)
 
 
 def check_aligned(features: FeatureStore, targets: TargetStore) -> None:

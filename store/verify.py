@@ -38,18 +38,20 @@ class VerifyReport:
         return {**self.__dict__, "ok": self.ok}
 
 
-def verify_store(path: str | Path, progress: Any = None) -> VerifyReport:
+def verify_store(path: str | Path, progress: Any = None, *,
+                 storage_options: dict[str, Any] | None = None) -> VerifyReport:
     """Read every chunk of every array of the store at ``path``.
 
     Args:
         path: the store.
         progress: optional callable ``progress(done, total)`` called per shard read.
+        storage_options: fsspec options for a URL ``path``.
     """
     path = str(path)
-    meta = L.read_attrs(path)
+    meta = L.read_attrs(path, storage_options)
     if meta is None:
         raise StoreError(f"{path} is not a maxa store.")
-    group = L.open_group(path, "r")
+    group = L.open_group(path, "r", storage_options)
     n, s = int(meta["num_images"]), int(meta["shard_size"])
     num_shards = int(meta["num_shards"])
     report = VerifyReport(path=path, kind=meta.get("kind", "?"), complete=bool(meta.get("complete")),
@@ -83,7 +85,7 @@ def verify_store(path: str | Path, progress: Any = None) -> VerifyReport:
             step += 1
             if progress is not None:
                 progress(step, total)
-    if Path(path).exists():
+    if not L.is_remote(path) and Path(path).exists():
         partial = list(Path(path).rglob("*.partial"))
         if partial and report.complete:
             report.problems.append(f"{len(partial)} orphan *.partial file(s) (harmless; re-run extract to clean)")

@@ -3,8 +3,17 @@
 The writer is crash-safe by construction (DESIGN contract 5, TECH_NOTES "Zarr 3 feature arrays"):
 a shard is assigned whole (no read-modify-write), then its flag in ``shard_done`` is set; a run
 killed at any point leaves flags only for shards that are fully on disk, and a re-run writes the
-rest. The group is created in a temporary directory and renamed into place, so a reader never
-sees a half-created store; the store is marked complete only when every shard is flagged.
+rest. The store is marked complete only when every shard is flagged.
+
+Creation: on a local disk the group is built in a temporary directory and renamed into place, so
+a reader never sees a half-created store. On object storage (``s3://…``, no atomic rename) the
+arrays are created first and the ``maxa`` attributes (the mark readers look for) are written
+last; until then the path is "not a maxa store", never a half-made one.
+
+One writer at a time: :meth:`StoreWriter.open` takes the store's lease (``store.lease``). A second
+writer of the same store waits while the first is alive, then reuses the complete store, or takes
+over a stale lease and writes only the missing shards. Release it with :meth:`StoreWriter.close`
+(or use the writer as a context manager); :meth:`StoreWriter.finalize` releases it too.
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ import zarr
 
 from store import _layout as L
 from store.errors import StoreError
+from store.lease import StoreLease, acquire_lease, lease_path, read_lease
 
-__all__ = ["ArrayDef", "StoreWriter"]
+__all__ = ["ArrayDef", "StoreWriter", "remove_store"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,10 @@ class StoreWriter:
         shard_size: images per shard.
         compression: ``"none"`` or ``"zstd"``.
         provenance: tool/library versions, host, date, command.
+        storage_options: fsspec options for a URL ``path`` (endpoint, credentials, ...).
+        wait_timeout: seconds to wait for another live writer of the same store (``None``: as
+            long as its lease is live; ``$MAXA_LEASE_WAIT_S``).
+        log: where "waiting for ..." messages go (default: stderr).
     """
 
     def __init__(
@@ -75,6 +89,9 @@ class StoreWriter:
         shard_size: int,
         compression: str = "none",
         provenance: dict[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        wait_timeout: float | None = None,
+        log: Any = None,
     ) -> None:
         if not image_ids:
             raise StoreError(f"refusing to create an empty store at {path}: the dataset split has no images.")
@@ -91,29 +108,79 @@ class StoreWriter:
         self.num_shards = -(-self.num_images // self.shard_size)
         self.compression = compression
         self.provenance = provenance or {}
+        self.storage_options = dict(storage_options) if storage_options else None
+        self.wait_timeout = wait_timeout
+        self.log = log
         self._group: zarr.Group | None = None
+        self._lease: StoreLease | None = None
         self.complete = False
 
     # -- creation -------------------------------------------------------------------------------
     def open(self) -> "StoreWriter":
-        """Create the store, or open an existing one with the same key to resume or reuse it."""
-        meta = L.read_attrs(self.path)
-        if meta is None:
-            if L.is_remote(self.path):
-                raise StoreError(f"creating stores on {self.path} is not supported yet; use a local store root.")
-            if os.path.exists(self.path):
-                raise StoreError(
-                    f"{self.path} exists but is not a maxa store; remove it or choose another --store-root."
-                )
-            self._create_atomically()
-            meta = L.read_attrs(self.path)
+        """Create the store, or open an existing one with the same key to resume or reuse it.
+
+        A complete store is opened read-only, with no lease (so this works on a read-only root).
+        Otherwise the store's lease is taken first, waiting while another live writer holds it.
+        """
+        meta = L.read_attrs(self.path, self.storage_options)
+        if meta is not None:
+            self._check_same(meta)
+            if meta.get("complete"):
+                return self._adopt(meta, "r")
+
+        def done() -> bool:
+            m = L.read_attrs(self.path, self.storage_options)
+            return bool(m and m.get("complete") and m.get("key") == self.key and m.get("kind") == self.kind)
+
+        self._lease = acquire_lease(self.path, self.storage_options, is_done=done,
+                                    wait_timeout=self.wait_timeout, log=self.log)
+        if self._lease is None:  # another writer finished it while we waited
+            meta = L.read_attrs(self.path, self.storage_options)
             assert meta is not None
-        self._check_same(meta)
+            self._check_same(meta)
+            return self._adopt(meta, "r")
+        try:
+            meta = L.read_attrs(self.path, self.storage_options)
+            if meta is None:
+                if L.is_remote(self.path):
+                    self._create_remote()
+                else:
+                    if os.path.exists(self.path):
+                        raise StoreError(
+                            f"{self.path} exists but is not a maxa store; remove it or choose another --store-root."
+                        )
+                    self._create_atomically()
+                meta = L.read_attrs(self.path, self.storage_options)
+                assert meta is not None
+            self._check_same(meta)
+            self._adopt(meta, "r+")
+            if self.complete:
+                self.close()
+            else:
+                self._lease.start_heartbeat()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _adopt(self, meta: dict[str, Any], mode: str) -> "StoreWriter":
         self.shard_size = int(meta["shard_size"])
         self.num_shards = int(meta["num_shards"])
         self.complete = bool(meta.get("complete"))
-        self._group = L.open_group(self.path, "r+")
+        self._group = L.open_group(self.path, mode, self.storage_options)
         return self
+
+    def close(self) -> None:
+        """Release the lease (idempotent); a store left incomplete is resumed by the next writer."""
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _check_same(self, meta: dict[str, Any]) -> None:
         if meta.get("kind") != self.kind or meta.get("key") != self.key:
@@ -126,7 +193,28 @@ class StoreWriter:
         parent = Path(self.path).parent
         parent.mkdir(parents=True, exist_ok=True)
         tmp = parent / f".{Path(self.path).name}.creating-{uuid.uuid4().hex[:8]}"
-        group = zarr.open_group(str(tmp), mode="w-")
+        self._populate(zarr.open_group(str(tmp), mode="w-"))
+        try:
+            os.rename(tmp, self.path)
+        except OSError:  # another writer created the same store first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            if L.read_attrs(self.path) is None:
+                raise
+
+    def _create_remote(self) -> None:
+        """Object storage: arrays first, the ``maxa`` attributes last (under the lease)."""
+        if L.exists(self.path, self.storage_options):
+            if not (self._lease is not None and self._lease.took_over):
+                raise StoreError(
+                    f"{self.path} exists but is not a maxa store; remove it or choose another --store-root."
+                )
+            mode = "w"  # leftovers of a creator that died before its attributes: start again
+        else:
+            mode = "w-"
+        self._populate(L.open_group(self.path, mode, self.storage_options))
+
+    def _populate(self, group: zarr.Group) -> None:
+        """Create every array, then write the ``maxa`` attributes (the mark readers look for) last."""
         n, s = self.num_images, self.shard_size
         for a in self.arrays:
             per_image = tuple(int(v) for v in a.shape)
@@ -160,12 +248,6 @@ class StoreWriter:
             "complete": False,
             "created": _now(),
         }
-        try:
-            os.rename(tmp, self.path)
-        except OSError:  # another writer created the same store first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-            if L.read_attrs(self.path) is None:
-                raise
 
     # -- shards ---------------------------------------------------------------------------------
     @property
@@ -202,6 +284,11 @@ class StoreWriter:
         if bad is not None and np.any(bad):
             self.group[L.BAD][start:stop] = np.asarray(bad, dtype="uint8")
         self.group[L.SHARD_DONE][shard] = 1  # only after every array of the shard is on disk
+        if self._lease is not None:
+            try:
+                self._lease.refresh()
+            except Exception:  # noqa: BLE001 - the heartbeat thread tries again
+                pass
 
     def finalize(self, **extra: Any) -> None:
         """Mark the store complete, after checking that every shard is flagged done."""
@@ -215,6 +302,7 @@ class StoreWriter:
         meta["num_bad"] = int(np.count_nonzero(self.group[L.BAD][:]))
         self.group.attrs[L.ATTR] = meta
         self.complete = True
+        self.close()
         _clean_partials(self.path)
 
 
@@ -233,3 +321,43 @@ def _clean_partials(path: str) -> None:
                     os.remove(os.path.join(dirpath, f))
                 except OSError:
                     pass
+
+
+def remove_store(path: str | Path, *, force: bool = False, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the store at ``path`` safely.
+
+    Refuses a path that is not a maxa store, and a store whose lease is live (someone is writing
+    it) unless ``force``. The completion mark goes first (a concurrent reader then sees an
+    incomplete store, never a half-deleted "complete" one), then the data, then the lease.
+    """
+    path = str(path).rstrip("/") if L.is_remote(path) else str(path)
+    meta = check_removable(path, force=force, storage_options=storage_options)
+    group = L.open_group(path, "r+", storage_options)
+    group.attrs[L.ATTR] = {**meta, "complete": False, "removing": _now()}
+    if L.is_remote(path):
+        fs, p = L.fs_path(path, storage_options)
+        fs.rm(p, recursive=True)
+        fs.invalidate_cache(p)
+    else:
+        gone = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.removing-{uuid.uuid4().hex[:8]}")
+        os.rename(path, gone)  # the store vanishes at once; the bytes go next
+        shutil.rmtree(gone)
+    from store.lease import _Backend
+
+    b = _Backend(lease_path(path), storage_options)
+    for p in [b.path, *b.takeover_markers(b.path)]:
+        b.delete(p)
+
+
+def check_removable(path: str, *, force: bool = False, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The store's attributes if :func:`remove_store` may delete it; else a one-line :class:`StoreError`."""
+    meta = L.read_attrs(path, storage_options)
+    if meta is None:
+        raise StoreError(f"{path} is not a maxa store (no 'maxa' attributes in its zarr.json); refusing to remove it.")
+    lease = read_lease(path, storage_options)
+    if lease is not None and not force:
+        from store.lease import DEFAULT_STALE_AFTER, _env_float
+
+        if lease.stale_reason(_env_float("MAXA_LEASE_STALE_S", DEFAULT_STALE_AFTER)) is None:
+            raise StoreError(f"{path} is being written by {lease.describe()}; wait for it, or pass --force.")
+    return meta
