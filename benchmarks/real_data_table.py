@@ -38,6 +38,8 @@ SHOW = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="timm:vit_small_patch16_224")
+    p.add_argument("--layers", default=None, help="comma-separated layer indices (e.g. 2 for a ResNet's stride-8 stage)")
+    p.add_argument("--tasks", default=None, help="only these tasks (comma-separated)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--store-root", default=None)
@@ -45,14 +47,19 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "real_data_table.json"))
     args = p.parse_args()
     root = args.store_root or tempfile.mkdtemp(prefix="maxa-real-")
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    only = set(args.tasks.split(",")) if args.tasks else None
     rows = []
     for dataset, data_root, options, tasks in JOBS:
         paths = {}
         for split in ("train", "val"):
             job = run_extract(backbone=args.backbone, dataset=dataset, root=data_root, split=split, store_root=root,
-                              weights="random", device="cpu", dataset_options=options, show_progress=False)
+                              weights="random", layers=layers, device="cpu", dataset_options=options,
+                              show_progress=False)
             paths[split] = job.features.path
         for task in tasks:
+            if only and task not in only:
+                continue
             t0 = time.perf_counter()
             opts = {"min_large": args.min_large} if task == "instances" else {}
             r = train_probe(paths["train"], ProbeConfig(task=task, max_epochs=args.epochs, patience=args.patience,
@@ -65,7 +72,8 @@ def main() -> None:
                              "higher_is_better": higher, "maxa": ours, "trivial": trivial, "beats_trivial": better,
                              "epochs": r.record["epochs"], "eval_images": r.metrics.get("n_eval_images", r.record["eval_images"]),
                              "seconds": time.perf_counter() - t0})
-            print(json.dumps(rows[-1]), flush=True)
+            for row in rows[-len(SHOW[task]):]:
+                print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     print("\n| backbone (random init) | data | task | metric | MAXA | trivial | beats trivial |")

@@ -27,11 +27,12 @@ from extract.progress import ProgressReporter
 from extract.provenance import provenance
 from store import _layout as L
 from store.catalogue import feature_store_path
-from store.errors import BadImageError, MaxaError
+from store.errors import BadImageError, MaxaError, StoreError
 from store.spec import FeatureSpec, LayerSpec
 from store.writer import ArrayDef, StoreWriter
 
-__all__ = ["ExtractResult", "extract_features", "feature_spec_for", "default_shard_size", "resolve_device"]
+__all__ = ["ExtractResult", "extract_features", "feature_spec_for", "default_shard_size", "resolve_device",
+           "open_feature_store", "finalize_feature_store"]
 
 FP16_MAX = 65504.0
 #: Target bytes per shard: big enough for efficient I/O, small enough to buffer (TECH_NOTES).
@@ -108,6 +109,9 @@ def extract_features(
     on_shard: Callable[[int], None] | None = None,
     storage_options: dict[str, Any] | None = None,
     wait_timeout: float | None = None,
+    shards: list[int] | None = None,
+    finalize: bool = True,
+    coordinated: bool = False,
 ) -> ExtractResult:
     """Extract ``backbone`` features of ``reader``'s images into a store under ``store_root``.
 
@@ -134,6 +138,14 @@ def extract_features(
         storage_options: fsspec options for a URL ``store_root`` (endpoint, key, secret, ...).
         wait_timeout: seconds to wait for another live writer of the same store (default: while
             its lease is live).
+        shards: write only these shard indices (those already flagged done are skipped); default:
+            every missing shard.
+        finalize: mark the store complete once no shard is missing (default). ``False`` leaves
+            that to a coordinator (:func:`finalize_feature_store`).
+        coordinated: run as a shard worker under a coordinator that created the store and holds
+            its lease (:func:`open_feature_store`): the store must exist; it is opened for writing
+            without claiming the lease (so the worker never waits on its coordinator), only
+            ``shards`` are written, and the store is never finalized here.
     """
     dev = resolve_device(device)
     if isinstance(backbone, LoadedBackbone):
@@ -145,29 +157,97 @@ def extract_features(
         raise MaxaError(f"dataset {reader.name!r} split {reader.split!r} has no images to extract.")
     spec = feature_spec_for(model, reader, image_ids)
     path = feature_store_path(store_root, spec)
+    writer = _feature_writer(spec, path, image_ids, shard_size=shard_size, compression=compression,
+                             device=str(dev), batch_size=batch_size, storage_options=storage_options,
+                             wait_timeout=wait_timeout)
+    if coordinated:
+        _attach(writer)
+    else:
+        writer.open()
+    if writer.complete:
+        return ExtractResult(path=path, spec=spec, reused=True)
+    missing = writer.missing_shards()
+    if shards is not None:
+        wanted = {int(s) for s in shards}
+        bad = sorted(s for s in wanted if not 0 <= s < writer.num_shards)
+        if bad:
+            writer.close()
+            raise ValueError(f"{path} has shards 0..{writer.num_shards - 1}; asked for {bad}")
+        missing = [s for s in missing if s in wanted]
+    result = ExtractResult(path=path, spec=spec, reused=False)
+    start_time = time.perf_counter()
+    with writer:  # releases the store's lease however this ends (a coordinated writer holds none)
+        if missing:
+            _run_shards(model, reader, writer, missing, spec, dev, batch_size, num_workers, skip_bad,
+                        show_progress, on_shard, result)
+        if finalize and not coordinated and not writer.missing_shards():
+            writer.finalize(bad_images=result.bad_images, clipped_values=result.clipped_values)
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+def _feature_writer(spec: FeatureSpec, path: str, image_ids: list[str], *, shard_size: int | None,
+                    compression: str, device: str, batch_size: int, storage_options: dict[str, Any] | None,
+                    wait_timeout: float | None) -> StoreWriter:
     arrays = [
         ArrayDef(f"{L.FEATURES}/{l.name}", (*l.grid, l.channels), "float16", ("y", "x", "c"),
                  attrs={"token_centres": [list(map(list, row)) for row in l.token_centres]})
         for l in spec.layers
     ]
-    writer = StoreWriter(
+    return StoreWriter(
         path, kind="features", key=spec.key, spec=spec.to_dict(), arrays=arrays, image_ids=image_ids,
         shard_size=shard_size or default_shard_size(spec.layers), compression=compression,
-        provenance=provenance(device=str(dev), batch_size=batch_size),
+        provenance=provenance(device=device, batch_size=batch_size),
         storage_options=storage_options, wait_timeout=wait_timeout,
-    ).open()
-    if writer.complete:
-        return ExtractResult(path=path, spec=spec, reused=True)
-    missing = writer.missing_shards()
-    result = ExtractResult(path=path, spec=spec, reused=False)
-    start_time = time.perf_counter()
-    with writer:  # releases the store's lease however this ends
-        if missing:
-            _run_shards(model, reader, writer, missing, spec, dev, batch_size, num_workers, skip_bad,
-                        show_progress, on_shard, result)
-        writer.finalize(bad_images=result.bad_images, clipped_values=result.clipped_values)
-    result.seconds = time.perf_counter() - start_time
-    return result
+    )
+
+
+def _attach(writer: StoreWriter) -> StoreWriter:
+    """Open an existing store for writing shards without claiming its lease (a coordinator holds it)."""
+    meta = L.read_attrs(writer.path, writer.storage_options)
+    if meta is None:
+        raise StoreError(f"{writer.path} does not exist: a coordinated shard worker writes only into a store its "
+                         "coordinator created (open_feature_store).")
+    writer._check_same(meta)
+    writer._adopt(meta, "r" if meta.get("complete") else "r+")
+    return writer
+
+
+def open_feature_store(
+    backbone: LoadedBackbone,
+    reader: DatasetReader,
+    store_root: str,
+    *,
+    limit: int | None = None,
+    shard_size: int | None = None,
+    compression: str = "none",
+    device: str = "auto",
+    batch_size: int = 32,
+    storage_options: dict[str, Any] | None = None,
+    wait_timeout: float | None = None,
+) -> StoreWriter:
+    """The coordinator's side of a distributed extraction: create (or find) the store and hold its lease.
+
+    ``backbone`` only needs its geometry and weights id (its model may be ``None``): the spec, and so
+    the store's key and path, do not depend on the weights' values. Shard workers then call
+    :func:`extract_features` with ``coordinated=True`` and their ``shards``; the coordinator ends
+    with :func:`finalize_feature_store` (or ``writer.close()`` to leave the store for a re-run).
+    A complete store comes back with ``writer.complete`` set and no lease held.
+    """
+    image_ids = list(reader.image_ids[:limit] if limit is not None else reader.image_ids)
+    if not image_ids:
+        raise MaxaError(f"dataset {reader.name!r} split {reader.split!r} has no images to extract.")
+    spec = feature_spec_for(backbone, reader, image_ids)
+    writer = _feature_writer(spec, feature_store_path(store_root, spec), image_ids, shard_size=shard_size,
+                             compression=compression, device=device, batch_size=batch_size,
+                             storage_options=storage_options, wait_timeout=wait_timeout)
+    return writer.open()
+
+
+def finalize_feature_store(writer: StoreWriter, *, bad_images: list[str] | None = None,
+                           clipped_values: int = 0) -> None:
+    """Mark a coordinated store complete (every shard must be flagged done) and release its lease."""
+    writer.finalize(bad_images=list(bad_images or []), clipped_values=int(clipped_values))
 
 
 def _batches(writer: StoreWriter, shards: list[int], batch_size: int) -> list[list[int]]:

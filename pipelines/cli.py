@@ -569,6 +569,33 @@ def bench_speed(
         err.print(f"wrote {len(paths)} speed record(s) under {store_root / 'results'}", highlight=False)
 
 
+# -- sweep ----------------------------------------------------------------------------------------
+@app.command()
+@clean_errors
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep TOML file (see sweeps/paper.toml, sweeps/smoke.toml).")],
+    store_root: Annotated[str, typer.Option(help="Where stores and results live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="LocalCluster workers (default: one per GPU, else a few CPU workers); 0 runs in this process.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler, e.g. tcp://head:8786.")] = None,
+    data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="NAME=PATH", help="Override a [datasets.NAME] root (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (what would be extracted, probed, skipped) and stop.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Run a sweep file: every store extracted once, then every probe, on dask; finished work is skipped."""
+    from pipelines.sweep import format_plan, plan_from_file, run_sweep
+
+    plan = plan_from_file(sweep_file, store_root, data_roots=data_root, storage_options=_storage_options(storage_option))
+    if dry_run:
+        out.print(format_plan(plan))
+    summary = run_sweep(plan, workers=workers, scheduler=scheduler, dry_run=dry_run, show_progress=progress)
+    out.print(summary.describe(), highlight=False)
+    for line in summary.failure_lines():
+        err.print(f"[bold red]failed:[/] {rich_escape(line)}", soft_wrap=True, highlight=False)
+    if summary.failures and not dry_run:
+        raise typer.Exit(1)
+
+
 # -- quick start ----------------------------------------------------------------------------------
 @app.command()
 @clean_errors

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from store import _layout as L
 
-__all__ = ["RESULTS_DIR", "append_result", "read_results", "result_counts", "write_run_files"]
+__all__ = ["RESULTS_DIR", "append_result", "read_results", "result_counts", "write_run_files", "finished_runs",
+           "run_identity"]
 
 RESULTS_DIR = "results"
 _JSON_FIELDS = ("metrics", "trivial", "config", "timings")
@@ -88,6 +89,19 @@ def result_counts(root: str | Path, *, storage_options: dict[str, Any] | None = 
         for key in {r.get(f) for f in STORE_KEY_FIELDS} - {None, ""}:
             counts[str(key)] += 1
     return dict(counts)
+
+
+def run_identity(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two probe records the same run: train store key, eval store key, task, variant,
+    head, seed (``maxa sweep`` skips a probe whose identity is already in the results table)."""
+    return (record.get("train_store"), record.get("eval_store"), record.get("task"), record.get("variant"),
+            record.get("head"), int(record["seed"]) if record.get("seed") is not None else None)
+
+
+def finished_runs(root: str | Path, *, storage_options: dict[str, Any] | None = None) -> set[tuple[Any, ...]]:
+    """:func:`run_identity` of every finished probe recorded under ``root`` (speed records excluded)."""
+    return {run_identity(r) for r in read_results(root, storage_options=storage_options)
+            if r.get("train_store") and r.get("task") != "speed"}
 
 
 def write_run_files(run_dir: str, files: dict[str, bytes], *, storage_options: dict[str, Any] | None = None) -> None:

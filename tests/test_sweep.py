@@ -1,0 +1,237 @@
+"""``maxa sweep``: validation with line numbers, planning and skipping, dask execution, failures, worker loss."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.sweep import plan_from_file, run_sweep
+from pipelines.sweep_plan import SweepFileError, load_sweep, parse_sweep
+from probe.results import read_results
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "sweeps" / "smoke.toml"
+PAPER = REPO / "sweeps" / "paper.toml"
+
+TINY = """
+name = "tiny"
+[extract]
+device = "cpu"
+batch_size = 4
+shard_size = 4
+num_workers = 0
+target_size = 32
+[probe]
+device = "cpu"
+max_epochs = 1
+batch_size = 8
+[weights]
+test_vit = "random"
+[datasets.shapes]
+train = { split = "train", options = { num_images = 12 } }
+eval = { split = "val", options = { num_images = 6 } }
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def _identity_counts(root: Path) -> Counter:
+    return Counter((r["backbone"], r["dataset"], r["task"], r["variant"], r["head"], r["seed"])
+                   for r in read_results(root))
+
+
+def _expected(plan) -> set:
+    return {(p.spec.backbone, plan.sweep.datasets[p.spec.dataset].reader, p.spec.task, p.spec.variant, p.spec.head,
+             p.spec.seed) for p in plan.probes}
+
+
+# -- validation -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("snippet, line, words", [
+    ('[[experiment]]\nbackbones = ["test_vit", "dinov3_b14"]\ntasks = { shapes = ["depth"] }\n', 2, "unknown backbone 'dinov3_b14'"),
+    ('[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth", "normals"] }\n', 3, "unknown task 'normals'"),
+    ('[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth"] }\nvariants = ["base",\n  "d32"]\n', 5, "unknown variant 'd32'"),
+    ('[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth"] }\nheads = ["dpt"]\n', 4, "unknown head 'dpt'"),
+    ('[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth"] }\nmax_epoch = 3\n', 4, "unknown key 'max_epoch'"),
+    ('[[experiment]]\nbackbones = ["test_vit"]\ntasks = { voc = ["semseg"] }\n', 3, "dataset 'voc'"),
+    ('[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth"] }\n[[experiment]]\nbackbones = ["test_vit"]\n'
+     'tasks = { shapes = ["depth"] }\nvariants = ["d16"]\nheads = ["linear"]\n', 8, "takes variant base only"),
+])
+def test_bad_names_are_rejected_naming_the_line(snippet, line, words):
+    text = TINY + snippet
+    with pytest.raises(SweepFileError) as info:
+        parse_sweep(text, "x.toml")
+    msg = str(info.value)
+    lines = TINY.count("\n")
+    assert f"x.toml line {lines + line}:" in msg and words in msg and "\n" not in msg
+
+
+def test_bad_dataset_table_and_data_root_are_rejected():
+    bad = TINY.replace("[datasets.shapes]", "[datasets.shapes]\nreader = \"shapez\"") + \
+        '[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth"] }\n'
+    with pytest.raises(SweepFileError, match=r"line 16: unknown dataset reader 'shapez'.*did you mean shapes"):
+        parse_sweep(bad, "x.toml")
+    ok = TINY + '[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth"] }\n'
+    with pytest.raises(SweepFileError, match="no \\[datasets.coco\\]"):
+        parse_sweep(ok, "x.toml", ["coco=/data/coco"])
+    with pytest.raises(SweepFileError, match="not valid TOML"):
+        parse_sweep(ok + "oops = [\n", "x.toml")
+
+
+def test_shipped_sweep_files_validate():
+    paper = load_sweep(PAPER, ["coco=/elsewhere/coco"])
+    assert paper.datasets["coco"].train.root == "/elsewhere/coco"
+    backbones = {p.backbone for p in paper.probes if p.experiment == "tables-2-3"}
+    assert len(backbones) == 21
+    ablation = {(p.backbone, p.variant) for p in paper.probes if p.experiment == "table-4-ablation"}
+    assert len(ablation) == 15
+    assert {p.head for p in paper.probes if p.experiment == "fig-3-baselines"} == {"linear", "cnn", "maxa"}
+    smoke = load_sweep(SMOKE)
+    assert {p.backbone for p in smoke.probes} == {"test_vit", "timm:test_convnext"}
+
+
+# -- the smoke sweep on a 2-worker LocalCluster, then a re-run that does nothing ------------------
+@pytest.mark.slow
+def test_smoke_sweep_every_result_once_and_rerun_does_nothing(tmp_path):
+    root = tmp_path / "stores"
+    summary = run_sweep(SMOKE, root, workers=2)
+    assert summary.ok, summary.failure_lines()
+    plan = summary.plan
+    assert summary.extractions == 6 and summary.probes == len(plan.probes) == 28
+    counts = _identity_counts(root)
+    assert set(counts) == _expected(plan) and set(counts.values()) == {1}
+    again = run_sweep(SMOKE, root, workers=2)
+    assert again.ok and again.extractions == 0 and again.probes == 0 and again.shards == 0
+    assert again.skipped == again.planned
+    assert _identity_counts(root) == counts
+
+
+# -- distributed extraction equals a single-process one ---------------------------------------------
+@pytest.mark.slow
+def test_two_worker_extraction_is_bitwise_equal_to_single_process(tmp_path):
+    import torch
+    import zarr
+
+    from extract.datasets import create_dataset
+    from extract.runner import extract_features
+    from store import open_features, verify_store
+
+    sweep = _write(tmp_path, TINY.replace("shard_size = 4", "shard_size = 3") +
+                   '[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth"] }\nheads = ["linear"]\n')
+    summary = run_sweep(sweep, tmp_path / "dist", workers=2)
+    assert summary.ok, summary.failure_lines()
+    assert summary.shards == 4 + 2  # 12 train images / 3, 6 val images / 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each worker
+    try:
+        for split, n in (("train", 12), ("val", 6)):
+            reader = create_dataset("shapes", None, split, num_images=n)
+            ref = extract_features("test_vit", reader, str(tmp_path / "single"), weights="random", device="cpu",
+                                   batch_size=4, shard_size=3, num_workers=0, show_progress=False)
+            job = next(f for f in summary.plan.features.values() if f.split.split == split)
+            assert job.path.replace(str(tmp_path / "dist"), "") == ref.path.replace(str(tmp_path / "single"), "")
+            a, b = open_features(job.path), open_features(ref.path)
+            assert a.key == b.key and a.complete and b.complete
+            assert np.array_equal(a.read_all().view(np.uint16), b.read_all().view(np.uint16))
+            ga, gb = zarr.open_group(job.path, mode="r"), zarr.open_group(ref.path, mode="r")
+            assert np.array_equal(ga["shard_done"][:], gb["shard_done"][:]) and np.array_equal(ga["bad"][:], gb["bad"][:])
+            assert verify_store(job.path).ok and verify_store(ref.path).ok
+    finally:
+        torch.set_num_threads(threads)
+    assert not list((tmp_path / "dist").rglob("*.lease*"))  # the coordinator released every lease
+
+
+# -- failures: the rest finishes, each failure is one line ------------------------------------------
+def test_failing_jobs_do_not_stop_the_others(tmp_path):
+    sweep = _write(tmp_path, TINY + """
+        [datasets.coco]
+        root = "/nonexistent/coco"
+        [[experiment]]
+        name = "ok"
+        backbones = ["test_vit"]
+        tasks = { shapes = ["depth"] }
+        heads = ["linear"]
+        [[experiment]]
+        name = "bad root"
+        backbones = ["test_vit"]
+        tasks = { coco = ["boundaries"] }
+        heads = ["linear"]
+        [[experiment]]
+        name = "bad weights"
+        backbones = ["timm:test_convnext"]
+        tasks = { shapes = ["depth"] }
+        heads = ["linear"]
+        weights = "/nonexistent/weights.safetensors"
+    """)
+    root = tmp_path / "stores"
+    summary = run_sweep(sweep, root, workers=0)
+    assert not summary.ok
+    assert summary.probes == 1 and _identity_counts(root) == Counter({("test_vit", "shapes", "depth", "base", "linear", 0): 1})
+    lines = summary.failure_lines()
+    assert all("\n" not in line for line in lines)
+    assert any("probe test_vit coco boundaries" in l and "/nonexistent/coco" in l for l in lines)
+    assert any("probe timm:test_convnext shapes depth" in l and "weights.safetensors" in l for l in lines)
+    # the CLI: a summary, one line per failure, non-zero exit; --dry-run writes nothing
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    res = CliRunner().invoke(app, ["sweep", str(sweep), "--store-root", str(root), "--workers", "0", "--no-progress"])
+    assert res.exit_code == 1, res.output
+    assert "0 probes" in res.output and "failed: probe timm:test_convnext shapes depth" in res.output
+    dry = CliRunner().invoke(app, ["sweep", str(sweep), "--store-root", str(tmp_path / "fresh"), "--dry-run"])
+    assert dry.exit_code == 0 and "would run" in dry.output and not (tmp_path / "fresh").exists()
+    bad = _write(tmp_path, TINY + '[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["dpeth"] }\n', "bad.toml")
+    res = CliRunner().invoke(app, ["sweep", str(bad), "--store-root", str(tmp_path / "never")])
+    assert res.exit_code == 2 and f"line {TINY.count(chr(10)) + 3}: unknown task 'dpeth'" in res.output and not (tmp_path / "never").exists()
+
+
+# -- a worker killed mid-sweep ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_killed_worker_still_every_result_once(tmp_path):
+    import dask
+    from distributed import Client, LocalCluster
+
+    sweep = _write(tmp_path, TINY + """
+        [[experiment]]
+        backbones = ["test_vit"]
+        tasks = { shapes = ["boundaries", "distance", "semseg", "depth"] }
+        heads = ["linear", "maxa"]
+    """)
+    env = {"MAXA_WORKER_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env=env,
+                               silence_logs=50)
+    client = Client(cluster, set_as_default=False)
+    killed: list[int] = []
+    try:
+        pids = client.run(os.getpid)
+
+        def on_event(event: str, job: str) -> None:
+            if killed:
+                return
+            busy = [a for a, keys in client.processing().items() if keys]
+            victim = (busy or list(pids))[0]
+            killed.append(pids[victim])
+            os.kill(pids[victim], signal.SIGKILL)
+
+        root = tmp_path / "stores"
+        summary = run_sweep(sweep, root, scheduler=cluster.scheduler_address, on_event=on_event)
+        assert killed
+        assert summary.ok, summary.failure_lines()
+        counts = _identity_counts(root)
+        assert set(counts) == _expected(summary.plan) and set(counts.values()) == {1}
+        again = run_sweep(sweep, root, scheduler=cluster.scheduler_address)
+        assert again.extractions == 0 and again.probes == 0
+    finally:
+        client.close()
+        cluster.close()
