@@ -26,6 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+# What `maxa extract` runs with (pipelines/cli.py:_passive_openmp): must precede the torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import resource
 import shutil

@@ -275,6 +275,7 @@ def _run_shards(model, reader, writer, shards, spec, dev, batch_size, num_worker
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_lower_priority if dev.type == "cpu" else None,
     )
     shard_of = {s: writer.shard_range(s) for s in shards}
     buffers: dict[int, dict[str, np.ndarray]] = {}
@@ -337,6 +338,15 @@ def _pair(value: Any) -> tuple[float, float]:
     if isinstance(value, (tuple, list)):
         return float(value[0]), float(value[1])
     return float(value), float(value)
+
+
+def _lower_priority(_worker_id: int) -> None:
+    """On a CPU-only run the forward saturates the cores: decoding should fill the gaps, not
+    preempt the forward's threads (a preempted thread stalls the whole parallel region)."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
 
 
 def _reap(pending: list[Future]) -> list[Future]:
