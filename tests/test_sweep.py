@@ -93,7 +93,7 @@ def test_shipped_sweep_files_validate():
     backbones = {p.backbone for p in paper.probes if p.experiment == "tables-2-3"}
     assert len(backbones) == 21
     ablation = {(p.backbone, p.variant) for p in paper.probes if p.experiment == "table-4-ablation"}
-    assert len(ablation) == 15
+    assert len(ablation) == 18  # 3 backbones x 6 variants (base and paper-budget among them)
     assert {p.head for p in paper.probes if p.experiment == "fig-3-baselines"} == {"linear", "cnn", "maxa"}
     smoke = load_sweep(SMOKE)
     assert {p.backbone for p in smoke.probes} == {"test_vit", "timm:test_convnext"}
@@ -106,7 +106,7 @@ def test_smoke_sweep_every_result_once_and_rerun_does_nothing(tmp_path):
     summary = run_sweep(SMOKE, root, workers=2)
     assert summary.ok, summary.failure_lines()
     plan = summary.plan
-    assert summary.extractions == 6 and summary.probes == len(plan.probes) == 28
+    assert summary.extractions == 6 and summary.probes == len(plan.probes) == 31
     counts = _identity_counts(root)
     assert set(counts) == _expected(plan) and set(counts.values()) == {1}
     again = run_sweep(SMOKE, root, workers=2)
