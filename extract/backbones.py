@@ -40,6 +40,7 @@ __all__ = [
     "list_backbones",
     "load_backbone",
     "register_backbone",
+    "resolve_weights",
 ]
 
 RANDOM_SEED = 0  # random weights are part of a store's identity: keep them reproducible
@@ -332,6 +333,39 @@ def _create_random(entry: BackboneEntry) -> torch.nn.Module:
         return timm.create_model(entry.timm_name, pretrained=False, **entry.create_kwargs())
 
 
+def resolve_weights(entry: BackboneEntry, weights: str | Path) -> tuple[str, Path | None]:
+    """The weights identity a store records for ``weights`` (``"pretrained"``, ``"random"`` or a
+    file), and the file to load if any — without building a model (sweeps plan store keys with it).
+
+    Raises:
+        WeightsUnavailableError: where loading would fail for a reason known up front.
+    """
+    weights = str(weights)
+    if entry.random_only and weights != "random":
+        if weights != "pretrained":
+            raise WeightsUnavailableError(f"backbone {entry.name} is untrained by definition: drop --weights {weights}.")
+        weights = "random"
+    if weights == "random":
+        return f"random:seed{RANDOM_SEED}", None
+    if weights == "pretrained":
+        if entry.timm_name == SAM2_BPLUS_FPN:  # trunk on the hub, neck only in the official checkpoint
+            raise WeightsUnavailableError(pretrained_unavailable_message(entry.name))
+        if entry.checkpoint is not None:
+            raise WeightsUnavailableError(
+                f"weights for backbone {entry.name} are not on the timm hub: download {entry.checkpoint.source} "
+                f"and pass --weights PATH (or --weights random)."
+            )
+        return f"pretrained:{entry_geometry(entry).pretrained_tag}", None
+    path = Path(weights).expanduser()
+    if not path.exists():
+        source = f" Get it from {entry.checkpoint.source}." if entry.checkpoint else ""
+        raise WeightsUnavailableError(
+            f"weights file {path} for backbone {entry.name} does not exist: check the path, or use "
+            f"--weights pretrained (timm hub / HF cache) or --weights random.{source}"
+        )
+    return f"file:{file_digest(path)}", path
+
+
 def load_backbone(
     name_or_entry: str | BackboneEntry,
     weights: str | Path = "pretrained",
@@ -354,33 +388,13 @@ def load_backbone(
     entry = get_backbone_entry(name_or_entry)
     if layers is not None:
         entry = dataclasses.replace(entry, layers=tuple(layers))
-    weights = str(weights)
-    if entry.random_only and weights != "random":
-        if weights != "pretrained":
-            raise WeightsUnavailableError(f"backbone {entry.name} is untrained by definition: drop --weights {weights}.")
-        weights = "random"
-    if weights == "random":
-        model, weights_id = _create_random(entry), f"random:seed{RANDOM_SEED}"
-    elif weights == "pretrained":
-        if entry.timm_name == SAM2_BPLUS_FPN:  # trunk on the hub, neck only in the official checkpoint
-            raise WeightsUnavailableError(pretrained_unavailable_message(entry.name))
-        if entry.checkpoint is not None:
-            raise WeightsUnavailableError(
-                f"weights for backbone {entry.name} are not on the timm hub: download {entry.checkpoint.source} "
-                f"and pass --weights PATH (or --weights random)."
-            )
+    weights_id, path = resolve_weights(entry, weights)
+    if weights_id.startswith("random:"):
+        model = _create_random(entry)
+    elif path is None:
         model = create_pretrained(entry)
-        weights_id = f"pretrained:{entry_geometry(entry).pretrained_tag}"
     else:
-        path = Path(weights).expanduser()
-        if not path.exists():
-            source = f" Get it from {entry.checkpoint.source}." if entry.checkpoint else ""
-            raise WeightsUnavailableError(
-                f"weights file {path} for backbone {entry.name} does not exist: check the path, or use "
-                f"--weights pretrained (timm hub / HF cache) or --weights random.{source}"
-            )
         model = _create_random(entry)
         load_weights_file(model, entry, path)
-        weights_id = f"file:{file_digest(path)}"
     model = model.to(device).eval().requires_grad_(False)
     return LoadedBackbone(entry, model, weights_id, entry_geometry(entry))

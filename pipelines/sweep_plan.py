@@ -581,35 +581,9 @@ class SweepPlan:
 def planned_weights_id(entry: Any, weights: str) -> str:
     """The weights id :func:`extract.backbones.load_backbone` gives, without loading anything (a weights
     file is hashed). Raises :class:`WeightsUnavailableError` where loading would."""
-    from extract.backbone_registry import entry_geometry
-    from extract.backbones import RANDOM_SEED, SAM2_BPLUS_FPN, pretrained_unavailable_message
-    from extract.checkpoints import file_digest
-    from store.errors import WeightsUnavailableError
+    from extract.backbones import resolve_weights
 
-    weights = str(weights)
-    if entry.random_only and weights != "random":
-        if weights != "pretrained":
-            raise WeightsUnavailableError(f"backbone {entry.name} is untrained by definition: drop weights {weights}.")
-        weights = "random"
-    if weights == "random":
-        return f"random:seed{RANDOM_SEED}"
-    if weights == "pretrained":
-        if entry.timm_name == SAM2_BPLUS_FPN:
-            raise WeightsUnavailableError(pretrained_unavailable_message(entry.name))
-        if entry.checkpoint is not None:
-            raise WeightsUnavailableError(
-                f"weights for backbone {entry.name} are not on the timm hub: download {entry.checkpoint.source} "
-                f"and set [weights] {entry.name} = \"PATH\" in the sweep file (or \"random\")."
-            )
-        return f"pretrained:{entry_geometry(entry).pretrained_tag}"
-    path = Path(weights).expanduser()
-    if not path.exists():
-        source = f" Get it from {entry.checkpoint.source}." if entry.checkpoint else ""
-        raise WeightsUnavailableError(
-            f"weights file {path} for backbone {entry.name} does not exist: fix [weights] {entry.name} in the sweep "
-            f"file, or use \"pretrained\" or \"random\".{source}"
-        )
-    return f"file:{file_digest(path)}"
+    return resolve_weights(entry, weights)[0]
 
 
 def planned_backbone(name: str, weights: str, layers: tuple[int, ...] | None) -> Any:
