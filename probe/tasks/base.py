@@ -45,6 +45,8 @@ __all__ = [
     "task_target_kinds",
     "IMPLIED_TARGET_KINDS",
     "as_tensor_batch",
+    "masked_mse",
+    "mean_baseline",
 ]
 
 Batch = Mapping[str, Tensor]
@@ -172,6 +174,36 @@ class Task(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.info!r}, {self.options()!r})"
+
+
+def masked_mse(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Mean squared error of ``pred`` (B, 1, H, W) against ``target`` (B, H, W) over ``valid`` pixels."""
+    w = valid.to(pred.dtype)
+    return ((pred[:, 0] - target) ** 2 * w).sum() / w.sum().clamp_min(1.0)
+
+
+def mean_baseline(
+    task: "Task",
+    key: str,
+    valid: Any,
+    train_batches: Iterable[Mapping[str, np.ndarray]],
+    eval_batches: Iterable[Mapping[str, np.ndarray]],
+) -> dict[str, float]:
+    """The task's metrics for a constant prediction at the training mean of ``key`` over the pixels
+    where ``valid(values)`` holds; the constant is returned as ``mean_train``."""
+    total, n = 0.0, 0
+    for b in train_batches:
+        t = np.asarray(b[key], dtype=np.float64)
+        ok = valid(t)
+        total += float(t[ok].sum())
+        n += int(ok.sum())
+    mean = total / n if n else 0.0
+    state = task.metric_state()
+    for b in eval_batches:
+        tb = as_tensor_batch(b)
+        t = tb[key]
+        task.update(state, torch.full((t.shape[0], 1, *t.shape[1:]), mean, dtype=torch.float64), tb)
+    return {**task.compute(state), "mean_train": mean}
 
 
 def as_tensor_batch(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:

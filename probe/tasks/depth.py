@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probe.tasks.base import Batch, Task, as_tensor_batch, register_task
+from probe.tasks.base import Batch, Task, masked_mse, mean_baseline, register_task
 
 __all__ = ["DepthTask"]
 
@@ -46,9 +46,7 @@ class DepthTask(Task):
         return torch.where(valid, g, torch.ones_like(g)), valid
 
     def loss(self, pred: Tensor, batch: Batch, extra: nn.Module | None = None) -> Tensor:
-        g, valid = self._target(pred, batch)
-        w = valid.to(pred.dtype)
-        return ((pred[:, 0] - g) ** 2 * w).sum() / w.sum().clamp_min(1.0)
+        return masked_mse(pred, *self._target(pred, batch))
 
     def metric_state(self) -> dict[str, Any]:
         return {"se": 0.0, "abs_rel": 0.0, "delta1": 0, "n": 0}
@@ -77,16 +75,4 @@ class DepthTask(Task):
         eval_batches: Iterable[Mapping[str, np.ndarray]],
     ) -> dict[str, float]:
         """Constant prediction at the training mean depth over valid pixels (``mean_train``)."""
-        total, n = 0.0, 0
-        for b in train_batches:
-            g = np.asarray(b["depth"], dtype=np.float64)
-            ok = np.isfinite(g) & (g > 0)
-            total += float(g[ok].sum())
-            n += int(ok.sum())
-        mean = total / n if n else 0.0
-        state = self.metric_state()
-        for b in eval_batches:
-            tb = as_tensor_batch(b)
-            g = tb["depth"]
-            self.update(state, torch.full((g.shape[0], 1, *g.shape[1:]), mean, dtype=torch.float64), tb)
-        return {**self.compute(state), "mean_train": mean}
+        return mean_baseline(self, "depth", lambda g: np.isfinite(g) & (g > 0), train_batches, eval_batches)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probe.tasks.base import Batch, Task, as_tensor_batch, register_task
+from probe.tasks.base import Batch, Task, masked_mse, mean_baseline, register_task
 
 __all__ = ["DistanceTask"]
 
@@ -39,9 +39,7 @@ class DistanceTask(Task):
         return torch.where(valid, t, torch.zeros_like(t)), valid
 
     def loss(self, pred: Tensor, batch: Batch, extra: nn.Module | None = None) -> Tensor:
-        t, valid = self._target(pred, batch)
-        w = valid.to(pred.dtype)
-        return ((pred[:, 0] - t) ** 2 * w).sum() / w.sum().clamp_min(1.0)
+        return masked_mse(pred, *self._target(pred, batch))
 
     def metric_state(self) -> dict[str, Any]:
         return {"se": 0.0, "n": 0}
@@ -61,16 +59,4 @@ class DistanceTask(Task):
         eval_batches: Iterable[Mapping[str, np.ndarray]],
     ) -> dict[str, float]:
         """Constant prediction at the training mean (``mean_train`` is that constant)."""
-        total, n = 0.0, 0
-        for b in train_batches:
-            t = np.asarray(b["distance"], dtype=np.float64)
-            ok = np.isfinite(t)
-            total += float(t[ok].sum())
-            n += int(ok.sum())
-        mean = total / n if n else 0.0
-        state = self.metric_state()
-        for b in eval_batches:
-            tb = as_tensor_batch(b)
-            t = tb["distance"]
-            self.update(state, torch.full((t.shape[0], 1, *t.shape[1:]), mean, dtype=torch.float64), tb)
-        return {**self.compute(state), "mean_train": mean}
+        return mean_baseline(self, "distance", np.isfinite, train_batches, eval_batches)
