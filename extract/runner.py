@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from extract.backbones import LoadedBackbone, load_backbone
 from extract.devices import resolve_device
-from extract.datasets.base import DatasetReader, create_dataset, image_ids_hash
+from extract.datasets.base import DatasetReader, image_ids_hash
 from extract.images import BackboneImages, collate_images
 from extract.progress import ProgressReporter
 from extract.provenance import provenance

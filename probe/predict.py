@@ -12,7 +12,6 @@ from PIL import Image
 
 from probe.adapter import AdapterConfig
 from probe.heads import build_head
-from probe.tasks import TargetInfo, create_task
 from store.errors import MaxaError
 from store.reader import open_features
 
