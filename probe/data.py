@@ -165,7 +165,10 @@ class ProbeData:
                     t.join(timeout=0.05)
 
     def numpy_batches(self, names: Sequence[str], batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
-        """Target arrays only, as NumPy (for the trivial baselines)."""
+        """Target arrays only, as NumPy (for the trivial baselines); from memory when loaded."""
         for i in range(0, len(self.indices), batch_size):
+            if self.in_memory:
+                yield {n: self._tgt[n][i : i + batch_size].cpu().numpy() for n in names if n in self._tgt}
+                continue
             idx = self.indices[i : i + batch_size]
             yield {n: self.targets.read(n, idx) for n in names if n in self.targets.array_names}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import sys
 import json
 import math
 import time
@@ -29,6 +30,7 @@ from probe.results import append_result, write_run_files
 from probe.tasks import TargetInfo, Task, create_task
 from probe.tasks.instances import global_instance_ids
 from probe.variants import VARIANTS, variant_config
+from store._layout import join, safe_name
 from store.catalogue import find_eval_features, find_target_store, store_root_of
 from store.errors import MaxaError, StoreError
 from store.reader import FeatureStore, TargetStore, open_features, open_targets
@@ -138,10 +140,6 @@ def _derive(task: Task, batch: dict[str, torch.Tensor], idx: np.ndarray, offsets
         )
 
 
-def _forward(model, feats, data: ProbeData, out_size):
-    return model(feats, data.token_pos, out_size)
-
-
 def train_probe(
     features: str,
     config: ProbeConfig,
@@ -237,7 +235,7 @@ def train_probe(
     lr = config.lr if config.lr is not None else task.lr
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(config.seed)
-    say = log or (lambda msg: print(msg, flush=True, file=__import__("sys").stderr))
+    say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))
 
     def run_epoch(data: ProbeData, train: bool) -> float:
         model.train(train)
@@ -245,7 +243,7 @@ def train_probe(
         with torch.set_grad_enabled(train):
             for idx, feats, batch in data.batches(config.batch_size, shuffle=train, generator=gen):
                 _derive(task, batch, idx, offsets)
-                loss = task.loss(_forward(model, feats, data, out_size), batch, extra)
+                loss = task.loss(model(feats, data.token_pos, out_size), batch, extra)
                 if train:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -283,17 +281,16 @@ def train_probe(
     state = task.metric_state()
     with torch.no_grad():
         for idx, feats, batch in evaluation.batches(config.batch_size):
-            task.update(state, _forward(model, feats, evaluation, out_size), batch)
+            task.update(state, model(feats, evaluation.token_pos, out_size), batch)
     metrics = task.compute(state)
-    trivial_names = [n for n in stored]
-    trivial = task.trivial_metrics(fit.numpy_batches(trivial_names), evaluation.numpy_batches(trivial_names))
+    trivial = task.trivial_metrics(fit.numpy_batches(stored), evaluation.numpy_batches(stored))
     eval_seconds = time.perf_counter() - t_eval
 
     # save the adapter and the record
     p_learn = count_parameters(model)
     run_key = content_key({"train": train_fs.key, "eval": eval_fs.key, "config": config.to_dict()})
     out_root = str(results_root or root)
-    run_dir = _join(out_root, "runs", _safe(train_fs.spec.backbone), f"{tspec.dataset}-{config.task}-{config.variant}-{config.head}-seed{config.seed}-{run_key}")
+    run_dir = join(out_root, "runs", safe_name(train_fs.spec.backbone), f"{tspec.dataset}-{config.task}-{config.variant}-{config.head}-seed{config.seed}-{run_key}")
     adapter_bytes = io.BytesIO()
     torch.save({"model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None},
                adapter_bytes)
@@ -323,15 +320,3 @@ def train_probe(
                     storage_options=storage_options)
     result_path = append_result(out_root, record, storage_options=storage_options)
     return ProbeResult(record=record, run_dir=str(run_dir), result_path=result_path)
-
-
-def _safe(text: str) -> str:
-    from store._layout import safe_name
-
-    return safe_name(text)
-
-
-def _join(root: str, *parts: str) -> str:
-    from store._layout import join
-
-    return join(root, *parts)
