@@ -53,6 +53,7 @@ __all__ = [
     "MaskedCrossAttention",
     "UpsampleCNN",
     "count_parameters",
+    "gaussian_attention",
     "gaussian_mask",
     "query_grid",
     "sinusoidal_encoding",
@@ -89,9 +90,79 @@ def query_grid(out_size: tuple[int, int], region: int = 8) -> tuple[int, int, to
 
 def gaussian_mask(query_pos: torch.Tensor, token_pos: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Eq. 3: ``(S, Q, N)`` additive logits ``exp(-d²/2σ²)/(σ√2π)`` for ``sigma`` of shape (S,)."""
-    d2 = torch.cdist(query_pos, token_pos).square()  # (Q, N)
+    return _gaussian(torch.cdist(query_pos, token_pos).square(), sigma)
+
+
+def _gaussian(d2: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """(Q, N) squared distances, (S,) σ → (S, Q, N) ``exp(-d²/2σ²)/(σ√2π)``."""
     s = sigma.view(-1, 1, 1)
     return torch.exp(-d2 / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
+
+
+def _flash_cpu_available() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    )
+
+
+class _GaussianFlashAttention(torch.autograd.Function):
+    """Eqs. (2)–(3) on CPU with fused (flash) kernels, including the gradient of σ.
+
+    PyTorch's fused attention kernels give no gradient for an additive mask, so a mask that depends on a
+    learned σ would otherwise force the unfused path, which materialises every (B, h, Q, N) logit several
+    times. Here the forward and the q/k/v gradients use the fused CPU kernels, and the σ gradient is
+    assembled from two more fused forward passes. With ``P = softmax(S)``, ``S = q·kᵀ/√d + M``,
+    ``D_q = Σ dO⊙O`` and ``∂M/∂σ = M·(d²/σ³ − 1/σ) = W₁ − W₀`` (both non-negative)::
+
+        ∂L/∂σ = Σ_{b,q,k} P·(dO·v_k − D_q)·(W₁ − W₀)
+        Σ_k P·W·v_k = O_W · exp(lse_W − lse),   Σ_k P·W = exp(lse_W − lse)
+
+    where ``O_W, lse_W`` are the fused forward's output and log-sum-exp with the mask ``M + log W``. Exact
+    up to float rounding; tests compare it with autograd through the direct formula.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, sigma, d2):  # q (B,h,Q,d) k,v (B,h,N,d) sigma (S,) d2 (Q,N)
+        mask = _gaussian(d2, sigma).unsqueeze(0)  # (1, S, Q, N)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask)
+        ctx.save_for_backward(q, k, v, sigma, d2, mask, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, sigma, d2, mask, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, False, attn_mask=mask
+        )
+        dsigma = None
+        if ctx.needs_input_grad[3]:
+            s = sigma.view(1, -1, 1, 1)
+            tiny = torch.finfo(d2.dtype).tiny
+            log_m = mask.clamp_min(tiny).log()
+            rowdot = (dout * out).sum(-1)  # D_q, (B, h, Q)
+
+            def term(log_w: torch.Tensor) -> torch.Tensor:  # Σ_{q} Σ_k P·W·(dO·v_k − D_q), per (b, h)
+                o_w, lse_w = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, 0.0, False, attn_mask=mask + log_m + log_w
+                )
+                return (torch.exp(lse_w - lse) * ((dout * o_w).sum(-1) - rowdot)).sum(-1)
+
+            log_w1 = d2.clamp_min(tiny).log() - 3 * s.log()  # W₁ = M·d²/σ³
+            per_head = (term(log_w1) - term(-s.log())).sum(0)  # W₀ = M/σ; (h,)
+            dsigma = per_head.sum().view(1) if sigma.numel() == 1 else per_head
+        return dq, dk, dv, dsigma, None
+
+
+def gaussian_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor, token_pos: torch.Tensor,
+    sigma: torch.Tensor,
+) -> torch.Tensor:
+    """``softmax(q·kᵀ/√d + M(σ)) v`` for (B, h, L, d) heads; fused kernels on CPU, SDPA elsewhere."""
+    d2 = torch.cdist(query_pos, token_pos).square()
+    if q.device.type == "cpu" and _flash_cpu_available() and q.dtype in (torch.float32, torch.float64):
+        return _GaussianFlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sigma, d2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_gaussian(d2, sigma).unsqueeze(0).to(q.dtype))
 
 
 def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -162,7 +233,7 @@ class AdapterConfig:
 
 
 class MaskedCrossAttention(nn.Module):
-    """Multi-head cross-attention (eq. 2) with an optional additive (S, Q, N) logit bias (S = heads or 1)."""
+    """Multi-head cross-attention (eq. 2), optionally with the Gaussian distance term M of eq. (3)."""
 
     def __init__(self, q_dim: int, dim: int, heads: int, residual: bool, ffn: bool = False) -> None:
         super().__init__()
@@ -179,13 +250,17 @@ class MaskedCrossAttention(nn.Module):
         B, L, D = x.shape
         return x.view(B, L, self.heads, D // self.heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, f: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """q (B or 1, Q, q_dim), f (B, N, D), bias (S, Q, N) → (B, Q, D)."""
+    def forward(
+        self, q: torch.Tensor, f: torch.Tensor, gaussian: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """q (B or 1, Q, q_dim), f (B, N, D) → (B, Q, D); ``gaussian = (query_pos, token_pos, σ)`` adds M."""
         B = f.shape[0]
         qh = self.split(self.q(q).expand(B, -1, -1))
         kh, vh = self.split(self.k(f)), self.split(self.v(f))
-        mask = None if bias is None else bias.unsqueeze(0).to(qh.dtype)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+        if gaussian is None:
+            out = F.scaled_dot_product_attention(qh, kh, vh)
+        else:
+            out = gaussian_attention(qh, kh, vh, *gaussian)
         out = self.o(out.transpose(1, 2).reshape(B, q.shape[1], -1))
         if self.residual:
             out = out + q
@@ -291,18 +366,14 @@ class MaxaAdapter(nn.Module):
         f = torch.cat([psi(x, p) for psi, x, p in zip(self.psi, features, token_pos)], dim=1)
         return f, torch.cat([p.to(device=f.device, dtype=f.dtype) for p in token_pos], dim=0)
 
-    def mask(self, query_pos: torch.Tensor, token_pos: torch.Tensor) -> torch.Tensor | None:
-        if self.log_sigma is None:
-            return None
-        return gaussian_mask(query_pos, token_pos, self.sigma.to(token_pos.dtype))
-
     def forward_queries(self, features, token_pos, query_pos: torch.Tensor) -> torch.Tensor:
         """Attention outputs (B, Q, D) for arbitrary query positions ``query_pos`` (Q, 2) in [0, 1]²."""
         f, tpos = self.encode(features, token_pos)
         qpos = query_pos.to(device=f.device, dtype=f.dtype)
         q = sinusoidal_encoding(qpos, self.config.query_dim).unsqueeze(0)
+        sigma = self.sigma
         for i, layer in enumerate(self.layers):
-            q = layer(q, f, self.mask(qpos, tpos) if i == 0 else None)
+            q = layer(q, f, (qpos, tpos, sigma.to(f.dtype)) if i == 0 and sigma is not None else None)
         return q
 
     def forward(self, features, token_pos, out_size: tuple[int, int]) -> torch.Tensor:
