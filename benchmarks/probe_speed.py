@@ -30,13 +30,22 @@ REPO = Path(__file__).resolve().parents[1]
 COCO = REPO.parent / "shared" / "data" / "coco_mini"
 
 
-def _adapter_and_task(task_name: str, data, tspec):
+def _adapter_and_task(task_name: str, variant: str, data, tspec):
     from probe.tasks import TargetInfo, create_task
     from probe.train import ProbeConfig, build_model
 
     task = create_task(task_name, TargetInfo(num_classes=tspec.num_classes, ignore_index=tspec.ignore_index))
-    model, _ = build_model(ProbeConfig(task=task_name), task, data.in_channels, data.grids)
+    model, _ = build_model(ProbeConfig(task=task_name, variant=variant), task, data.in_channels, data.grids)
     return task, model
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. Not ``getrusage``: Linux keeps ru_maxrss across fork + exec, so a child
+    would report the parent's peak (here: the extraction's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_path(args) -> dict:
@@ -47,7 +56,7 @@ def run_path(args) -> dict:
     torch.manual_seed(0)
     fs, ts = open_features(args.features), open_targets(args.targets)
     data = ProbeData(fs, ts, [args.task], device="cpu")
-    task, model = _adapter_and_task(args.task, data, ts.spec)
+    task, model = _adapter_and_task(args.task, args.variant, data, ts.spec)
     opt = torch.optim.Adam(model.parameters(), lr=task.lr)
     out_size = tuple(ts.spec.size)
     backbone = None
@@ -75,7 +84,7 @@ def run_path(args) -> dict:
             opt.step()
         epoch_times.append(time.perf_counter() - t0)
     return {"path": args.path, "epoch_seconds": epoch_times, "median_epoch_s": float(np.median(epoch_times)),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "images": len(fs),
+            "peak_rss_mb": _peak_rss_mb(), "images": len(fs),
             "threads": torch.get_num_threads()}
 
 
@@ -86,6 +95,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--task", default="boundaries")
+    p.add_argument("--variant", default="base", help="adapter variant (no-sigma: both attention layers unmasked)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "probe_speed.json"))
     p.add_argument("--path", choices=["store", "live"], help=argparse.SUPPRESS)
     p.add_argument("--features", help=argparse.SUPPRESS)
@@ -105,14 +115,14 @@ def main() -> None:
     results = {}
     for path in ("store", "live", "store"):  # store twice: the median tolerates a noisy neighbour
         cmd = [sys.executable, __file__, "--path", path, "--features", job.features.path,
-               "--targets", job.targets.path, "--backbone", args.backbone, "--task", args.task,
+               "--targets", job.targets.path, "--backbone", args.backbone, "--task", args.task, "--variant", args.variant,
                "--batch-size", str(args.batch_size), "--epochs", str(args.epochs)]
         out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout.splitlines()[-1])
         results.setdefault(path, []).append(out)
     store_s = float(np.median([t for r in results["store"] for t in r["epoch_seconds"]]))
     live_s = float(np.median([t for r in results["live"] for t in r["epoch_seconds"]]))
     summary = {
-        "backbone": args.backbone, "task": args.task, "images": args.images, "batch_size": args.batch_size,
+        "backbone": args.backbone, "task": args.task, "variant": args.variant, "images": args.images, "batch_size": args.batch_size,
         "epochs": args.epochs, "device": "cpu", "threads": results["store"][0]["threads"],
         "epoch_s_store": store_s, "epoch_s_live": live_s, "speedup": live_s / store_s,
         "extract_once_s": extract_s, "break_even_epochs": extract_s / max(live_s - store_s, 1e-9),
