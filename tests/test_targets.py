@@ -49,7 +49,8 @@ def test_spec_roundtrip_and_validation():
     defs = TargetConfig().definitions()
     assert {"resize", "instances", "boundaries", "distance", "semantic", "depth"} <= set(defs)
     assert all(isinstance(v, str) and v for v in defs.values())
-    assert "3x3" in defs["boundaries"] and "2 pixels" in defs["boundaries"]
+    assert "5x5" in defs["boundaries"] and "4 pixels" in defs["boundaries"]
+    assert TargetConfig().boundary_width == 2  # the width that matches the paper's class balance
 
 
 def test_only_requested_kinds_and_errors():
@@ -76,7 +77,7 @@ def test_only_requested_kinds_and_errors():
 
 def test_single_square_boundary_is_its_outline_two_pixels_wide():
     ann = _ann((20, 20), [(5, 15, 5, 15)])
-    t = build_targets(ann, TargetConfig(size=(20, 20)), ALL[:3])
+    t = build_targets(ann, TargetConfig(size=(20, 20), boundary_width=1), ALL[:3])
     expected = np.zeros((20, 20), dtype=np.uint8)
     expected[4:16, 4:16] = 1  # one pixel outside the square …
     expected[6:14, 6:14] = 0  # … and one pixel inside: both sides of the edge
@@ -101,7 +102,7 @@ def test_boundary_width_two_and_image_border_is_not_a_boundary():
 def test_distance_zero_on_boundaries_and_one_step_per_pixel():
     ann = _ann((20, 20), [(5, 15, 5, 15)])
     diag = math.hypot(20, 20)
-    t = build_targets(ann, TargetConfig(size=(20, 20), distance_norm="diagonal"), ["boundaries", "distance"])
+    t = build_targets(ann, TargetConfig(size=(20, 20), boundary_width=1, distance_norm="diagonal"), ["boundaries", "distance"])
     d = t["distance"]
     assert d.dtype == np.float32 and d.min() >= 0 and d.max() <= 1
     assert np.all(d[t["boundaries"] == 1] == 0) and np.all(d[t["boundaries"] == 0] > 0)
@@ -114,7 +115,7 @@ def test_distance_zero_on_boundaries_and_one_step_per_pixel():
     brute = np.sqrt((yy[..., None] - by) ** 2 + (xx[..., None] - bx) ** 2).min(axis=-1)
     np.testing.assert_allclose(d * diag, brute, atol=1e-4)
     # Per-image max: the same map scaled so that its maximum (the corners) is 1.
-    dm = build_targets(ann, TargetConfig(size=(20, 20), distance_norm="max"), ["distance"])["distance"]
+    dm = build_targets(ann, TargetConfig(size=(20, 20), boundary_width=1, distance_norm="max"), ["distance"])["distance"]
     np.testing.assert_allclose(dm, brute / math.sqrt(32), atol=1e-5)
     assert dm.max() == pytest.approx(1.0) and dm[0, 0] == pytest.approx(1.0)
 
