@@ -128,8 +128,13 @@ class _Inline:
         self._done.append(f)
         return f
 
-    def next_done(self) -> _InlineFuture | None:
-        return self._done.pop(0) if self._done else None
+    def next_done(self, timeout: float | None = None) -> _InlineFuture | None:
+        """The next finished task; ``None`` when there is none (after sleeping ``timeout`` s, if given)."""
+        if self._done:
+            return self._done.pop(0)
+        if timeout:
+            time.sleep(timeout)
+        return None
 
     def close(self) -> None:
         pass
@@ -156,15 +161,21 @@ class _Dask:
         self._pending.append(f)
         return f
 
-    def next_done(self) -> Any:
+    def next_done(self, timeout: float | None = None) -> Any:
+        """The next finished task; ``None`` when nothing is pending or ``timeout`` s pass first."""
         from distributed import wait
 
         if not self._pending:
+            if timeout:
+                time.sleep(timeout)
             return None
         done = [f for f in self._pending if f.done()]
         if not done:
             with self.client.as_current():
-                wait(self._pending, return_when="FIRST_COMPLETED")
+                try:
+                    wait(self._pending, timeout=timeout, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    return None
             done = [f for f in self._pending if f.done()]
         f = done[0]
         self._pending.remove(f)
@@ -291,6 +302,8 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
              on_event: Callable[[str, str], None] | None) -> None:
     from extract.runner import finalize_feature_store, open_feature_store
     from pipelines.distributed import build_targets_task, extract_shards_task, probe_task
+    from store.errors import StoreBusyError
+    from store.lease import DEFAULT_POLL, _env_float
 
     root, so = plan.store_root, plan.storage_options
     settings = tuple(sorted((k, v) for k, v in plan.sweep.extract.items()))
@@ -302,6 +315,12 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
     shard_left: dict[str, set[int]] = {}
     shard_acc: dict[str, dict[str, Any]] = {}
     order = {j.id: i for i, j in enumerate(plan.features.values())}
+    # Feature stores another live coordinator (another sweep, a `maxa extract`) is writing: job id ->
+    # (when we first found it busy, when to look again). Its probes wait; the store is reused once it
+    # is complete, or taken over if that writer's lease goes stale.
+    waiting: dict[str, tuple[float, float]] = {}
+    poll = _env_float("MAXA_LEASE_POLL_S", DEFAULT_POLL) or DEFAULT_POLL
+    max_wait = _env_float("MAXA_LEASE_WAIT_S", None)
 
     def event(name: str, jid: str) -> None:
         if on_event is not None:
@@ -333,9 +352,23 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
                 device=str(plan.sweep.extract.get("device", "auto")), batch_size=int(plan.sweep.extract.get("batch_size", 32)),
                 storage_options=so, wait_timeout=0,
             )
-        except Exception as e:  # noqa: BLE001 - e.g. another live writer holds the store
+        except StoreBusyError as e:  # another live writer: look again later, unless we waited long enough
+            first = waiting.get(job.id, (time.monotonic(), 0.0))[0]
+            if max_wait is not None and time.monotonic() - first > max_wait:
+                waiting.pop(job.id, None)
+                fail("features", job, f"waited {max_wait:.0f} s ($MAXA_LEASE_WAIT_S): {_first_line(e)}")
+                return
+            if job.id not in waiting:
+                progress.note(f"{job.id}: {e.holder} is writing this store; its probes start once it is complete")
+                event("waiting", job.id)
+            state[job.id] = "waiting"
+            waiting[job.id] = (first, time.monotonic() + poll)
+            return
+        except Exception as e:  # noqa: BLE001
+            waiting.pop(job.id, None)
             fail("features", job, _first_line(e))
             return
+        waiting.pop(job.id, None)
         if writer.complete:  # someone else finished it meanwhile
             summary.skipped += 1
             finish("features", job)
@@ -380,7 +413,7 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
             if state[job.id] == "pending":
                 start_targets(job)
         for job in plan.features.values():
-            if state[job.id] == "pending":
+            if state[job.id] == "pending" or (state[job.id] == "waiting" and time.monotonic() >= waiting[job.id][1]):
                 start_features(job)
         for job in plan.probes:
             if state[job.id] != "pending":
@@ -396,9 +429,12 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
     try:
         schedule()
         while True:
-            f = ex.next_done()
+            f = ex.next_done(timeout=poll if waiting else None)
             if f is None:
-                break
+                if not waiting:
+                    break
+                schedule()  # look at the busy stores again
+                continue
             entry = futures.pop(f, None)
             if entry is None:  # a cancelled shard of a store that already failed
                 continue

@@ -14,6 +14,7 @@ __all__ = [
     "WeightsUnavailableError",
     "StoreError",
     "StoreMismatchError",
+    "StoreBusyError",
 ]
 
 
@@ -58,3 +59,14 @@ class StoreError(MaxaError):
 
 class StoreMismatchError(StoreError):
     """A feature store and a target store do not index the same images."""
+
+
+class StoreBusyError(StoreError):
+    """Another live writer holds the store's lease and the wait for it ran out. ``holder`` describes it."""
+
+    def __init__(self, message: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.holder))

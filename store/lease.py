@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from store import _layout as L
-from store.errors import StoreError
+from store.errors import StoreBusyError, StoreError
 
 __all__ = ["LeaseInfo", "StoreLease", "acquire_lease", "lease_path", "read_lease"]
 
@@ -344,15 +344,16 @@ def acquire_lease(
                 return lease
             time.sleep(min(poll, 0.2))
             continue
+        if timeout is not None and time.monotonic() - start >= timeout:
+            raise StoreBusyError(
+                f"timed out after {timeout:.0f} s waiting for {other.describe()} extracting {store_path}; "
+                "wait longer ($MAXA_LEASE_WAIT_S), or if that writer is gone, wait for its lease to go stale "
+                f"(no heartbeat for {lease.stale_after:.0f} s, $MAXA_LEASE_STALE_S).",
+                holder=other.describe(),
+            )
         if announced != other.uuid:
             say(f"maxa: waiting for {other.describe()} extracting this store… ({store_path})")
             announced = other.uuid
-        if timeout is not None and time.monotonic() - start > timeout:
-            raise StoreError(
-                f"timed out after {timeout:.0f} s waiting for {other.describe()} extracting {store_path}; "
-                "wait longer ($MAXA_LEASE_WAIT_S), or if that writer is gone, wait for its lease to go stale "
-                f"(no heartbeat for {lease.stale_after:.0f} s, $MAXA_LEASE_STALE_S)."
-            )
         time.sleep(poll)
 
 

@@ -195,6 +195,67 @@ def test_failing_jobs_do_not_stop_the_others(tmp_path):
     assert res.exit_code == 2 and f"line {TINY.count(chr(10)) + 3}: unknown task 'dpeth'" in res.output and not (tmp_path / "never").exists()
 
 
+# -- a store another coordinator is writing: wait for it, do not fail ------------------------------
+HOLD_LEASE = """
+import sys, time
+from store.lease import StoreLease
+lease = StoreLease(sys.argv[1])
+assert lease.try_claim()
+lease.start_heartbeat()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+lease.release()
+"""
+
+
+def _hold_lease(path: str, seconds: float):
+    """Another process (another sweep, a `maxa extract`) holding a live, heartbeating lease on ``path``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, path, str(seconds)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_store_held_by_another_writer_is_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAXA_LEASE_POLL_S", "0.2")
+    sweep = _write(tmp_path, TINY + '[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth"] }\n'
+                                    'heads = ["linear"]\n')
+    plan = plan_from_file(sweep, tmp_path / "stores")
+    busy = next(f for f in plan.features.values() if f.split.split == "train")
+    other = _hold_lease(busy.path, 3.0)  # lets go after 3 s
+    events = []
+    try:
+        summary = run_sweep(plan, workers=0, on_event=lambda name, jid: events.append((name, jid)))
+    finally:
+        other.kill()
+        other.wait()
+    assert summary.ok, summary.failure_lines()
+    assert ("waiting", busy.id) in events and ("done", busy.id) in events
+    assert events.index(("waiting", busy.id)) < events.index(("done", busy.id))
+    assert summary.probes == 1 and summary.extractions == 4  # 2 feature + 2 target stores, nothing failed
+
+    # With a bound on the wait ($MAXA_LEASE_WAIT_S), a writer that never lets go fails the store and
+    # its probe with one line each; nothing else stops.
+    monkeypatch.setenv("MAXA_LEASE_WAIT_S", "0.5")
+    sweep2 = _write(tmp_path, TINY.replace("num_images = 12", "num_images = 10") +
+                    '[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth"] }\nheads = ["linear"]\n',
+                    "sweep2.toml")
+    plan2 = plan_from_file(sweep2, tmp_path / "stores")
+    busy2 = next(f for f in plan2.features.values() if f.split.split == "train")
+    stuck = _hold_lease(busy2.path, 120.0)
+    try:
+        summary2 = run_sweep(plan2, workers=0)
+    finally:
+        stuck.kill()
+        stuck.wait()
+    lines = summary2.failure_lines()
+    assert not summary2.ok and len(lines) == 2 and all("\n" not in line for line in lines)
+    assert any(busy2.id in line and "$MAXA_LEASE_WAIT_S" in line and "pid" in line for line in lines)
+
+
 # -- a worker killed mid-sweep ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_killed_worker_still_every_result_once(tmp_path):
