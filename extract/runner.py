@@ -27,7 +27,7 @@ from extract.progress import ProgressReporter
 from extract.provenance import provenance
 from store import _layout as L
 from store.catalogue import feature_store_path
-from store.errors import BadImageError, MaxaError, StoreError
+from store.errors import BadImageError, MaxaError
 from store.spec import FeatureSpec, LayerSpec
 from store.writer import ArrayDef, StoreWriter
 
@@ -161,7 +161,7 @@ def extract_features(
                              device=str(dev), batch_size=batch_size, storage_options=storage_options,
                              wait_timeout=wait_timeout)
     if coordinated:
-        _attach(writer)
+        writer.attach()
     else:
         writer.open()
     if writer.complete:
@@ -200,17 +200,6 @@ def _feature_writer(spec: FeatureSpec, path: str, image_ids: list[str], *, shard
         provenance=provenance(device=device, batch_size=batch_size),
         storage_options=storage_options, wait_timeout=wait_timeout,
     )
-
-
-def _attach(writer: StoreWriter) -> StoreWriter:
-    """Open an existing store for writing shards without claiming its lease (a coordinator holds it)."""
-    meta = L.read_attrs(writer.path, writer.storage_options)
-    if meta is None:
-        raise StoreError(f"{writer.path} does not exist: a coordinated shard worker writes only into a store its "
-                         "coordinator created (open_feature_store).")
-    writer._check_same(meta)
-    writer._adopt(meta, "r" if meta.get("complete") else "r+")
-    return writer
 
 
 def open_feature_store(

@@ -163,6 +163,16 @@ class StoreWriter:
             raise
         return self
 
+    def attach(self) -> "StoreWriter":
+        """Open an existing store to write shards *without* claiming its lease: the worker side of a
+        coordinated extraction, whose coordinator created the store with :meth:`open` and holds the lease."""
+        meta = L.read_attrs(self.path, self.storage_options)
+        if meta is None:
+            raise StoreError(f"{self.path} does not exist: a coordinated shard worker writes only into a store its "
+                             "coordinator created (open_feature_store).")
+        self._check_same(meta)
+        return self._adopt(meta, "r" if meta.get("complete") else "r+")
+
     def _adopt(self, meta: dict[str, Any], mode: str) -> "StoreWriter":
         self.shard_size = int(meta["shard_size"])
         self.num_shards = int(meta["num_shards"])
