@@ -57,6 +57,9 @@ def run_path(args) -> dict:
     fs, ts = open_features(args.features), open_targets(args.targets)
     data = ProbeData(fs, ts, [args.task], device="cpu")
     task, model = _adapter_and_task(args.task, args.variant, data, ts.spec)
+    from probe import fused
+
+    fused.extension()  # a one-off per process, like loading the backbone: not part of an epoch (as in train_probe)
     opt = torch.optim.Adam(model.parameters(), lr=task.lr)
     out_size = tuple(ts.spec.size)
     backbone = None

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probe import fused
+
 __all__ = [
     "AdapterConfig",
     "MaxaAdapter",
@@ -158,8 +160,14 @@ def gaussian_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor, token_pos: torch.Tensor,
     sigma: torch.Tensor,
 ) -> torch.Tensor:
-    """``softmax(q·kᵀ/√d + M(σ)) v`` for (B, h, L, d) heads; fused kernels on CPU, SDPA elsewhere."""
+    """``softmax(q·kᵀ/√d + M(σ)) v`` for (B, h, L, d) heads.
+
+    On CPU: the C++ kernel of :mod:`probe.fused` when it is built (float32), else PyTorch's fused
+    kernels with the σ gradient of :class:`_GaussianFlashAttention`; elsewhere SDPA with the mask.
+    """
     d2 = torch.cdist(query_pos, token_pos).square()
+    if fused.usable(q):
+        return fused.FusedAttention.apply(q, k, v, sigma, d2)
     if q.device.type == "cpu" and _flash_cpu_available() and q.dtype in (torch.float32, torch.float64):
         return _GaussianFlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sigma, d2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_gaussian(d2, sigma).unsqueeze(0).to(q.dtype))
@@ -258,7 +266,8 @@ class MaskedCrossAttention(nn.Module):
         qh = self.split(self.q(q).expand(B, -1, -1))
         kh, vh = self.split(self.k(f)), self.split(self.v(f))
         if gaussian is None:
-            out = F.scaled_dot_product_attention(qh, kh, vh)
+            out = fused.FusedAttention.apply(qh, kh, vh, None, None) if fused.usable(qh) else \
+                F.scaled_dot_product_attention(qh, kh, vh)
         else:
             out = gaussian_attention(qh, kh, vh, *gaussian)
         out = self.o(out.transpose(1, 2).reshape(B, q.shape[1], -1))

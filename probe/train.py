@@ -23,6 +23,7 @@ import torch
 
 from extract.devices import resolve_device
 from extract.provenance import tool_version
+from probe import fused
 from probe.adapter import AdapterConfig, count_parameters
 from probe.data import ProbeData
 from probe.heads import build_head
@@ -228,6 +229,8 @@ def train_probe(
 
     model, adapter_config = build_model(config, task, fit.in_channels, fit.grids)
     model.to(dev)
+    if dev.type == "cpu":  # build or load the CPU attention kernel now, not inside the first epoch
+        fused.extension()
     extra = task.extra_module()
     if extra is not None:
         extra.to(dev)

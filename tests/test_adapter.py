@@ -125,11 +125,58 @@ def test_sigma_gets_gradient(sigma, n):
     assert m.log_sigma.grad is not None and torch.all(m.log_sigma.grad != 0)
 
 
+def _compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+def test_cpu_attention_kernel_builds_where_there_is_a_compiler():
+    from probe import fused
+
+    if not _compiler():
+        pytest.skip("no C++ compiler on PATH: the adapter uses PyTorch's kernels (tested below)")
+    assert fused.extension() is not None
+    assert fused.usable(torch.zeros(1, 8, 3, 4)) and not fused.usable(torch.zeros(1, 8, 3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("head_dim", [4, 2, 8])
+@pytest.mark.parametrize("heads_sigma", [8, 1, 0])
+def test_cpu_attention_kernel_matches_autograd(heads_sigma, head_dim):
+    """The C++ kernel (probe/csrc): output and the q, k, v and σ gradients against autograd."""
+    from probe import fused
+    from probe.adapter import gaussian_mask
+
+    if fused.extension() is None:
+        pytest.skip("the CPU attention kernel is not built here (no compiler): see the test above")
+    g = torch.Generator().manual_seed(2)
+    B, H, Q, N = 2, 8, 37, 20
+    leaves = [torch.randn(B, H, L, head_dim, generator=g, requires_grad=True) for L in (Q, N, N)]
+    qpos, tpos = torch.rand(Q, 2, generator=g), grid_pos(4, 5)
+    sigma = torch.linspace(0.03, 0.6, max(heads_sigma, 1)).requires_grad_(True) if heads_sigma else None
+    d2 = torch.cdist(qpos, tpos).square()
+    dout = torch.randn(B, H, Q, head_dim, generator=g)
+    got = fused.FusedAttention.apply(*leaves, sigma, d2)
+    q, k, v = leaves
+    logits = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+    if sigma is not None:
+        logits = logits + gaussian_mask(qpos, tpos, sigma).unsqueeze(0)
+    ref = torch.softmax(logits, -1) @ v
+    wrt = [*leaves] + ([sigma] if sigma is not None else [])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, wrt, dout), torch.autograd.grad(ref, wrt, dout)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("heads_sigma", [8, 1])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_gaussian_attention_gradients_match_autograd(heads_sigma, dtype):
-    """The fused CPU path (σ gradient from extra fused passes) against autograd through the direct formula."""
+def test_fused_gaussian_attention_gradients_match_autograd(heads_sigma, dtype, monkeypatch):
+    """PyTorch's fused CPU kernels with the σ gradient from two extra fused passes (the path without the
+    C++ kernel) against autograd through the direct formula."""
+    from probe import fused
     from probe.adapter import gaussian_attention, gaussian_mask
+
+    monkeypatch.setattr(fused, "usable", lambda q: False)
 
     g = torch.Generator().manual_seed(1)
     B, H, Q, N, d = 2, 8, 37, 20, 4
