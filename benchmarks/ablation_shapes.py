@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import time
 from pathlib import Path
 
 from probe.train import ProbeConfig, train_probe
@@ -28,7 +27,6 @@ def main() -> None:
     for variant in VARIANTS:
         cells, p_learn = [], 0
         for task in args.tasks.split(","):
-            t0 = time.perf_counter()
             r = train_probe(train, ProbeConfig(task=task, variant=variant, max_epochs=args.epochs), device="cpu",
                             show_progress=False)
             cells.append(f"{r.record['primary_metric']} {r.record['primary_value']:.4g}")

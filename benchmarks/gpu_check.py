@@ -6,8 +6,8 @@ machine reaches no network and may not have ``../shared``:
 1. **correctness** — the adapter's output and every gradient (σ included) on the device (PyTorch's
    SDPA with the Gaussian mask) against the CPU path (fused kernels + the custom σ backward);
 2. **extraction** — ``run_extract`` images/s for random ViT-B/16 at 224 (a VOC-sized split of
-   1,464 images plus a val split) and for SigLIP-384, each with the bare forward's images/s on the
-   same batch size for the ratio;
+   1,464 images plus a val split) and for SigLIP-384, each with the bare forward's images/s at the
+   same batch size (``pipelines.bench.speed_benchmark``, as ``maxa bench speed``) for the ratio;
 3. **probe epoch** — ``train_probe`` on the VOC-sized ViT-B/16 store (semseg and boundaries):
    seconds per epoch, trained and evaluated on the device.
 
@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -56,27 +55,6 @@ def check_adapter(device: str) -> dict:
     return {"max_abs_logit_diff": float((a - b).abs().max()), "sigma_grad_rel_diff": rel["log_sigma"],
             "worst_grad": worst, "worst_grad_rel_diff": rel[worst],
             "ok": bool((a - b).abs().max() < 1e-3 and rel[worst] < 1e-3)}
-
-
-def bare_forward_ips(backbone: str, device: str, batch: int, rounds: int = 5) -> float:
-    """Images/s of the backbone's forward alone (inference mode, the runner's autocast on GPU)."""
-    from extract.backbones import load_backbone
-
-    bb = load_backbone(backbone, weights="random", device=device)
-    x = torch.randn(batch, 3, *bb.input_size, device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-
-    def run() -> None:
-        with torch.inference_mode(), amp:
-            bb.forward(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    run()
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        run()
-    return batch * rounds / (time.perf_counter() - t0)
 
 
 def extract(backbone: str, split: str, n: int, root: str, device: str, batch: int) -> dict:
@@ -114,14 +92,20 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="maxa-gpu-check-")
     train = extract("random_b16", "train", args.images, root, args.device, args.batch_size)
     val = extract("random_b16", "val", args.val_images, root, args.device, args.batch_size)
-    train["bare_forward_images_per_s"] = bare_forward_ips("random_b16", args.device, args.batch_size)
     report["extract_vit_b16"] = {"train": train, "val": val}
-    save()
     if args.siglip_images:
-        sig = extract("siglip_384", "train", args.siglip_images, root, args.device, args.batch_size)
-        sig["bare_forward_images_per_s"] = bare_forward_ips("siglip_384", args.device, args.batch_size)
-        report["extract_siglip_384"] = sig
-        save()
+        report["extract_siglip_384"] = extract("siglip_384", "train", args.siglip_images, root, args.device,
+                                               args.batch_size)
+    # the bare forward at the same batch size, as `maxa bench speed` times it, for the pipeline/bare ratio
+    from pipelines.bench import speed_benchmark
+
+    rows = speed_benchmark(["siglip_384" if args.siglip_images else "random_b16"], reference="random_b16",
+                           batches=5, batch_size=args.batch_size, device=args.device)
+    bare = {row["backbone"]: row["images_per_second"] for row in rows}
+    train["bare_forward_images_per_s"] = bare["random_b16"]
+    if args.siglip_images:
+        report["extract_siglip_384"]["bare_forward_images_per_s"] = bare["siglip_384"]
+    save()
 
     from probe.train import ProbeConfig, train_probe
 

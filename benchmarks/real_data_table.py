@@ -68,9 +68,9 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             opts = {"min_large": args.min_large} if task == "instances" else {}
-            r = train_probe(paths["train"], ProbeConfig(task=task, max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed,
-                                                        task_options=opts),
-                            eval_features=paths["val"], device="cpu", show_progress=False)
+            config = ProbeConfig(task=task, max_epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+                                 seed=args.seed, task_options=opts)
+            r = train_probe(paths["train"], config, eval_features=paths["val"], device="cpu", show_progress=False)
             for metric, higher in SHOW[task]:
                 ours, trivial = r.metrics.get(metric), r.record["trivial"].get(metric)
                 better = None if ours is None or trivial is None else (ours > trivial if higher else ours < trivial)

@@ -303,7 +303,7 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
     from extract.runner import finalize_feature_store, open_feature_store
     from pipelines.distributed import build_targets_task, extract_shards_task, probe_task
     from store.errors import StoreBusyError
-    from store.lease import DEFAULT_POLL, _env_float
+    from store.lease import wait_settings
 
     root, so = plan.store_root, plan.storage_options
     settings = tuple(sorted((k, v) for k, v in plan.sweep.extract.items()))
@@ -319,8 +319,7 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
     # (when we first found it busy, when to look again). Its probes wait; the store is reused once it
     # is complete, or taken over if that writer's lease goes stale.
     waiting: dict[str, tuple[float, float]] = {}
-    poll = _env_float("MAXA_LEASE_POLL_S", DEFAULT_POLL) or DEFAULT_POLL
-    max_wait = _env_float("MAXA_LEASE_WAIT_S", None)
+    max_wait, poll = wait_settings()
 
     def event(name: str, jid: str) -> None:
         if on_event is not None:
@@ -356,7 +355,8 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
             first = waiting.get(job.id, (time.monotonic(), 0.0))[0]
             if max_wait is not None and time.monotonic() - first > max_wait:
                 waiting.pop(job.id, None)
-                fail("features", job, f"waited {max_wait:.0f} s ($MAXA_LEASE_WAIT_S): {_first_line(e)}")
+                fail("features", job, f"waited {max_wait:.0f} s ($MAXA_LEASE_WAIT_S) for {e.holder}, which is still "
+                                      f"writing {job.path}")
                 return
             if job.id not in waiting:
                 progress.note(f"{job.id}: {e.holder} is writing this store; its probes start once it is complete")

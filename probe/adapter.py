@@ -92,13 +92,7 @@ def query_grid(out_size: tuple[int, int], region: int = 8) -> tuple[int, int, to
 
 def gaussian_mask(query_pos: torch.Tensor, token_pos: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Eq. 3: ``(S, Q, N)`` additive logits ``exp(-d²/2σ²)/(σ√2π)`` for ``sigma`` of shape (S,)."""
-    return _gaussian(torch.cdist(query_pos, token_pos).square(), sigma)
-
-
-def _gaussian(d2: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """(Q, N) squared distances, (S,) σ → (S, Q, N) ``exp(-d²/2σ²)/(σ√2π)``."""
-    s = sigma.view(-1, 1, 1)
-    return torch.exp(-d2 / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
+    return fused.gaussian_logits(torch.cdist(query_pos, token_pos).square(), sigma)
 
 
 def _flash_cpu_available() -> bool:
@@ -125,7 +119,7 @@ class _GaussianFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sigma, d2):  # q (B,h,Q,d) k,v (B,h,N,d) sigma (S,) d2 (Q,N)
-        mask = _gaussian(d2, sigma).unsqueeze(0)  # (1, S, Q, N)
+        mask = fused.gaussian_logits(d2, sigma).unsqueeze(0)  # (1, S, Q, N)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask)
         ctx.save_for_backward(q, k, v, sigma, d2, mask, out, lse)
         return out
@@ -151,8 +145,7 @@ class _GaussianFlashAttention(torch.autograd.Function):
                 return (torch.exp(lse_w - lse) * ((dout * o_w).sum(-1) - rowdot)).sum(-1)
 
             log_w1 = d2.clamp_min(tiny).log() - 3 * s.log()  # W₁ = M·d²/σ³
-            per_head = (term(log_w1) - term(-s.log())).sum(0)  # W₀ = M/σ; (h,)
-            dsigma = per_head.sum().view(1) if sigma.numel() == 1 else per_head
+            dsigma = fused.sigma_grad((term(log_w1) - term(-s.log())).sum(0), sigma)  # W₀ = M/σ
         return dq, dk, dv, dsigma, None
 
 
@@ -170,7 +163,7 @@ def gaussian_attention(
         return fused.FusedAttention.apply(q, k, v, sigma, d2)
     if q.device.type == "cpu" and _flash_cpu_available() and q.dtype in (torch.float32, torch.float64):
         return _GaussianFlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sigma, d2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_gaussian(d2, sigma).unsqueeze(0).to(q.dtype))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=fused.gaussian_logits(d2, sigma).unsqueeze(0).to(q.dtype))
 
 
 def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -265,11 +258,12 @@ class MaskedCrossAttention(nn.Module):
         B = f.shape[0]
         qh = self.split(self.q(q).expand(B, -1, -1))
         kh, vh = self.split(self.k(f)), self.split(self.v(f))
-        if gaussian is None:
-            out = fused.FusedAttention.apply(qh, kh, vh, None, None) if fused.usable(qh) else \
-                F.scaled_dot_product_attention(qh, kh, vh)
-        else:
+        if gaussian is not None:
             out = gaussian_attention(qh, kh, vh, *gaussian)
+        elif fused.usable(qh):
+            out = fused.FusedAttention.apply(qh, kh, vh, None, None)
+        else:
+            out = F.scaled_dot_product_attention(qh, kh, vh)
         out = self.o(out.transpose(1, 2).reshape(B, q.shape[1], -1))
         if self.residual:
             out = out + q

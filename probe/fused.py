@@ -59,12 +59,23 @@ def extension() -> Any:
     return _ext
 
 
+def gaussian_logits(d2: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Eq. (3): (Q, N) squared distances, (S,) σ → (S, Q, N) ``exp(-d²/2σ²)/(σ√2π)``."""
+    s = sigma.view(-1, 1, 1)
+    return torch.exp(-d2 / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
+
+
+def sigma_grad(per_head: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """∂L/∂σ from its (h,) per-head sums: one σ shared by every head gets their total."""
+    return per_head.sum().view(1) if sigma.numel() == 1 else per_head
+
+
 def usable(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] in HEAD_DIMS and extension() is not None
 
 
 class FusedAttention(torch.autograd.Function):
-    """``softmax(q·kᵀ/√d + M) v`` for (B, h, L, d) heads, with ``M = mask_fn(σ)`` (S, Q, N) or no mask.
+    """``softmax(q·kᵀ/√d + M) v`` for (B, h, L, d) heads, with M = :func:`gaussian_logits` (S, Q, N) or no mask.
 
     ``sigma`` (S,) and ``d2`` (Q, N) squared query–token distances define the Gaussian term of eq. (3);
     its gradient reaches σ through ``∂M/∂σ = M·(d²/σ³ − 1/σ)``, accumulated inside the kernel.
@@ -72,14 +83,12 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sigma, d2):
-        from probe.adapter import _gaussian
-
         B, h, Q, d = q.shape
         N = k.shape[2]
         qf = q.reshape(B * h, Q, d).contiguous()
         kt = k.transpose(-1, -2).reshape(B * h, d, N).contiguous()
         vt = v.transpose(-1, -2).reshape(B * h, d, N).contiguous()
-        mask = _gaussian(d2, sigma).contiguous() if sigma is not None else q.new_empty(0)
+        mask = gaussian_logits(d2, sigma).contiguous() if sigma is not None else q.new_empty(0)
         out, lse = extension().forward(qf, kt, vt, mask, h, 1.0 / math.sqrt(d))
         ctx.save_for_backward(qf, kt, vt, mask, sigma, d2, out, lse)
         ctx.shape = (B, h, Q, d, N)
@@ -99,8 +108,5 @@ class FusedAttention(torch.autograd.Function):
                                                   grad.reshape(B * h, Q, d).contiguous())
         dk = dkt.view(B, h, d, N).transpose(-1, -2)
         dv = dvt.view(B, h, d, N).transpose(-1, -2)
-        dsigma = None
-        if want_sigma:
-            per_head = dsig.view(B, h).sum(0)
-            dsigma = per_head.sum().view(1) if sigma.numel() == 1 else per_head
+        dsigma = sigma_grad(dsig.view(B, h).sum(0), sigma) if want_sigma else None
         return dq.view(B, h, Q, d), dk, dv, dsigma, None

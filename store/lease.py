@@ -42,7 +42,7 @@ from typing import Any, Callable
 from store import _layout as L
 from store.errors import StoreBusyError, StoreError
 
-__all__ = ["LeaseInfo", "StoreLease", "acquire_lease", "lease_path", "read_lease"]
+__all__ = ["LeaseInfo", "StoreLease", "acquire_lease", "lease_path", "read_lease", "wait_settings"]
 
 DEFAULT_STALE_AFTER = 300.0
 DEFAULT_HEARTBEAT = 30.0
@@ -57,6 +57,12 @@ def _env_float(name: str, default: float | None) -> float | None:
         return float(value)
     except ValueError:
         raise StoreError(f"${name}={value!r} is not a number of seconds.") from None
+
+
+def wait_settings() -> tuple[float | None, float]:
+    """How long to wait for another live writer (``$MAXA_LEASE_WAIT_S``, default: as long as it is
+    alive) and how often to look again (``$MAXA_LEASE_POLL_S``, default 2 s)."""
+    return _env_float("MAXA_LEASE_WAIT_S", None), float(_env_float("MAXA_LEASE_POLL_S", DEFAULT_POLL))
 
 
 def lease_path(store_path: str) -> str:
@@ -323,8 +329,9 @@ def acquire_lease(
     write); raises :class:`StoreError` when ``wait_timeout`` seconds pass.
     """
     lease = StoreLease(store_path, storage_options, stale_after=stale_after)
-    timeout = wait_timeout if wait_timeout is not None else _env_float("MAXA_LEASE_WAIT_S", None)
-    poll = poll_every if poll_every is not None else _env_float("MAXA_LEASE_POLL_S", DEFAULT_POLL)
+    env_timeout, env_poll = wait_settings()
+    timeout = wait_timeout if wait_timeout is not None else env_timeout
+    poll = poll_every if poll_every is not None else env_poll
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     start = time.monotonic()
     announced = ""
