@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -131,11 +132,13 @@ def _compiler() -> bool:
     return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
-def test_cpu_attention_kernel_builds_where_there_is_a_compiler():
+def test_cpu_kernels_build_where_there_is_a_compiler():
     from probe import fused
 
     if not _compiler():
         pytest.skip("no C++ compiler on PATH: the adapter uses PyTorch's kernels (tested below)")
+    if os.environ.get("MAXA_CPU_KERNELS") == "0":
+        pytest.skip("MAXA_CPU_KERNELS=0 turns the kernels off")
     assert fused.extension() is not None
     assert fused.usable(torch.zeros(1, 8, 3, 4)) and not fused.usable(torch.zeros(1, 8, 3, 4, dtype=torch.float64))
 
@@ -148,7 +151,7 @@ def test_cpu_attention_kernel_matches_autograd(heads_sigma, head_dim):
     from probe.adapter import gaussian_mask
 
     if fused.extension() is None:
-        pytest.skip("the CPU attention kernel is not built here (no compiler): see the test above")
+        pytest.skip("the CPU kernels are not built here (no compiler): see the test above")
     g = torch.Generator().manual_seed(2)
     B, H, Q, N = 2, 8, 37, 20
     leaves = [torch.randn(B, H, L, head_dim, generator=g, requires_grad=True) for L in (Q, N, N)]
@@ -166,6 +169,32 @@ def test_cpu_attention_kernel_matches_autograd(heads_sigma, head_dim):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(torch.autograd.grad(got, wrt, dout), torch.autograd.grad(ref, wrt, dout)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("out_channels,hidden,stride", [(1, 8, 4), (3, 8, 4), (21, 21, 4), (2, 5, 2)])
+def test_cpu_upsampling_tail_kernel_matches_modules(out_channels, hidden, stride):
+    """The C++ tail (transposed conv k = s, ReLU, 1×1 conv): output and every gradient against the modules."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from probe import fused
+
+    if fused.extension() is None:
+        pytest.skip("the CPU kernels are not built here (no compiler): the modules run instead")
+    torch.manual_seed(3)
+    up, proj = nn.ConvTranspose2d(hidden, hidden, stride, stride=stride), nn.Conv2d(hidden, out_channels, 1)
+    x = torch.randn(3, hidden, 5, 7, requires_grad=True)
+    dout = torch.randn(3, out_channels, 5 * stride, 7 * stride)
+    wrt = [x, *up.parameters(), *proj.parameters()]
+    assert fused.tail_usable(x, up, proj)
+    got = fused.upsample_tail(x, up, proj)
+    ref = proj(F.relu(up(x)))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, wrt, dout), torch.autograd.grad(ref, wrt, dout)):
+        assert torch.count_nonzero(b) > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not fused.tail_usable(x.double(), up, proj)
+    assert not fused.tail_usable(x, nn.ConvTranspose2d(hidden, hidden, 3, stride=2), proj)
 
 
 @pytest.mark.parametrize("heads_sigma", [8, 1])
