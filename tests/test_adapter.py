@@ -401,3 +401,15 @@ def test_cnn_skip_path_equals_upsample_then_project(out_channels):
     x = torch.randn(2, 32, 7, 5)
     reference = cnn.skip(F.interpolate(x, scale_factor=8, mode="bilinear", align_corners=False)) + cnn.cnn(x)
     torch.testing.assert_close(cnn(x), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,factor", [((2, 3, 7, 5), 8), ((1, 1, 28, 28), 8), ((2, 4, 3, 6), 2)])
+def test_bilinear_upsampling_as_matmuls_equals_interpolate(shape, factor):
+    from probe.adapter import upsample_bilinear
+
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    got = upsample_bilinear(x, factor)
+    ref = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(*(torch.autograd.grad(y, x, g)[0] for y in (got, ref)))

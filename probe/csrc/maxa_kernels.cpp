@@ -263,8 +263,14 @@ at::Tensor tail_forward(at::Tensor x, at::Tensor wm, at::Tensor b1, at::Tensor w
   const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t hw = t.h * t.w;
+  // Few output channels: one dot product over the M hidden channels per output. Many: the 1×1 conv
+  // as axpys over the outputs with the transposed weights, skipping the hidden units the ReLU zeroed.
+  const bool wide = t.O >= 8;
+  std::vector<float> w2t(wide ? t.M * t.O : 0);
+  for (int64_t o = 0; wide && o < t.O; ++o)
+    for (int64_t c = 0; c < t.M; ++c) w2t[c * t.O + o] = w2p[o * t.M + c];
   at::parallel_for(0, t.B * hw, 64, [&](int64_t p0, int64_t p1) {
-    std::vector<float> hb(t.L), xv(t.C);
+    std::vector<float> hb(t.L), xv(t.C), ov(t.O);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / hw, r = p % hw, yy = r / t.w, xx = r % t.w;
       for (int64_t k = 0; k < t.C; ++k) xv[k] = xp[(b * t.C + k) * hw + r];
@@ -273,6 +279,18 @@ at::Tensor tail_forward(at::Tensor x, at::Tensor wm, at::Tensor b1, at::Tensor w
       for (int64_t ij = 0; ij < t.s * t.s; ++ij) {
         const float* rr = hb.data() + ij * t.M;
         float* out = yp + b * t.O * t.H * t.W + (yy * t.s + ij / t.s) * t.W + xx * t.s + ij % t.s;
+        if (wide) {
+          for (int64_t o = 0; o < t.O; ++o) ov[o] = b2p[o];
+          for (int64_t c = 0; c < t.M; ++c) {
+            const float a = rr[c];
+            if (a == 0.0f) continue;
+            const float* wc = w2t.data() + c * t.O;
+#pragma omp simd
+            for (int64_t o = 0; o < t.O; ++o) ov[o] += a * wc[o];
+          }
+          for (int64_t o = 0; o < t.O; ++o) out[o * t.H * t.W] = ov[o];
+          continue;
+        }
         for (int64_t o = 0; o < t.O; ++o) {
           const float* wo = w2p + o * t.M;
           float acc = 0.0f;
