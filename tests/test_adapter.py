@@ -413,3 +413,19 @@ def test_bilinear_upsampling_as_matmuls_equals_interpolate(shape, factor):
     torch.testing.assert_close(got, ref)
     g = torch.randn_like(ref)
     torch.testing.assert_close(*(torch.autograd.grad(y, x, g)[0] for y in (got, ref)))
+
+
+@pytest.mark.parametrize("paper_budget", [False, True])
+def test_feature_projection_is_psi_of_the_concatenation(paper_budget):
+    """ψ splits its first linear layer (features, and the image-independent positional part once per
+    batch): the result is ψ applied to ``[φ ‖ P (‖ learned)]`` as written in the paper."""
+    from probe.adapter import FeatureProjection
+
+    torch.manual_seed(0)
+    cfg = AdapterConfig(in_channels=(48,), grids=((6, 6),), out_channels=1, paper_budget=paper_budget)
+    psi = FeatureProjection(cfg, 48, (6, 6))
+    x, pos = torch.randn(3, 36, 48), grid_pos(6, 6)
+    parts = [x if psi.norm is None else psi.norm(x), sinusoidal_encoding(pos, cfg.pos_dim).expand(3, 36, -1)]
+    if paper_budget:
+        parts.append(psi.learned_pos.expand(3, 36, -1))
+    torch.testing.assert_close(psi(x, pos), psi.proj(torch.cat(parts, dim=-1)), rtol=1e-5, atol=1e-5)
