@@ -171,7 +171,7 @@ def test_cpu_attention_kernel_matches_autograd(heads_sigma, head_dim):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("out_channels,hidden,stride", [(1, 8, 4), (3, 8, 4), (21, 21, 4), (2, 5, 2)])
+@pytest.mark.parametrize("out_channels,hidden,stride", [(1, 8, 4), (3, 8, 4), (21, 21, 4), (2, 5, 2), (8, 8, 2), (40, 32, 4)])
 def test_cpu_upsampling_tail_kernel_matches_modules(out_channels, hidden, stride):
     """The C++ tail (transposed conv k = s, ReLU, 1×1 conv): output and every gradient against the modules."""
     import torch.nn as nn

@@ -17,12 +17,16 @@
 //    ReLU, 1×1 convolution. Each coarse pixel renders its own s×s block, so the block's hidden
 //    activations (s·s·M values) live in a small buffer and never reach memory: PyTorch's modules
 //    write and re-read them at full resolution several times in forward and backward (memory-bound,
-//    ~50 ms per batch of 8 at 224 px here, against a few ms of arithmetic).
+//    ~50 ms per batch of 8 at 224 px here, against a few ms of arithmetic). With few output
+//    channels (boundaries, distance, depth) each pixel is a short vectorised loop; with eight or more
+//    (semseg, instances) blocks of pixels go through ATen's matrix products, the hidden block held
+//    in a per-thread buffer.
 //    Layout: x (B, C, h, w); wm (C, L) with L = s·s·M and wm[k][(i·s + j)·M + c] = weight[k, c, i, j];
 //    b1 (L) the bias for each (i, j, c); w2 (O, M); b2 (O); output (B, O, h·s, w·s).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -255,66 +259,108 @@ TailShape tail_shape(const at::Tensor& x, const at::Tensor& wm, const at::Tensor
 
 }  // namespace
 
-at::Tensor tail_forward(at::Tensor x, at::Tensor wm, at::Tensor b1, at::Tensor w2, at::Tensor b2, int64_t s) {
-  const TailShape t = tail_shape(x, wm, w2, s);
-  check(b1, "b1", 1), check(b2, "b2", 1);
-  auto y = at::empty({t.B, t.O, t.H, t.W}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = wm.data_ptr<float>(), *b1p = b1.data_ptr<float>();
-  const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+namespace {
+
+// Wide tails (many hidden or output channels): blocks of pixels through ATen's matrix products
+// (single-threaded inside the parallel loop), the hidden block kept in a per-thread buffer.
+int64_t tail_block(const TailShape& t) { return std::max<int64_t>(16, std::min<int64_t>(256, 32768 / t.L)); }
+
+void gather_block(const float* xp, const TailShape& t, int64_t p0, int64_t n, float* X) {
   const int64_t hw = t.h * t.w;
-  // Few output channels: one dot product over the M hidden channels per output. Many: the 1×1 conv
-  // as axpys over the outputs with the transposed weights, skipping the hidden units the ReLU zeroed.
-  const bool wide = t.O >= 8;
-  std::vector<float> w2t(wide ? t.M * t.O : 0);
-  for (int64_t o = 0; wide && o < t.O; ++o)
-    for (int64_t c = 0; c < t.M; ++c) w2t[c * t.O + o] = w2p[o * t.M + c];
-  at::parallel_for(0, t.B * hw, 64, [&](int64_t p0, int64_t p1) {
-    std::vector<float> hb(t.L), xv(t.C), ov(t.O);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / hw, r = p % hw, yy = r / t.w, xx = r % t.w;
-      for (int64_t k = 0; k < t.C; ++k) xv[k] = xp[(b * t.C + k) * hw + r];
-      tail_hidden(xv.data(), wp, b1p, t.C, t.L, hb.data());
-      for (int64_t l = 0; l < t.L; ++l) hb[l] = hb[l] > 0.0f ? hb[l] : 0.0f;
-      for (int64_t ij = 0; ij < t.s * t.s; ++ij) {
-        const float* rr = hb.data() + ij * t.M;
-        float* out = yp + b * t.O * t.H * t.W + (yy * t.s + ij / t.s) * t.W + xx * t.s + ij % t.s;
-        if (wide) {
-          for (int64_t o = 0; o < t.O; ++o) ov[o] = b2p[o];
-          for (int64_t c = 0; c < t.M; ++c) {
-            const float a = rr[c];
-            if (a == 0.0f) continue;
-            const float* wc = w2t.data() + c * t.O;
-#pragma omp simd
-            for (int64_t o = 0; o < t.O; ++o) ov[o] += a * wc[o];
-          }
-          for (int64_t o = 0; o < t.O; ++o) out[o * t.H * t.W] = ov[o];
-          continue;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = (p0 + i) / hw, r = (p0 + i) % hw;
+    for (int64_t k = 0; k < t.C; ++k) X[i * t.C + k] = xp[(b * t.C + k) * hw + r];
+  }
+}
+
+// The output (or its gradient) offset of pixel p's sub-position ij, channel 0.
+inline int64_t out_offset(const TailShape& t, int64_t p, int64_t ij) {
+  const int64_t hw = t.h * t.w, b = p / hw, r = p % hw, yy = r / t.w, xx = r % t.w;
+  return b * t.O * t.H * t.W + (yy * t.s + ij / t.s) * t.W + xx * t.s + ij % t.s;
+}
+
+at::Tensor tail_forward_wide(const at::Tensor& x, const at::Tensor& wm, const at::Tensor& b1, const at::Tensor& w2,
+                             const at::Tensor& b2, const TailShape& t) {
+  auto y = at::empty({t.B, t.O, t.H, t.W}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t P = tail_block(t), ss = t.s * t.s, plane = t.H * t.W;
+  const at::Tensor w2t = w2.t();
+  at::parallel_for(0, t.B * t.h * t.w, P, [&](int64_t p0, int64_t p1) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the pool's threads do not inherit the caller's
+    at::Tensor X = at::empty({P, t.C}, x.options()), Hb = at::empty({P, t.L}, x.options());
+    at::Tensor Y = at::empty({P * ss, t.O}, x.options());
+    for (int64_t q0 = p0; q0 < p1; q0 += P) {
+      const int64_t n = std::min(P, p1 - q0);
+      gather_block(xp, t, q0, n, X.data_ptr<float>());
+      at::Tensor Hn = Hb.narrow(0, 0, n), Yn = Y.narrow(0, 0, n * ss);
+      Hn.copy_(b1.unsqueeze(0).expand({n, t.L}));
+      Hn.addmm_(X.narrow(0, 0, n), wm);
+      Hn.clamp_min_(0.0f);
+      Yn.copy_(b2.unsqueeze(0).expand({n * ss, t.O}));
+      Yn.addmm_(Hn.view({n * ss, t.M}), w2t);
+      const float* yr = Yn.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t ij = 0; ij < ss; ++ij) {
+          float* out = yp + out_offset(t, q0 + i, ij);
+          const float* src = yr + (i * ss + ij) * t.O;
+          for (int64_t o = 0; o < t.O; ++o) out[o * plane] = src[o];
         }
-        for (int64_t o = 0; o < t.O; ++o) {
-          const float* wo = w2p + o * t.M;
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t c = 0; c < t.M; ++c) acc += wo[c] * rr[c];
-          out[o * t.H * t.W] = acc + b2p[o];
-        }
-      }
     }
   });
   return y;
 }
 
-// Gradients of tail_forward: dx, dwm, db1, dw2, db2. The hidden activations are recomputed per pixel;
-// weight gradients are summed per thread, then across threads.
-std::vector<at::Tensor> tail_backward(at::Tensor x, at::Tensor wm, at::Tensor b1, at::Tensor w2, at::Tensor grad,
-                                      int64_t s) {
-  const TailShape t = tail_shape(x, wm, w2, s);
-  check(b1, "b1", 1), check(grad, "grad", 4);
-  TORCH_CHECK(grad.size(0) == t.B && grad.size(1) == t.O && grad.size(2) == t.H && grad.size(3) == t.W,
-              "tail gradient has the wrong shape");
-  const int64_t nt = at::get_num_threads(), acc_n = t.C * t.L + t.L + t.O * t.M + t.O;
-  auto acc = at::zeros({nt, acc_n}, x.options());
-  auto dx = at::empty_like(x);
+void tail_backward_wide(const at::Tensor& x, const at::Tensor& wm, const at::Tensor& b1, const at::Tensor& w2,
+                        const at::Tensor& grad, const TailShape& t, at::Tensor& dx, at::Tensor& acc) {
+  const float *xp = x.data_ptr<float>(), *gp = grad.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  const int64_t P = tail_block(t), ss = t.s * t.s, plane = t.H * t.W, hw = t.h * t.w, nt = acc.size(0);
+  const at::Tensor wmt = wm.t();
+  at::parallel_for(0, t.B * hw, P, [&](int64_t p0, int64_t p1) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the pool's threads do not inherit the caller's
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < nt, "unexpected thread id");
+    at::Tensor a = acc.select(0, tid);
+    int64_t off = 0;
+    auto part = [&](int64_t n) { auto v = a.narrow(0, off, n); off += n; return v; };
+    at::Tensor dwm = part(t.C * t.L).view({t.C, t.L}), db1 = part(t.L);
+    at::Tensor dw2 = part(t.O * t.M).view({t.O, t.M}), db2 = part(t.O);
+    at::Tensor X = at::empty({P, t.C}, x.options()), Hb = at::empty({P, t.L}, x.options());
+    at::Tensor G = at::empty({P * ss, t.O}, x.options());
+    for (int64_t q0 = p0; q0 < p1; q0 += P) {
+      const int64_t n = std::min(P, p1 - q0);
+      gather_block(xp, t, q0, n, X.data_ptr<float>());
+      float* gr = G.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t ij = 0; ij < ss; ++ij) {
+          const float* g = gp + out_offset(t, q0 + i, ij);
+          float* dst = gr + (i * ss + ij) * t.O;
+          for (int64_t o = 0; o < t.O; ++o) dst[o] = g[o * plane];
+        }
+      at::Tensor Xn = X.narrow(0, 0, n), Hn = Hb.narrow(0, 0, n), Gn = G.narrow(0, 0, n * ss);
+      Hn.copy_(b1.unsqueeze(0).expand({n, t.L}));
+      Hn.addmm_(Xn, wm);
+      at::Tensor live = Hn > 0;
+      Hn.clamp_min_(0.0f);
+      db2.add_(Gn.sum(0));
+      dw2.addmm_(Gn.t(), Hn.view({n * ss, t.M}));
+      at::Tensor dH = at::mm(Gn, w2).view({n, t.L}).mul_(live);
+      db1.add_(dH.sum(0));
+      dwm.addmm_(Xn.t(), dH);
+      at::Tensor dX = at::mm(dH, wmt);
+      const float* dr = dX.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = (q0 + i) / hw, r = (q0 + i) % hw;
+        for (int64_t k = 0; k < t.C; ++k) dxp[(b * t.C + k) * hw + r] = dr[i * t.C + k];
+      }
+    }
+  });
+}
+
+void tail_backward_narrow(const at::Tensor& x, const at::Tensor& wm, const at::Tensor& b1, const at::Tensor& w2,
+                          const at::Tensor& grad, const TailShape& t, at::Tensor& dx, at::Tensor& acc) {
+  const int64_t nt = acc.size(0), acc_n = acc.size(1);
   const float *xp = x.data_ptr<float>(), *wp = wm.data_ptr<float>(), *b1p = b1.data_ptr<float>();
   const float *w2p = w2.data_ptr<float>(), *gp = grad.data_ptr<float>();
   float *dxp = dx.data_ptr<float>(), *accp = acc.data_ptr<float>();
@@ -367,6 +413,56 @@ std::vector<at::Tensor> tail_backward(at::Tensor x, at::Tensor wm, at::Tensor b1
       }
     }
   });
+}
+
+bool tail_is_wide(const TailShape& t) { return t.O >= 8; }
+
+}  // namespace
+
+at::Tensor tail_forward(at::Tensor x, at::Tensor wm, at::Tensor b1, at::Tensor w2, at::Tensor b2, int64_t s) {
+  const TailShape t = tail_shape(x, wm, w2, s);
+  check(b1, "b1", 1), check(b2, "b2", 1);
+  if (tail_is_wide(t)) return tail_forward_wide(x, wm, b1, w2, b2, t);
+  auto y = at::empty({t.B, t.O, t.H, t.W}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = wm.data_ptr<float>(), *b1p = b1.data_ptr<float>();
+  const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t hw = t.h * t.w;
+  at::parallel_for(0, t.B * hw, 64, [&](int64_t p0, int64_t p1) {
+    std::vector<float> hb(t.L), xv(t.C);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / hw, r = p % hw, yy = r / t.w, xx = r % t.w;
+      for (int64_t k = 0; k < t.C; ++k) xv[k] = xp[(b * t.C + k) * hw + r];
+      tail_hidden(xv.data(), wp, b1p, t.C, t.L, hb.data());
+      for (int64_t l = 0; l < t.L; ++l) hb[l] = hb[l] > 0.0f ? hb[l] : 0.0f;
+      for (int64_t ij = 0; ij < t.s * t.s; ++ij) {
+        const float* rr = hb.data() + ij * t.M;
+        float* out = yp + b * t.O * t.H * t.W + (yy * t.s + ij / t.s) * t.W + xx * t.s + ij % t.s;
+        for (int64_t o = 0; o < t.O; ++o) {
+          const float* wo = w2p + o * t.M;
+          float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t c = 0; c < t.M; ++c) acc += wo[c] * rr[c];
+          out[o * t.H * t.W] = acc + b2p[o];
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// Gradients of tail_forward: dx, dwm, db1, dw2, db2. The hidden activations are recomputed per pixel;
+// weight gradients are summed per thread, then across threads.
+std::vector<at::Tensor> tail_backward(at::Tensor x, at::Tensor wm, at::Tensor b1, at::Tensor w2, at::Tensor grad,
+                                      int64_t s) {
+  const TailShape t = tail_shape(x, wm, w2, s);
+  check(b1, "b1", 1), check(grad, "grad", 4);
+  TORCH_CHECK(grad.size(0) == t.B && grad.size(1) == t.O && grad.size(2) == t.H && grad.size(3) == t.W,
+              "tail gradient has the wrong shape");
+  const int64_t nt = at::get_num_threads(), acc_n = t.C * t.L + t.L + t.O * t.M + t.O;
+  auto acc = at::zeros({nt, acc_n}, x.options());
+  auto dx = at::empty_like(x);
+  (tail_is_wide(t) ? tail_backward_wide : tail_backward_narrow)(x, wm, b1, w2, grad, t, dx, acc);
   auto total = acc.sum(0);
   int64_t o0 = 0;
   auto part = [&](int64_t n) { auto v = total.narrow(0, o0, n); o0 += n; return v; };
