@@ -159,6 +159,11 @@ StorageOptionList = Annotated[
 ]
 
 
+def _params(n: int) -> str:
+    """A parameter count as the paper writes it (0.184 M), or exact when that would read 0.000 M."""
+    return f"{n / 1e6:.3f} M" if n >= 1000 else f"{n:,}"
+
+
 def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
     """``--storage-option KEY=VALUE`` pairs as a dict; values are JSON where they parse (true, 3,
     {...}), else text; ``a.b=v`` nests (``client_kwargs.region_name=eu-west-1``)."""
@@ -446,7 +451,7 @@ def _results_table(records: list[dict[str, Any]], title: str):
         metrics = "  ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items() if not k.startswith("n_"))
         trivial = "  ".join(f"{k} {v:.4g}" for k, v in r["trivial"].items() if not k.startswith("n_"))
         table.add_row(r["backbone"], r["dataset"], r["task"], r["variant"], r["head"], str(r["seed"]), metrics,
-                      trivial, f"{r['p_learn'] / 1e6:.3f} M", str(r["epochs"]), f"{r['timings']['total_s']:.1f} s")
+                      trivial, _params(r["p_learn"]), str(r["epochs"]), f"{r['timings']['total_s']:.1f} s")
     return table
 
 
@@ -570,7 +575,7 @@ def bench_speed(
             table.add_row(name, f"{r['input_size'][0]}x{r['input_size'][1]}", grid, f"{r['backbone_params'] / 1e6:.1f}",
                           f"{r['seconds_per_batch']:.4f}", f"{r['images_per_second']:.2f}",
                           f"{r['relative_to_vitb16']:.2f}", f"{r['adapter_seconds_per_batch']:.4f}",
-                          f"{r['adapter_relative']:.3f}", f"{r['p_learn'] / 1e6:.3f} M")
+                          f"{r['adapter_relative']:.3f}", _params(r["p_learn"]))
         out.print(table)
     drift = rows[0]["reference_drift"]
     if not 0.83 <= drift <= 1.2:
