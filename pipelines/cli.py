@@ -495,16 +495,17 @@ def probe(
 @app.command()
 @clean_errors
 def predict(
-    adapter: Annotated[Path, typer.Option(help="Run directory written by `maxa probe`.")],
-    store: Annotated[Path, typer.Option(help="Feature store holding the image.")],
+    adapter: Annotated[str, typer.Option(help="Run directory written by `maxa probe` (a path or s3://… URL).")],
+    store: Annotated[str, typer.Option(help="Feature store holding the image (a path or s3://… URL).")],
     index: Annotated[int, typer.Option(help="Image index in the store.")] = 0,
     size: Annotated[int, typer.Option(min=8, help="Output resolution (any; the adapter takes positions).")] = 224,
     out_path: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("pred.png"),
+    storage_option: StorageOptionList = None,
 ) -> None:
     """Render a trained adapter's prediction for one stored image at any output size."""
     from probe.predict import colourise, predict as run_predict
 
-    raw, meta = run_predict(adapter, store, index, (size, size))
+    raw, meta = run_predict(adapter, store, index, (size, size), storage_options=_storage_options(storage_option))
     colourise(raw, meta["task"]).save(out_path)
     out.print(f"wrote {out_path} ({size}x{size}, task {meta['task']})")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -12,31 +13,33 @@ from PIL import Image
 
 from probe.adapter import AdapterConfig
 from probe.heads import build_head
+from probe.results import read_run_file
 from store.errors import MaxaError
 from store.reader import open_features
 
 __all__ = ["load_adapter", "predict", "colourise"]
 
 
-def load_adapter(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained model of ``run_dir`` (from ``maxa probe``) and its meta."""
-    run_dir = Path(run_dir)
-    meta_path, weights_path = run_dir / "meta.json", run_dir / "adapter.pt"
-    if not meta_path.is_file() or not weights_path.is_file():
+def load_adapter(run_dir: str | Path, *, storage_options: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model of ``run_dir`` (from ``maxa probe``; a folder or a URL) and its meta."""
+    meta_bytes = read_run_file(run_dir, "meta.json", storage_options=storage_options)
+    weights = read_run_file(run_dir, "adapter.pt", storage_options=storage_options)
+    if meta_bytes is None or weights is None:
         raise MaxaError(f"{run_dir} is not an adapter run directory (needs meta.json and adapter.pt from `maxa probe`).")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_bytes)
     config = AdapterConfig.from_dict(meta["config"]["adapter"])
     model = build_head(meta["config"]["probe"]["head"], config)
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.eval()
     return model, meta
 
 
-def predict(run_dir: str | Path, store: str | Path, index: int, size: tuple[int, int]) -> tuple[np.ndarray, dict]:
-    """``(C, H, W)`` raw adapter output for image ``index`` of feature store ``store``."""
-    model, meta = load_adapter(run_dir)
-    fs = open_features(store)
+def predict(run_dir: str | Path, store: str | Path, index: int, size: tuple[int, int], *,
+            storage_options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+    """``(C, H, W)`` raw adapter output for image ``index`` of feature store ``store`` (paths or URLs)."""
+    model, meta = load_adapter(run_dir, storage_options=storage_options)
+    fs = open_features(store, storage_options=storage_options)
     if list(fs.spec.layer_names) != meta["layers"]:
         raise MaxaError(f"store {store} has layers {fs.spec.layer_names}, the adapter was trained on {meta['layers']}.")
     if not 0 <= index < len(fs):

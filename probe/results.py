@@ -104,6 +104,16 @@ def finished_runs(root: str | Path, *, storage_options: dict[str, Any] | None = 
             if r.get("train_store") and r.get("task") != "speed"}
 
 
+def read_run_file(run_dir: str | Path, name: str, *, storage_options: dict[str, Any] | None = None) -> bytes | None:
+    """The bytes of one file of a probe run (folder or URL), or ``None`` when it is not there."""
+    if L.is_remote(run_dir):
+        fs, p = L.fs_path(run_dir, storage_options)
+        path = f"{p.rstrip('/')}/{name}"
+        return fs.cat_file(path) if fs.isfile(path) else None
+    path = Path(run_dir) / name
+    return path.read_bytes() if path.is_file() else None
+
+
 def write_run_files(run_dir: str, files: dict[str, bytes], *, storage_options: dict[str, Any] | None = None) -> None:
     """Write a probe run's files (adapter weights, meta JSON) into ``run_dir`` (folder or URL)."""
     if L.is_remote(run_dir):

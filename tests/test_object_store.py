@@ -166,3 +166,24 @@ def test_results_and_rm_on_s3(s3, stores, tmp_path):
     s3.invalidate_cache()
     assert not [p for p in s3.find(f"{BUCKET}/scratch") if "/features/" in p]  # data, lease and all
     assert [row["kind"] for row in list_stores(f"s3://{BUCKET}/scratch")] == ["targets"]
+
+
+def test_predict_from_a_run_and_a_store_on_s3(s3, stores, tmp_path):
+    """A probe whose results root is a bucket writes its run folder there; `maxa predict` reads it back."""
+    root = f"s3://{BUCKET}/lab-results"
+    r = runner.invoke(app, ["probe", "--store", stores["train"], "--task", "boundaries", "--max-epochs", "1",
+                            "--device", "cpu", "--results-root", root, "--no-progress"])
+    assert r.exit_code == 0, r.output
+    (record,) = read_results(root)
+    run_dir = record["run_dir"]
+    assert run_dir.startswith(f"s3://{BUCKET}/lab-results/runs/") and s3.isfile(run_dir.removeprefix("s3://") + "/adapter.pt")
+    png = tmp_path / "pred.png"
+    r = runner.invoke(app, ["predict", "--adapter", run_dir, "--store", stores["val"], "--index", "2",
+                            "--size", "96", "--out", str(png)])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert Image.open(png).size == (96, 96)
+    r = runner.invoke(app, ["predict", "--adapter", f"s3://{BUCKET}/lab-results/runs/nothing", "--store", stores["val"],
+                            "--out", str(png)])
+    assert r.exit_code != 0 and "not an adapter run directory" in r.output and "Traceback" not in r.output
