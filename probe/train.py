@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import copy
 import io
-import sys
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -229,7 +229,7 @@ def train_probe(
 
     model, adapter_config = build_model(config, task, fit.in_channels, fit.grids)
     model.to(dev)
-    if dev.type == "cpu":  # build or load the CPU attention kernel now, not inside the first epoch
+    if dev.type == "cpu":  # build or load the CPU kernels now, not inside the first epoch
         fused.extension()
     extra = task.extra_module()
     if extra is not None:

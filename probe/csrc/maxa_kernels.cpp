@@ -261,7 +261,7 @@ TailShape tail_shape(const at::Tensor& x, const at::Tensor& wm, const at::Tensor
 
 namespace {
 
-// Wide tails (many hidden or output channels): blocks of pixels through ATen's matrix products
+// Wide tails (eight or more output channels): blocks of pixels through ATen's matrix products
 // (single-threaded inside the parallel loop), the hidden block kept in a per-thread buffer.
 int64_t tail_block(const TailShape& t) { return std::max<int64_t>(16, std::min<int64_t>(256, 32768 / t.L)); }
 
@@ -273,11 +273,13 @@ void gather_block(const float* xp, const TailShape& t, int64_t p0, int64_t n, fl
   }
 }
 
-// The output (or its gradient) offset of pixel p's sub-position ij, channel 0.
-inline int64_t out_offset(const TailShape& t, int64_t p, int64_t ij) {
-  const int64_t hw = t.h * t.w, b = p / hw, r = p % hw, yy = r / t.w, xx = r % t.w;
-  return b * t.O * t.H * t.W + (yy * t.s + ij / t.s) * t.W + xx * t.s + ij % t.s;
+// Offsets into the output (or its gradient), channel 0: coarse pixel p's s×s block starts at
+// pixel_base(p); sub-position ij = i·s + j of the block is sub_offset(ij) further.
+inline int64_t pixel_base(const TailShape& t, int64_t p) {
+  const int64_t hw = t.h * t.w, b = p / hw, r = p % hw;
+  return b * t.O * t.H * t.W + (r / t.w) * t.s * t.W + (r % t.w) * t.s;
 }
+inline int64_t sub_offset(const TailShape& t, int64_t ij) { return (ij / t.s) * t.W + ij % t.s; }
 
 at::Tensor tail_forward_wide(const at::Tensor& x, const at::Tensor& wm, const at::Tensor& b1, const at::Tensor& w2,
                              const at::Tensor& b2, const TailShape& t) {
@@ -302,7 +304,7 @@ at::Tensor tail_forward_wide(const at::Tensor& x, const at::Tensor& wm, const at
       const float* yr = Yn.data_ptr<float>();
       for (int64_t i = 0; i < n; ++i)
         for (int64_t ij = 0; ij < ss; ++ij) {
-          float* out = yp + out_offset(t, q0 + i, ij);
+          float* out = yp + pixel_base(t, q0 + i) + sub_offset(t, ij);
           const float* src = yr + (i * ss + ij) * t.O;
           for (int64_t o = 0; o < t.O; ++o) out[o * plane] = src[o];
         }
@@ -334,7 +336,7 @@ void tail_backward_wide(const at::Tensor& x, const at::Tensor& wm, const at::Ten
       float* gr = G.data_ptr<float>();
       for (int64_t i = 0; i < n; ++i)
         for (int64_t ij = 0; ij < ss; ++ij) {
-          const float* g = gp + out_offset(t, q0 + i, ij);
+          const float* g = gp + pixel_base(t, q0 + i) + sub_offset(t, ij);
           float* dst = gr + (i * ss + ij) * t.O;
           for (int64_t o = 0; o < t.O; ++o) dst[o] = g[o * plane];
         }
@@ -374,14 +376,14 @@ void tail_backward_narrow(const at::Tensor& x, const at::Tensor& wm, const at::T
     float* db2 = dw2 + t.O * t.M;
     std::vector<float> hb(t.L), dh(t.L), xv(t.C);
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / hw, r = p % hw, yy = r / t.w, xx = r % t.w;
-      for (int64_t k = 0; k < t.C; ++k) xv[k] = xp[(b * t.C + k) * hw + r];
+      const int64_t b = p / hw, r = p % hw, base = pixel_base(t, p);
+      gather_block(xp, t, p, 1, xv.data());
       tail_hidden(xv.data(), wp, b1p, t.C, t.L, hb.data());
       for (int64_t l = 0; l < t.L; ++l) dh[l] = 0.0f;
       for (int64_t ij = 0; ij < t.s * t.s; ++ij) {
         const float* hr = hb.data() + ij * t.M;
         float* dr = dh.data() + ij * t.M;
-        const float* g = gp + b * t.O * t.H * t.W + (yy * t.s + ij / t.s) * t.W + xx * t.s + ij % t.s;
+        const float* g = gp + base + sub_offset(t, ij);
         for (int64_t o = 0; o < t.O; ++o) {
           const float go = g[o * t.H * t.W];
           db2[o] += go;
@@ -431,13 +433,13 @@ at::Tensor tail_forward(at::Tensor x, at::Tensor wm, at::Tensor b1, at::Tensor w
   at::parallel_for(0, t.B * hw, 64, [&](int64_t p0, int64_t p1) {
     std::vector<float> hb(t.L), xv(t.C);
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / hw, r = p % hw, yy = r / t.w, xx = r % t.w;
-      for (int64_t k = 0; k < t.C; ++k) xv[k] = xp[(b * t.C + k) * hw + r];
+      const int64_t base = pixel_base(t, p);
+      gather_block(xp, t, p, 1, xv.data());
       tail_hidden(xv.data(), wp, b1p, t.C, t.L, hb.data());
       for (int64_t l = 0; l < t.L; ++l) hb[l] = hb[l] > 0.0f ? hb[l] : 0.0f;
       for (int64_t ij = 0; ij < t.s * t.s; ++ij) {
         const float* rr = hb.data() + ij * t.M;
-        float* out = yp + b * t.O * t.H * t.W + (yy * t.s + ij / t.s) * t.W + xx * t.s + ij % t.s;
+        float* out = yp + base + sub_offset(t, ij);
         for (int64_t o = 0; o < t.O; ++o) {
           const float* wo = w2p + o * t.M;
           float acc = 0.0f;
@@ -476,7 +478,6 @@ std::vector<at::Tensor> tail_backward(at::Tensor x, at::Tensor wm, at::Tensor b1
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "MAXA attention forward (CPU)");
   m.def("attention_backward", &attention_backward, "MAXA attention backward (CPU)");
-  m.def("gaussian_mask", &gaussian_mask, "the Gaussian logit term of eq. (3) (CPU)");
   m.def("tail_forward", &tail_forward, "upsampling tail forward: transposed conv (k = s) + ReLU + 1x1 conv (CPU)");
   m.def("tail_backward", &tail_backward, "upsampling tail backward (CPU)");
 }
