@@ -38,7 +38,9 @@ class BackboneImages(Dataset):
     and send 4x fewer bytes between processes.
 
     A bad image does not raise inside the worker (exceptions lose their type crossing processes):
-    the item carries the file and reason, and the caller decides (raise, or ``--skip-bad``).
+    the item carries the file and reason, and the caller decides (raise, or ``--skip-bad``). An
+    image whose size is not its annotation's (``ImageSizeError``) is not a bad image but a wrong
+    dataset: it raises, so extraction stops with one line even under ``--skip-bad``.
 
     Args:
         reader: the dataset reader.
@@ -73,7 +75,7 @@ class BackboneImages(Dataset):
         try:
             # draft lets libjpeg decode at a reduced scale no smaller than the target size
             image = self.reader.read_image(index, draft_size=(w, h))
-        except BadImageError as err:
+        except BadImageError as err:  # ImageSizeError is a DatasetError, not a BadImageError: it stops
             dtype = torch.float32 if self.normalize_in_worker else torch.uint8
             return {"index": index, "pixels": torch.zeros(3, h, w, dtype=dtype), "bad": f"{err.path}\t{err.reason}"}
         if image.size != (w, h):

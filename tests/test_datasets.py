@@ -245,6 +245,12 @@ class DatasetContract:
                 np.testing.assert_array_equal(getattr(after, field), getattr(before, field))
         assert clone.read_image(0).size == reader.read_image(0).size
 
+    def test_annotation_size_and_identity(self, reader: DatasetReader) -> None:
+        for i in self._indices(reader):
+            assert reader.annotation_size(i) == reader.read_annotation(i).size
+            reader.check_image_size(i)
+        _check_fingerprint(reader)
+
     def test_missing_root(self, tmp_path: Path) -> None:
         missing = tmp_path / "no_such_dataset"
         with pytest.raises(DatasetError, match=re.escape(str(missing))) as err:
@@ -543,3 +549,254 @@ def test_truncated_jpeg_raises_bad_image(tmp_path: Path, kind: str) -> None:
     with pytest.raises(BadImageError, match=re.escape(str(victim))) as err:
         reader.read_image(0)
     assert err.value.path == str(victim)
+
+
+# -- sizes: the annotation decides the image's orientation; other sizes are refused ---------------
+
+
+def test_image_and_annotation_paths(tmp_path: Path) -> None:
+    voc = VOCDataset(write_voc(tmp_path / "voc"), "train")
+    assert voc.image_path(0).name == "2007_000032.jpg" and voc.annotation_path(0).name == "2007_000032.png"
+    coco = COCODataset(write_coco(tmp_path / "coco"), "val")
+    assert coco.image_path(0).name == "000000000009.jpg" and coco.annotation_path(0).name == "instances_val2017.json"
+    write_nyu_mat(tmp_path / "nyu")
+    nyu = NYUv2Dataset(tmp_path / "nyu", "train")
+    assert nyu.image_path(0) is None and nyu.annotation_size(0) == (NYU_H, NYU_W)
+
+
+@pytest.mark.parametrize("kind", ["voc", "cocostuff", "coco"])
+def test_image_of_another_size_than_its_annotation_is_refused(tmp_path: Path, kind: str) -> None:
+    from extract.datasets.base import ImageSizeError
+
+    if kind == "voc":
+        base = write_voc(tmp_path)
+        reader: DatasetReader = VOCDataset(base, "val")
+        image = base / "JPEGImages" / f"{VOC_IDS['val'][0]}.jpg"
+        annotation = base / "SegmentationClass" / f"{VOC_IDS['val'][0]}.png"
+    elif kind == "cocostuff":
+        reader = CocoStuffDataset(write_cocostuff(tmp_path), "val")
+        image = tmp_path / "images" / "val2017" / "000000000139.jpg"
+        annotation = tmp_path / "stuffthingmaps_trainval2017" / "val2017" / "000000000139.png"
+    else:
+        reader = COCODataset(write_coco(tmp_path), "val")
+        image = tmp_path / "val2017" / "000000000009.jpg"
+        annotation = tmp_path / "annotations" / "instances_val2017.json"
+    _jpeg(image, 17, 19)
+    with pytest.raises(ImageSizeError) as err:
+        reader.read_image(0)
+    assert str(image) in str(err.value) and str(annotation) in str(err.value) and "17x19" in str(err.value)
+
+
+def test_coco_exif_rotated_image_matching_the_json_is_rotated(tmp_path: Path) -> None:
+    root = write_coco(tmp_path)
+    path = root / "val2017" / "000000000009.jpg"  # the JSON says 20x30 (height x width)
+    pixels = np.random.default_rng(5).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored 30x20, shown rotated 90° counter-clockwise: 20x30
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+    stored = np.asarray(Image.open(path).convert("RGB"))
+    image = COCODataset(root, "val").read_image(0)
+    np.testing.assert_array_equal(np.asarray(image), np.rot90(stored, k=1))
+
+
+# -- COCO annotation checks -------------------------------------------------------------------------
+
+
+def _coco_with(tmp_path: Path, **changes: Any) -> tuple[Path, Path]:
+    root = write_coco(tmp_path)
+    path = root / "annotations" / "instances_val2017.json"
+    dataset = json.loads(path.read_text())
+    dataset["annotations"][0].update(changes)
+    path.write_text(json.dumps(dataset))
+    return root, path
+
+
+@pytest.mark.parametrize(
+    "changes,reason",
+    [
+        ({"category_id": 7}, "category_id 7"),
+        ({"segmentation": [[2, 2, 12, 2]]}, "4 coordinates"),
+        ({"segmentation": [[2, 2, 12, 2, 12, 7, 2]]}, "7 coordinates"),
+        ({"segmentation": [[2, 2, 12, "x", 12, 7, 2, 7]]}, "non-numeric"),
+        ({"segmentation": [[2, 2, 12, None, 12, 7, 2, 7]]}, "non-numeric"),
+        ({"segmentation": []}, "empty segmentation"),
+        ({"segmentation": {"size": [20, 30]}}, "without 'counts'"),
+        ({"segmentation": {"counts": [600]}}, "without 'counts' and 'size'"),
+        ({"segmentation": {"counts": [600], "size": [21, 30]}}, r"size \[21, 30\].*20x30"),
+        ({"segmentation": {"counts": [500], "size": [20, 30]}}, "summing to 500"),
+        ({"segmentation": "polygon"}, "type str"),
+        ({"iscrowd": 2}, "iscrowd 2"),
+        ({"area": "big"}, "area 'big'"),
+    ],
+)
+def test_coco_bad_annotation_names_file_and_ids(tmp_path: Path, changes: dict[str, Any], reason: str) -> None:
+    root, path = _coco_with(tmp_path, **changes)
+    with pytest.raises(DatasetError) as err:
+        COCODataset(root, "val")
+    text = str(err.value)
+    assert str(path) in text and "annotation id 1 " in text and "image id 10" in text, text
+    assert re.search(reason, text), text
+    assert "\n" not in text
+
+
+def test_coco_orphan_annotations_are_counted_and_warned(tmp_path: Path) -> None:
+    from extract.datasets.base import DatasetWarning
+
+    root = write_coco(tmp_path)
+    path = root / "annotations" / "instances_val2017.json"
+    dataset = json.loads(path.read_text())
+    orphan = dict(dataset["annotations"][0], category_id=99, segmentation="unchecked: ignored anyway")
+    dataset["annotations"] += [dict(orphan, id=5, image_id=77), dict(orphan, id=9, image_id=78)]
+    path.write_text(json.dumps(dataset))
+    with pytest.warns(DatasetWarning, match="2 annotation"):
+        reader = COCODataset(root, "val")
+    assert reader.warnings == [
+        f"2 annotation(s) in {path} refer to no image in it (annotation ids 5, 9); they are ignored."
+    ]
+    assert len(reader.read_annotation(1).instance_masks) == 1  # image 10 keeps its own annotation only
+    assert pickle.loads(pickle.dumps(reader)).warnings == reader.warnings
+    assert COCODataset(write_coco(tmp_path / "clean"), "val").warnings == []
+
+
+def test_coco_warnings_reach_the_target_store(tmp_path: Path) -> None:
+    from extract.target_store import build_target_store
+    from store import _layout as L
+
+    root = write_coco(tmp_path / "data")
+    path = root / "annotations" / "instances_val2017.json"
+    dataset = json.loads(path.read_text())
+    dataset["annotations"].append(dict(dataset["annotations"][0], id=3, image_id=404))
+    path.write_text(json.dumps(dataset))
+    with pytest.warns(UserWarning):
+        reader = COCODataset(root, "val")
+    result = build_target_store(reader, str(tmp_path / "stores"), size=(16, 16), num_workers=0, show_progress=False)
+    attrs = L.read_attrs(result.path)
+    assert attrs["complete"] and attrs["dataset_warnings"] == reader.warnings and "annotation ids 3" in reader.warnings[0]
+
+
+def test_cli_prints_dataset_warnings_once(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    root = write_coco(tmp_path / "data")
+    path = root / "annotations" / "instances_val2017.json"
+    dataset = json.loads(path.read_text())
+    dataset["annotations"].append(dict(dataset["annotations"][0], id=3, image_id=404))
+    path.write_text(json.dumps(dataset))
+    args = ["extract", "--backbone", "test_vit", "--dataset", "coco", "--split", "val", "--root", str(root),
+            "--weights", "random", "--store-root", str(tmp_path / "stores"), "--device", "cpu", "--workers", "0",
+            "--no-progress", "--target-size", "16"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    warning_lines = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warning_lines) == 1 and "1 annotation(s)" in warning_lines[0] and "annotation ids 3" in warning_lines[0]
+
+
+# -- dataset identity -------------------------------------------------------------------------------
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _check_fingerprint(reader: DatasetReader) -> dict[str, Any]:
+    fingerprint = reader.fingerprint()
+    text = json.dumps(fingerprint)  # JSON-serialisable
+    if reader.root is not None:
+        assert str(reader.root) not in text and str(reader.root.parent) not in text
+    assert re.fullmatch(r"[0-9a-f]{16}", reader.dataset_id())
+    assert pickle.loads(pickle.dumps(reader)).dataset_id() == reader.dataset_id()
+    return fingerprint
+
+
+def test_segfolder_identity(tmp_path: Path) -> None:
+    a = tmp_path / "camvid_a"
+    for split in ("train", "val"):
+        for stem in ("x", "y") if split == "train" else ("z",):
+            _jpeg(a / split / f"{stem}.png", 8, 8)
+            (a / f"{split}annot").mkdir(exist_ok=True)
+            Image.fromarray(np.ones((8, 8), np.uint8)).save(a / f"{split}annot" / f"{stem}.png")
+    train = SegFolderDataset(a, "train", num_classes=3)
+    _check_fingerprint(train)
+    assert SegFolderDataset(a, "val", num_classes=3).dataset_id() == train.dataset_id()  # splits pair up
+    b = _copy(a, tmp_path / "elsewhere" / "camvid_b")
+    assert SegFolderDataset(b, "train", num_classes=3).dataset_id() == train.dataset_id()  # same data, other path
+    assert SegFolderDataset(a, "train", num_classes=3, ignore_index=255).dataset_id() == train.dataset_id()
+    assert SegFolderDataset(a, "train", num_classes=4).dataset_id() != train.dataset_id()
+    (b / "val" / "z.png").rename(b / "val" / "w.png")
+    (b / "valannot" / "z.png").rename(b / "valannot" / "w.png")
+    assert SegFolderDataset(b, "train", num_classes=3).dataset_id() != train.dataset_id()  # other files
+
+
+def test_coco_identity(tmp_path: Path) -> None:
+    root = write_coco(tmp_path / "a")
+    val = COCODataset(root, "val")
+    fingerprint = _check_fingerprint(val)
+    assert [c["name"] for c in fingerprint["categories"]] == ["person", "car"]
+    assert val.dataset_options() == {}
+    assert COCODataset(root, "val", include_empty=False).dataset_id() == val.dataset_id()
+    # the train file of the same dataset: other images, same header
+    (root / "train2017").mkdir()
+    train_json = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    train_json["images"] = train_json["images"][1:]
+    train_json["annotations"] = []
+    _jpeg(root / "train2017" / "000000000009.jpg", 20, 30)
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(train_json))
+    assert COCODataset(root, "train").dataset_id() == val.dataset_id()
+    assert COCODataset(_copy(root, tmp_path / "b"), "val").dataset_id() == val.dataset_id()
+    for key, value in (("categories", [{"id": 1, "name": "person"}, {"id": 3, "name": "truck"}]),
+                       ("info", {"description": "another dataset"})):
+        other = _copy(root, tmp_path / f"other_{key}")
+        path = other / "annotations" / "instances_val2017.json"
+        dataset = json.loads(path.read_text())
+        dataset[key] = value
+        path.write_text(json.dumps(dataset))
+        assert COCODataset(other, "val").dataset_id() != val.dataset_id(), key
+
+
+def test_voc_cocostuff_nyu_shapes_identity(tmp_path: Path) -> None:
+    from extract.datasets.shapes import ShapesDataset
+
+    write_voc(tmp_path / "voc")
+    voc = VOCDataset(tmp_path / "voc", "train")
+    _check_fingerprint(voc)
+    assert VOCDataset(tmp_path / "voc", "val").dataset_id() == voc.dataset_id()
+    assert VOCDataset(_copy(tmp_path / "voc", tmp_path / "voc2"), "trainval").dataset_id() == voc.dataset_id()
+    (tmp_path / "voc2" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000039\n")
+    assert VOCDataset(tmp_path / "voc2", "train").dataset_id() != voc.dataset_id()
+
+    stuff = CocoStuffDataset(write_cocostuff(tmp_path / "stuff"), "val")
+    _check_fingerprint(stuff)
+    write_cocostuff(tmp_path / "stuff", "images/train2017", "stuffthingmaps_trainval2017/train2017")
+    both = CocoStuffDataset(tmp_path / "stuff", "val")
+    assert CocoStuffDataset(tmp_path / "stuff", "train").dataset_id() == both.dataset_id() != stuff.dataset_id()
+
+    write_nyu_mat(tmp_path / "nyu")
+    nyu = NYUv2Dataset(tmp_path / "nyu", "train")
+    assert _check_fingerprint(nyu)["layout"] == "labeled"
+    assert NYUv2Dataset(_copy(tmp_path / "nyu", tmp_path / "nyu2"), "test").dataset_id() == nyu.dataset_id()
+    scipy.io.savemat(tmp_path / "nyu2" / "splits.mat", {"trainNdxs": np.array([[1]]), "testNdxs": np.array([[2], [3]])})
+    assert NYUv2Dataset(tmp_path / "nyu2", "test").dataset_id() != nyu.dataset_id()
+
+    shapes = ShapesDataset(None, "train", num_images=4)
+    _check_fingerprint(shapes)
+    assert ShapesDataset(None, "val", num_images=2).dataset_id() == shapes.dataset_id()
+    assert shapes.dataset_options() == {"image_size": 224, "seed": 0}
+    assert ShapesDataset(None, "train", num_images=4, seed=1).dataset_id() != shapes.dataset_id()
+
+
+def test_nyu_pairs_identity(tmp_path: Path) -> None:
+    root = tmp_path / "pairs"
+    for n in range(2):
+        _jpeg(root / "rgb" / f"rgb_{n:05d}.jpg", 6, 8)
+        (root / "depth").mkdir(exist_ok=True)
+        Image.fromarray(np.full((6, 8), 1000 + n, np.uint16)).save(root / "depth" / f"sync_depth_{n:05d}.png")
+    reader = NYUv2Dataset(root, "test")
+    assert _check_fingerprint(reader)["layout"] == "pairs"
+    assert NYUv2Dataset(root, "train").dataset_id() == reader.dataset_id()
+    assert NYUv2Dataset(_copy(root, tmp_path / "copy"), "test").dataset_id() == reader.dataset_id()
+    listing = {"files": [{"rgb": "rgb/rgb_00000.jpg", "depth": "depth/sync_depth_00000.png"}]}
+    (tmp_path / "copy" / "test_annotations.json").write_text(json.dumps(listing))
+    assert NYUv2Dataset(tmp_path / "copy", "test").dataset_id() != reader.dataset_id()

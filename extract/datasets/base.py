@@ -4,13 +4,18 @@ A reader turns one published dataset layout into a list of image ids, decoded RG
 per-image annotations in original image coordinates. Readers know nothing about backbones, stores
 or output resolutions: ``extract.targets`` turns an :class:`Annotation` into targets, and
 ``extract.runner`` resizes images for a backbone.
+
+A reader also says which dataset it reads (:meth:`DatasetReader.dataset_id`): the same for every
+split of one dataset and for copies of it at other paths, different for other data.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,18 +23,23 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from store.errors import BadImageError, DatasetError, UnknownNameError
+from extract.datasets.decode import ImageSizeError, load_rgb, needs_transpose
+from store.errors import DatasetError, UnknownNameError
 
 __all__ = [
     "TARGET_KINDS",
     "Annotation",
     "DatasetReader",
+    "DatasetWarning",
+    "ImageSizeError",
     "register_dataset",
     "dataset_names",
     "get_dataset_class",
     "create_dataset",
     "load_rgb",
     "image_ids_hash",
+    "names_digest",
+    "file_digest",
 ]
 
 #: Every target a reader may support. ``instances`` also implies ``boundaries`` and ``distance``.
@@ -63,13 +73,20 @@ class Annotation:
     depth: np.ndarray | None = None
 
 
+class DatasetWarning(UserWarning):
+    """Something odd in a dataset that the reader works around; the message says what and how."""
+
+
 class DatasetReader(ABC):
     """Base class of every dataset reader.
 
     Subclasses set ``name``, ``targets`` (a subset of :data:`TARGET_KINDS`) and ``splits``, and
-    implement ``__init__`` (validate the root and fill ``self.image_ids``), :meth:`read_image` and
-    :meth:`read_annotation`. Construction must fail fast with :class:`DatasetError` naming the
-    missing file and the expected layout.
+    implement ``__init__`` (validate the root and fill ``self.image_ids``), :meth:`read_annotation`,
+    :meth:`annotation_size` and :meth:`fingerprint`. Readers of image files implement
+    :meth:`image_path` (and :meth:`annotation_path`) and inherit :meth:`read_image`, which decodes
+    every image mode and settles EXIF orientation against the annotation's size; readers without
+    files override :meth:`read_image`. Construction must fail fast with :class:`DatasetError`
+    naming the missing file and the expected layout.
 
     Attributes:
         name: registry name, e.g. ``"coco"``.
@@ -79,11 +96,15 @@ class DatasetReader(ABC):
         ignore_index: label value for ignored pixels in ``semantic``.
         class_names: optional names of the semantic classes.
         image_ids: stable ids of the images of this split, in store order.
+        warnings: one line per oddity found while building the reader (also issued as
+            :class:`DatasetWarning`); target stores record them.
     """
 
     name: ClassVar[str] = ""
     targets: ClassVar[frozenset[str]] = frozenset()
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
+    #: Options that only select images of a split; they are not part of the dataset's identity.
+    split_options: ClassVar[frozenset[str]] = frozenset()
     num_classes: int | None = None
     ignore_index: int = 255
     class_names: list[str] | None = None
@@ -97,23 +118,100 @@ class DatasetReader(ABC):
         self.split = split
         self.options = dict(options)
         self.image_ids: list[str] = []
+        self.warnings: list[str] = []
+        self._dataset_id: str | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    @abstractmethod
+    # -- images and annotations -------------------------------------------------------------------
+
+    def image_path(self, index: int) -> Path | None:
+        """The file of image ``index``, or ``None`` for readers whose pixels are not image files."""
+        return None
+
+    def annotation_path(self, index: int) -> Path | None:
+        """The file holding image ``index``'s annotation (label PNG, JSON, ...), for messages."""
+        return None
+
+    def annotation_size(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of image ``index``'s annotation, read cheaply (no label decoding)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement annotation_size")
+
     def read_image(self, index: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
-        """Decode image ``index`` as RGB. Raises :class:`BadImageError` naming the file.
+        """Decode image ``index`` as RGB, oriented like its annotation.
+
+        The stored pixels when their size is :meth:`annotation_size`, the EXIF-transposed ones when
+        only that size matches (see ``extract.datasets.decode``).
 
         Args:
             index: position in :attr:`image_ids`.
-            draft_size: passed to :func:`load_rgb`: JPEGs may decode at a reduced size no smaller
-                than this. ``None`` decodes at full size.
+            draft_size: ``(width, height)``: JPEGs may decode at a reduced size no smaller than
+                this. ``None`` decodes at full size.
+
+        Raises:
+            BadImageError: the file is missing, corrupt, or in a mode without an 8-bit meaning.
+            ImageSizeError: the image's size is not its annotation's.
         """
+        path = self.image_path(index)
+        if path is None:
+            raise NotImplementedError(f"{type(self).__name__} has no image files: it must override read_image")
+        return load_rgb(path, draft_size, annotation_size=self.annotation_size(index),
+                        annotation=self.annotation_path(index))
+
+    def check_image_size(self, index: int) -> None:
+        """Refuse image ``index`` if its size is not its annotation's, from the headers only.
+
+        Unreadable images pass: decoding them reports them (and ``--skip-bad`` may skip them).
+
+        Raises:
+            ImageSizeError: naming both files and both sizes.
+        """
+        path = self.image_path(index)
+        if path is None:
+            return
+        try:
+            im = Image.open(path)
+        except (OSError, SyntaxError, ValueError):
+            return
+        with im:
+            needs_transpose(im, path, self.annotation_size(index), self.annotation_path(index))
 
     @abstractmethod
     def read_annotation(self, index: int) -> Annotation:
         """Annotations of image ``index`` at its original size."""
+
+    def _warn(self, message: str) -> None:
+        """Record a one-line oddity in :attr:`warnings` and issue it as a :class:`DatasetWarning`."""
+        self.warnings.append(message)
+        warnings.warn(message, DatasetWarning, stacklevel=3)
+
+    # -- identity ---------------------------------------------------------------------------------
+
+    def dataset_options(self) -> dict[str, Any]:
+        """The options that define the dataset (not those that only select images of a split)."""
+        return {k: v for k, v in sorted(self.options.items()) if k not in self.split_options}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Split-independent, JSON-serialisable facts that tell this dataset from others.
+
+        Cheap (no image decoding), never the root path: the same data at another path on another
+        machine gives the same fingerprint. Each reader documents what it uses and its limit.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement fingerprint")
+
+    def dataset_id(self) -> str:
+        """A 16-hex-digit key of the dataset: reader, :meth:`dataset_options` and :meth:`fingerprint`.
+
+        The same for every split of one dataset and for copies at other paths; computed once.
+        """
+        if getattr(self, "_dataset_id", None) is None:
+            from store.spec import content_key
+
+            self._dataset_id = content_key(
+                {"reader": self.name, "options": self.dataset_options(), "fingerprint": self.fingerprint()}
+            )
+        return self._dataset_id
 
     def identity(self) -> dict[str, Any]:
         """What determines this reader's images and labels (not the root path: stores move)."""
@@ -166,26 +264,6 @@ def create_dataset(name: str, root: str | Path | None, split: str, **options: An
     return cls(root, split, **{k: v for k, v in options.items() if v is not None})
 
 
-def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Open and fully decode an image as RGB, or raise :class:`BadImageError` naming the file.
-
-    Args:
-        path: image file.
-        draft_size: if given, JPEG decoding may use DCT scaling to a size no smaller than this
-            (PIL ``draft``), which makes decoding for a small backbone input several times faster.
-    """
-    try:
-        with Image.open(path) as im:
-            if draft_size is not None and im.format == "JPEG":
-                im.draft("RGB", draft_size)
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise BadImageError(str(path), "file not found") from None
-    except (OSError, SyntaxError, ValueError) as err:  # PIL raises OSError for truncated data
-        raise BadImageError(str(path), str(err) or type(err).__name__) from None
-
-
 def image_ids_hash(image_ids: list[str]) -> str:
     """A short hash of the ordered image-id list: feature and target stores must agree on it."""
     h = hashlib.sha256()
@@ -193,6 +271,24 @@ def image_ids_hash(image_ids: list[str]) -> str:
         h.update(image_id.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def names_digest(names: Iterable[str]) -> str:
+    """sha256 of a list of names (file stems, ids) in the given order: a fingerprint part."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes: a fingerprint part for small files (split lists, annotation lists)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _load_builtin_readers() -> None:

@@ -5,24 +5,21 @@ Layout::
     ROOT/annotations/instances_{split}2017.json
     ROOT/{split}2017/{file_name}
 
-The JSON is parsed once (with pycocotools) when the reader is built; the reader then keeps only
-what decoding needs per image, so it pickles into DataLoader workers without the full index.
+The JSON is parsed and checked once when the reader is built (``extract.datasets.coco_json``); the
+reader then keeps only what decoding needs per image, so it pickles into DataLoader workers without
+the full index.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
-from extract.datasets.base import Annotation, DatasetReader, load_rgb, register_dataset
+from extract.datasets.base import Annotation, DatasetReader, register_dataset
+from extract.datasets.coco_json import load_coco_json
 from store.errors import DatasetError
 
 __all__ = ["COCODataset", "segmentation_to_mask"]
@@ -57,17 +54,27 @@ class COCODataset(DatasetReader):
     """COCO 2017 instances: every non-crowd annotation is an instance; crowds are ignored regions.
 
     Options:
-        include_empty: keep images that have no annotation (default ``True``).
+        include_empty: keep images that have no annotation (default ``True``); it selects images of
+            a split, so it is not part of :meth:`dataset_options`.
 
     Image ids are the COCO ids as strings, in numeric order. ``instance_classes`` are COCO
     category ids; ``semantic`` maps them to contiguous indices ``1..80`` (sorted category ids,
     0 = background, 255 = crowd not covered by a non-crowd instance). Overlapping instances are
     painted largest first so small objects stay visible.
+
+    Every annotation is checked when the reader is built (category, segmentation, area, crowd
+    flag); the first bad one is refused naming the file, the annotation id and the image id.
+    Annotations of images the file does not list are ignored, with a warning.
+
+    Fingerprint: the JSON's ``info`` and its categories (id, name, supercategory), the dataset's
+    header, the same in every split's file. Limit: two COCO-format datasets with identical
+    ``info`` and categories count as one dataset.
     """
 
     name = "coco"
     targets = frozenset({"boundaries", "distance", "instances", "semantic"})
     splits = ("train", "val")
+    split_options = frozenset({"include_empty"})
 
     def __init__(self, root: str | Path | None, split: str, **options: Any) -> None:
         super().__init__(root, split, **options)
@@ -76,37 +83,45 @@ class COCODataset(DatasetReader):
         if not self.root.is_dir():
             raise DatasetError(f"COCO root {self.root} does not exist or is not a folder: pass --root with the COCO folder; {_LAYOUT}.")
         ann_file = self.root / "annotations" / f"instances_{split}2017.json"
+        self._ann_file = ann_file
         self._image_dir = self.root / f"{split}2017"
         if not ann_file.is_file():
             raise DatasetError(f"COCO root {self.root} has no annotations/instances_{split}2017.json; {_LAYOUT}.")
         if not self._image_dir.is_dir():
             raise DatasetError(f"COCO root {self.root} has no {split}2017/ image folder; {_LAYOUT}.")
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                coco = COCO(str(ann_file))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as err:
-            raise DatasetError(f"COCO annotation file {ann_file} cannot be parsed ({err}); {_LAYOUT}.") from None
+        index = load_coco_json(ann_file)
+        for message in index.warnings:
+            self._warn(message)
 
-        cat_ids = sorted(coco.cats)
+        cats = index.categories
+        cat_ids = sorted(cats)
         self._contiguous = {cat_id: i + 1 for i, cat_id in enumerate(cat_ids)}
         self.num_classes = len(cat_ids) + 1
-        self.class_names = ["background"] + [coco.cats[c]["name"] for c in cat_ids]
+        self.class_names = ["background"] + [cats[c]["name"] for c in cat_ids]
+        self._header = {
+            "info": index.info,
+            "categories": [{k: cats[c].get(k) for k in ("id", "name", "supercategory")} for c in cat_ids],
+        }
         include_empty = bool(options.get("include_empty", True))
-        image_ids = sorted(i for i in coco.imgs if include_empty or coco.imgToAnns.get(i))
+        image_ids = [i for i in index.image_ids if include_empty or index.anns[i]]
         if not image_ids:
             raise DatasetError(f"COCO annotation file {ann_file} lists no images.")
         self.image_ids = [str(i) for i in image_ids]
-        self._files = [coco.imgs[i]["file_name"] for i in image_ids]
-        self._sizes = [(int(coco.imgs[i]["height"]), int(coco.imgs[i]["width"])) for i in image_ids]
-        keep = ("segmentation", "iscrowd", "area", "category_id")
-        self._anns = [
-            [{k: ann[k] for k in keep if k in ann} for ann in coco.imgToAnns.get(i, [])] for i in image_ids
-        ]
-        del coco  # drop the full index: only the per-image lists above are needed
+        self._files = [index.images[i]["file_name"] for i in image_ids]
+        self._sizes = [index.sizes[i] for i in image_ids]
+        self._anns = [index.anns[i] for i in image_ids]
 
-    def read_image(self, index: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
-        """Decode image ``index`` as RGB (see :meth:`DatasetReader.read_image`)."""
-        return load_rgb(self._image_dir / self._files[index], draft_size=draft_size)
+    def image_path(self, index: int) -> Path:
+        return self._image_dir / self._files[index]
+
+    def annotation_path(self, index: int) -> Path:
+        return self._ann_file
+
+    def annotation_size(self, index: int) -> tuple[int, int]:
+        return self._sizes[index]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self._header
 
     def read_annotation(self, index: int) -> Annotation:
         """Instances, crowd regions and semantic labels of image ``index`` at its original size."""

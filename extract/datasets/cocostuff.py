@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-
-from extract.datasets.base import Annotation, DatasetReader, load_rgb, register_dataset
+from extract.datasets.base import Annotation, DatasetReader, names_digest, register_dataset
+from extract.datasets.decode import header_size
 from extract.datasets.segfolder import read_index_png
 from store.errors import DatasetError
 
@@ -68,6 +67,10 @@ def label_lut() -> np.ndarray:
     return lut
 
 
+def _image_files(image_dir: Path) -> list[str]:
+    return sorted(p.name for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
 def _first_dir(*candidates: Path) -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
@@ -77,6 +80,9 @@ class CocoStuffDataset(DatasetReader):
     """COCO-Stuff 164k: ``semantic`` holds classes ``0..170``, 255 for unlabeled pixels.
 
     Image ids are the image file stems (12-digit COCO ids), sorted. Every image must have a label.
+
+    Fingerprint: the sorted image stems of every split folder present and the class list. Limit:
+    a copy with the same file names but other pixels or labels counts as the same dataset.
     """
 
     name = "cocostuff"
@@ -100,7 +106,7 @@ class CocoStuffDataset(DatasetReader):
                 f"(nor annotations/{folder}/); {_LAYOUT}."
             )
         self._image_dir, self._label_dir = image_dir, label_dir
-        files = sorted(p.name for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        files = _image_files(image_dir)
         if not files:
             raise DatasetError(f"COCO-Stuff image folder {image_dir} holds no images; {_LAYOUT}.")
         stems = [Path(f).stem for f in files]
@@ -112,12 +118,26 @@ class CocoStuffDataset(DatasetReader):
         self._image_files = files
         self._lut = label_lut()
 
-    def read_image(self, index: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
-        """Decode image ``index`` as RGB (see :meth:`DatasetReader.read_image`)."""
-        return load_rgb(self._image_dir / self._image_files[index], draft_size=draft_size)
+    def image_path(self, index: int) -> Path:
+        return self._image_dir / self._image_files[index]
+
+    def annotation_path(self, index: int) -> Path:
+        return self._label_dir / f"{self.image_ids[index]}.png"
+
+    def annotation_size(self, index: int) -> tuple[int, int]:
+        return header_size(self.annotation_path(index))
+
+    def fingerprint(self) -> dict[str, Any]:
+        splits = {}
+        for split in self.splits:
+            image_dir = _first_dir(self.root / "images" / f"{split}2017", self.root / f"{split}2017")
+            if image_dir is not None:
+                stems = [Path(f).stem for f in _image_files(image_dir)]
+                splits[split] = {"count": len(stems), "stems": names_digest(stems)}
+        return {"splits": splits, "classes": list(COCOSTUFF_CLASSES)}
 
     def read_annotation(self, index: int) -> Annotation:
         """Contiguous 171-class labels of image ``index`` at its original size."""
-        raw = read_index_png(self._label_dir / f"{self.image_ids[index]}.png")
+        raw = read_index_png(self.annotation_path(index))
         semantic = self._lut[np.clip(raw, 0, 255)]
         return Annotation(size=(int(raw.shape[0]), int(raw.shape[1])), semantic=semantic)

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from extract.datasets.base import Annotation, DatasetReader, load_rgb, register_dataset
+from extract.datasets.base import Annotation, DatasetReader, file_digest, names_digest, register_dataset
+from extract.datasets.decode import header_size
 from extract.datasets.segfolder import read_index_png
 from store.errors import BadImageError, DatasetError
 
@@ -43,6 +44,12 @@ class NYUv2Dataset(DatasetReader):
 
     The HDF5 file is opened on first use in each process (DataLoader workers included) and never
     pickled, so the reader can be sent to worker processes.
+
+    Fingerprint: labeled layout: the sha256 of ``splits.mat`` and the size in bytes of the labeled
+    ``.mat`` (not its hash: it is 2.8 GB); pairs layout: the sha256 of every ``*_annotations.json``
+    and the sorted relative names of every ``rgb_*.jpg`` and ``sync_depth_*.png``. Limit: a labeled
+    ``.mat`` rewritten with other pixels but the same byte size, or pairs with the same names but
+    other pixels, count as the same dataset.
     """
 
     name = "nyuv2"
@@ -84,11 +91,19 @@ class NYUv2Dataset(DatasetReader):
         try:
             with h5py.File(self.root / _MAT, "r") as f:
                 missing = [name for name in ("images", "depths") if name not in f]
-                count = f["images"].shape[0] if not missing else 0
+                image_shape = f["images"].shape if not missing else (0, 3, 0, 0)
+                depth_shape = f["depths"].shape if not missing else (0, 0, 0)
+                count = image_shape[0]
         except OSError as err:
             raise DatasetError(f"NYUv2 file {self.root / _MAT} is not a readable HDF5 .mat ({err}).") from None
         if missing:
             raise DatasetError(f"NYUv2 file {self.root / _MAT} has no dataset {missing[0]!r}; {_LAYOUT}.")
+        if tuple(image_shape[2:]) != tuple(depth_shape[1:]):
+            raise DatasetError(
+                f"NYUv2 file {self.root / _MAT}: images are {image_shape[3]}x{image_shape[2]} but depths are "
+                f"{depth_shape[2]}x{depth_shape[1]} (height x width); they must be the same size: replace the file."
+            )
+        self._mat_size = (int(depth_shape[2]), int(depth_shape[1]))  # HDF5 stores (N, W, H)
         self._indices = [int(i) - 1 for i in np.asarray(ndxs).ravel()]
         if not self._indices or min(self._indices) < 0 or max(self._indices) >= count:
             raise DatasetError(f"NYUv2 {key} in {splits_file} is empty or out of range 1..{count}.")
@@ -148,10 +163,30 @@ class NYUv2Dataset(DatasetReader):
 
     # -- reading --------------------------------------------------------------------------------
 
+    def image_path(self, index: int) -> Path | None:
+        return self.root / self._pairs[index][0] if self.layout == "pairs" else None
+
+    def annotation_path(self, index: int) -> Path:
+        return self.root / self._pairs[index][1] if self.layout == "pairs" else self.root / _MAT
+
+    def annotation_size(self, index: int) -> tuple[int, int]:
+        if self.layout == "pairs":
+            return header_size(self.root / self._pairs[index][1])
+        return self._mat_size
+
+    def fingerprint(self) -> dict[str, Any]:
+        if self.layout == "labeled":
+            return {"layout": "labeled", "splits_sha256": file_digest(self.root / "splits.mat"),
+                    "mat_bytes": (self.root / _MAT).stat().st_size}
+        lists = {p.name: file_digest(p) for p in sorted(self.root.glob("*_annotations.json"))}
+        files = sorted(p.relative_to(self.root).as_posix()
+                       for pattern in ("rgb_*.jpg", "sync_depth_*.png") for p in self.root.rglob(pattern))
+        return {"layout": "pairs", "split_lists": lists, "files": names_digest(files), "num_files": len(files)}
+
     def read_image(self, index: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
         """Decode image ``index`` as RGB (see :meth:`DatasetReader.read_image`)."""
         if self.layout == "pairs":
-            return load_rgb(self.root / self._pairs[index][0], draft_size=draft_size)
+            return super().read_image(index, draft_size)
         pixels = np.asarray(self._file()["images"][self._indices[index]])
         return Image.fromarray(np.ascontiguousarray(pixels.transpose(2, 1, 0)).astype(np.uint8), mode="RGB")
 

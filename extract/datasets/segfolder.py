@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from extract.datasets.base import Annotation, DatasetReader, load_rgb, register_dataset
+from extract.datasets.base import Annotation, DatasetReader, names_digest, register_dataset
+from extract.datasets.decode import header_size
 from store.errors import BadImageError, DatasetError
 
 __all__ = ["LabelValueError", "SegFolderDataset", "read_index_png"]
@@ -93,6 +94,11 @@ class SegFolderDataset(DatasetReader):
 
     Image ids are the image file stems, sorted. A label value that is neither a class nor
     ``ignore_index`` raises :class:`BadImageError` naming the label file.
+
+    Fingerprint: the sorted image stems of every split folder present (train/val/test, in whichever
+    layout), ``num_classes`` and ``ignore_index``. Limit: two roots with the same file names and
+    class count count as one dataset even if their pixels differ; an inferred ``num_classes`` is
+    inferred per split, so pass ``num_classes`` when the splits' first label files disagree.
     """
 
     name = "segfolder"
@@ -171,9 +177,29 @@ class SegFolderDataset(DatasetReader):
             )
         return top + 1
 
-    def read_image(self, index: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
-        """Decode image ``index`` as RGB (see :meth:`DatasetReader.read_image`)."""
-        return load_rgb(self._image_dir / self._image_files[index], draft_size=draft_size)
+    def image_path(self, index: int) -> Path:
+        return self._image_dir / self._image_files[index]
+
+    def annotation_path(self, index: int) -> Path:
+        return self._label_path(index)
+
+    def annotation_size(self, index: int) -> tuple[int, int]:
+        return header_size(self._label_path(index))
+
+    def dataset_options(self) -> dict[str, Any]:
+        # Resolved values: an omitted ignore_index is the same dataset as an explicit 255.
+        return {"ignore_index": self._source_ignore, "num_classes": self.num_classes}
+
+    def fingerprint(self) -> dict[str, Any]:
+        splits = {}
+        for split in self.splits:
+            try:
+                image_dir, _ = self._find_dirs(self.root, split)
+            except DatasetError:
+                continue
+            stems = sorted(p.stem for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+            splits[split] = {"count": len(stems), "stems": names_digest(stems)}
+        return {"splits": splits, "num_classes": self.num_classes, "ignore_index": self._source_ignore}
 
     def read_annotation(self, index: int) -> Annotation:
         """Semantic labels of image ``index``: classes ``0..num_classes-1``, 255 ignored."""

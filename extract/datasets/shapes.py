@@ -263,6 +263,9 @@ class ShapesDataset(DatasetReader):
         image_size: side of the square images in pixels (default 224, at least 32).
 
     The root is ignored (may be ``None``).
+
+    Fingerprint: :data:`GENERATOR_VERSION`, the seed and the image size (every image is a pure
+    function of them); ``num_images`` only selects how many images a split has.
     """
 
     name = "shapes"
@@ -271,6 +274,7 @@ class ShapesDataset(DatasetReader):
     num_classes = len(SHAPE_CLASSES)
     ignore_index = 255
     class_names = list(SHAPE_CLASSES)
+    split_options = frozenset({"num_images"})
 
     def __init__(self, root=None, split: str = "train", **options: Any) -> None:
         super().__init__(root, split, **options)
@@ -300,6 +304,12 @@ class ShapesDataset(DatasetReader):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "large_area": self.large_area}
+
+    def annotation_size(self, index: int) -> tuple[int, int]:
+        return self.image_size, self.image_size
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"generator_version": GENERATOR_VERSION, "seed": self.seed, "image_size": self.image_size}
 
     def _render(self, index: int) -> tuple[np.ndarray, Annotation]:
         index = int(index)

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-
-from extract.datasets.base import Annotation, DatasetReader, load_rgb, register_dataset
+from extract.datasets.base import Annotation, DatasetReader, names_digest, register_dataset
+from extract.datasets.decode import header_size
 from extract.datasets.segfolder import read_index_png
 from store.errors import BadImageError, DatasetError
 
@@ -53,6 +52,10 @@ class VOCDataset(DatasetReader):
     provides instances (``targets`` then include ``instances``, ``boundaries`` and ``distance``):
     each object index becomes one mask, its class the majority ``SegmentationClass`` label under
     it, its area the pixel count; the 255 border band becomes ``ignore_mask``.
+
+    Fingerprint: the names and image ids of every ``ImageSets/Segmentation/*.txt`` and the class
+    list. Limit: a copy with the same split lists but other pixels or labels counts as the same
+    dataset.
     """
 
     name = "voc"
@@ -82,13 +85,25 @@ class VOCDataset(DatasetReader):
             # Instance-level class attribute override: this split supports instance targets too.
             self.targets = frozenset({"semantic", "instances", "boundaries", "distance"})
 
-    def read_image(self, index: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
-        """Decode image ``index`` as RGB (see :meth:`DatasetReader.read_image`)."""
-        return load_rgb(self._base / "JPEGImages" / f"{self.image_ids[index]}.jpg", draft_size=draft_size)
+    def image_path(self, index: int) -> Path:
+        return self._base / "JPEGImages" / f"{self.image_ids[index]}.jpg"
+
+    def annotation_path(self, index: int) -> Path:
+        return self._base / "SegmentationClass" / f"{self.image_ids[index]}.png"
+
+    def annotation_size(self, index: int) -> tuple[int, int]:
+        return header_size(self.annotation_path(index))
+
+    def fingerprint(self) -> dict[str, Any]:
+        lists = {}
+        for path in sorted((self._base / "ImageSets" / "Segmentation").glob("*.txt")):
+            ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+            lists[path.name] = names_digest(ids)
+        return {"split_lists": lists, "classes": list(VOC_CLASSES)}
 
     def read_annotation(self, index: int) -> Annotation:
         """Semantic labels (and instances where present) of image ``index`` at its original size."""
-        path = self._base / "SegmentationClass" / f"{self.image_ids[index]}.png"
+        path = self.annotation_path(index)
         semantic = read_index_png(path)
         bad = (semantic >= self.num_classes) & (semantic != 255)
         if bad.any():
