@@ -98,12 +98,14 @@ def score_vs_speed(records, speed):
     fig, axes = _subplots(len(groups))
     for ax, ((task, ds), recs) in zip(axes, sorted(groups.items())):
         metric, higher = _primary(recs)
-        for b, brecs in _groups(recs, lambda r: r["backbone"]).items():
+        points = _groups(recs, lambda r: (r["backbone"], r.get("_config", "")))  # never average configurations
+        for (b, conf), brecs in points.items():
             y = _mean([r["metrics"].get(metric) for r in brecs])
             if y is None:
                 continue
+            label = b + (f" [{conf}]" if sum(k[0] == b for k in points) > 1 else "")
             ax.scatter([rel[b]], [y], color="tab:blue")
-            ax.annotate(b, (rel[b], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(label, (rel[b], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel(f"inference time ({unit})")
         ax.set_ylabel(f"{metric} {'↑' if higher else '↓'}")
@@ -125,7 +127,8 @@ def score_vs_plearn(records, speed=None):
     for ax, ((task, ds), grecs) in zip(axes, sorted(groups.items())):
         metric, higher = _primary(grecs)
         xs = []
-        for (b, v, h), prs in sorted(_groups(grecs, lambda r: (r["backbone"], r["variant"], r["head"])).items()):
+        points = _groups(grecs, lambda r: (r["backbone"], r["variant"], r["head"], r.get("_config", "")))
+        for (b, v, h, conf), prs in sorted(points.items()):  # one point per configuration, never averaged
             ys = [float(r["metrics"].get(metric, math.nan)) for r in prs]
             ys = [y for y in ys if not math.isnan(y)]
             if not ys:
@@ -135,6 +138,7 @@ def score_vs_plearn(records, speed=None):
             ax.errorbar([x], [np.mean(ys)], yerr=[np.std(ys, ddof=1)] if len(ys) > 1 else None, fmt="o",
                         color=HEAD_COLOURS.get(h, "tab:gray"), capsize=3)
             label = b + ("" if v == "base" else f" {v}") + ("" if h == "maxa" else f" ({h})")
+            label += f" [{conf}]" if sum(k[:3] == (b, v, h) for k in points) > 1 else ""
             ax.annotate(label, (x, np.mean(ys)), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if xs and max(xs) / max(min(xs), 1e-12) > 10:
             ax.set_xscale("log")

@@ -3,9 +3,29 @@
 Tables follow the paper: Table 2 (instance awareness on COCO), Table 3 (VOC / COCO-Stuff semantic
 segmentation, NYUv2 depth), Table 4 (adapter variants). Rows are backbones (``head=maxa``,
 ``variant=base`` for Tables 2/3), cells are the mean ± sample std over seeds (std only with more than
-one seed; ``n`` is the number of seeds). When a seed was run more than once, the latest record counts.
+one seed; ``n`` is the number of seeds).
 Under each row whose backbone has a paper row (the registry's ``paper_row``) come the paper's value and
 Δ = ours − paper. Task/dataset pairs the paper has no table for (e.g. ``shapes``) go to "Other datasets".
+
+Which records count (``collect_records``). Two records are the *same experiment* when every field
+that says what was run is equal: the store keys (``train_store``, ``eval_store``, ``train_targets``,
+``eval_targets``), the resolved config (``config["probe"]`` with epochs, batch size, lr, ...,
+``config["adapter"]``, ``config["task_options"]``, ``config["lr"]``), backbone, weights, dataset,
+seed, image counts and any identity field a newer maxa adds (``dataset_id``, counts of excluded
+images, ...). The identity is *every* field except :data:`NON_IDENTITY_FIELDS` (outcomes such as
+``metrics``, ``trivial``, ``epochs`` run and ``best_epoch``, and bookkeeping such as ``timings``,
+``run_dir``, ``finished``, ``tool_version``, the device), so a new field counts without a change
+here; a field that is absent equals one that is ``None`` (old records load and match each other).
+Of the records of one experiment the newest (``finished``; records without it count as oldest, ties
+go to the later root argument) is used, whatever the order of the roots. When they disagree in
+their metrics beyond float noise they are listed under "Duplicates" (roots, run dirs, finished
+times, primary metric), never dropped silently.
+
+Records that differ in an identity field other than the seed (another eval store, another epoch
+cap, ...) are different *configurations*. A table cell never averages over configurations: a cell
+holding several shows each one's mean apart (newest first, with its configuration id), is left out
+of "best" and Δ, and a note names the fields that differ. "All records" has one row per
+configuration (column ``config``); the plots draw one point per configuration.
 
 Scales: our IoU / mIoU / ARI are percents, as the paper's Tables 2/3. The paper's Table 4 gives ARI as
 a fraction (converted ×100 here) and its Table 3 depth MSE ×100 (22.8 for DINOv2, whose Table 4/5
@@ -15,18 +35,22 @@ value is 0.23): converted ÷100 to compare with our MSE.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
+from html import escape as html_escape
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from probe.results import read_results
 
-__all__ = ["ReportPaths", "write_report", "load_reference", "collect_records", "build_tables", "Table"]
+__all__ = ["ReportPaths", "write_report", "load_reference", "collect_records", "dedupe_records", "record_identity",
+           "build_tables", "Table", "DuplicateGroup", "NON_IDENTITY_FIELDS"]
 
 PROBE_TASKS = ("instances", "boundaries", "distance", "semseg", "depth")
 TASK_LABELS = {"instances": "Inst. Disc.", "boundaries": "Boundaries", "distance": "Distance Transform",
@@ -80,9 +104,111 @@ def _norm(r: dict[str, Any], root: str) -> dict[str, Any]:
     return r
 
 
-def collect_records(store_roots: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(probe records, speed records) of all roots; a re-run seed replaces the earlier record."""
-    latest: dict[tuple, dict[str, Any]] = {}
+#: Record fields that legitimately differ between two runs of the same experiment: what came out
+#: (metrics; ``epochs``/``best_epoch`` are where early stopping landed, the cap is
+#: ``config.probe.max_epochs``) and where/when it ran. Every other field names the experiment.
+NON_IDENTITY_FIELDS = frozenset({
+    "metrics", "trivial", "primary_value", "epochs", "best_epoch", "history",
+    "timings", "run_dir", "finished", "tool_version", "result_path",
+    "device", "in_memory", "host", "hostname", "pid",
+})
+#: Keys of ``config`` that say where/how a run was executed, not what was run.
+NON_IDENTITY_CONFIG = frozenset({"device", "in_memory", "num_workers"})
+#: Metrics of two records of one experiment agree when they are this close (float noise).
+METRIC_RTOL, METRIC_ATOL = 1e-6, 1e-9
+
+
+def _canon(v: Any) -> Any:
+    """``v`` with ``None`` entries of dicts dropped (absent = ``None``) and integral floats as ints."""
+    if isinstance(v, dict):
+        return {str(k): _canon(x) for k, x in v.items() if x is not None}
+    if isinstance(v, (list, tuple)):
+        return [_canon(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def record_identity(r: dict[str, Any]) -> dict[str, Any]:
+    """The fields of probe record ``r`` that make it this experiment (see the module docstring)."""
+    ident = {k: v for k, v in r.items() if k not in NON_IDENTITY_FIELDS and not k.startswith("_")}
+    if isinstance(ident.get("config"), dict):
+        ident["config"] = {k: v for k, v in ident["config"].items() if k not in NON_IDENTITY_CONFIG}
+    return _canon(ident)
+
+
+def _configuration(ident: dict[str, Any]) -> dict[str, Any]:
+    """The identity less the seed: records of one configuration differ in their seed only."""
+    conf = {k: v for k, v in ident.items() if k != "seed"}
+    probe = (conf.get("config") or {}).get("probe")
+    if isinstance(probe, dict) and "seed" in probe:
+        conf["config"] = {**conf["config"], "probe": {k: v for k, v in probe.items() if k != "seed"}}
+    return conf
+
+
+def _key(d: dict[str, Any]) -> str:
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _short_id(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()[:6]
+
+
+def _finished(r: dict[str, Any]) -> datetime | None:
+    """When ``r`` finished (naive local time), or ``None`` if it does not say."""
+    try:
+        t = datetime.fromisoformat(str(r.get("finished")))
+    except ValueError:
+        return None
+    return t.astimezone().replace(tzinfo=None) if t.tzinfo is not None else t
+
+
+def _metrics_agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    for k in set(a) | set(b):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+            if math.isnan(x) and math.isnan(y):
+                continue
+            if not math.isclose(x, y, rel_tol=METRIC_RTOL, abs_tol=METRIC_ATOL):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@dataclass
+class DuplicateGroup:
+    """Several records of one experiment: ``used`` (the newest) and the ``others``; ``conflicting``
+    when some disagree with ``used`` in their metrics beyond float noise."""
+
+    used: dict[str, Any]
+    others: list[dict[str, Any]]
+    conflicting: bool
+
+
+def dedupe_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[DuplicateGroup]]:
+    """One record per experiment (the newest by ``finished``, then the later in ``records``), and
+    the groups of records that repeated an experiment. Each kept record gets ``_config``, the short
+    id of its configuration (identity less seed)."""
+    by_exp: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for i, r in enumerate(records):
+        ident = record_identity(r)
+        r["_config"] = _short_id(_key(_configuration(ident)))
+        by_exp.setdefault(_key(ident), []).append((i, r))
+    kept, dups = [], []
+    for recs in by_exp.values():
+        recs.sort(key=lambda ir: (_finished(ir[1]) is not None, _finished(ir[1]) or datetime.min, ir[0]))
+        used = recs[-1][1]
+        kept.append(used)
+        if len(recs) > 1:
+            others = [r for _, r in reversed(recs[:-1])]
+            dups.append(DuplicateGroup(used, others, any(not _metrics_agree(used["metrics"], o["metrics"])
+                                                         for o in others)))
+    return kept, dups
+
+
+def _read_all(store_roots: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    probes: list[dict[str, Any]] = []
     speed: list[dict[str, Any]] = []
     for root in store_roots:
         for r in read_results(root):
@@ -90,9 +216,15 @@ def collect_records(store_roots: list[str]) -> tuple[list[dict[str, Any]], list[
             if r.get("task") == "speed":
                 speed.append(r)
             elif r.get("task") in PROBE_TASKS:
-                key = tuple(str(r.get(k)) for k in ("task", "dataset", "backbone", "weights", "variant", "head", "seed"))
-                latest[key] = r  # read_results is oldest first
-    return list(latest.values()), speed
+                probes.append(r)
+    return probes, speed
+
+
+def collect_records(store_roots: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(probe records, speed records) of all roots, one probe record per experiment (the newest;
+    see :func:`dedupe_records`)."""
+    probes, speed = _read_all(store_roots)
+    return dedupe_records(probes)[0], speed
 
 
 def _is_random(weights: str) -> bool:
@@ -177,6 +309,7 @@ class Table:
     columns: list[Column]
     rows: list[Row]
     info_header: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. cells that mix configurations
 
 
 def _stats(values: list[float]) -> tuple[float, float | None, int] | None:
@@ -208,23 +341,77 @@ def _delta_cell(ours: float | None, paper: float | None, col: Column) -> Cell:
     return Cell(text, cls=cls)
 
 
+def _by_configuration(recs: list[dict]) -> list[list[dict]]:
+    """``recs`` split by configuration (identity less seed), the most recently finished first."""
+    groups: dict[str, list[dict]] = {}
+    for r in recs:
+        groups.setdefault(r.get("_config", ""), []).append(r)
+    newest = {k: max((_finished(r) or datetime.min for r in g), default=datetime.min) for k, g in groups.items()}
+    return [groups[k] for k in sorted(groups, key=lambda k: newest[k], reverse=True)]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(d, dict):
+        out: dict[str, str] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: json.dumps(d, default=str) if isinstance(d, (list, str)) else str(d)}
+
+
+def configuration_differences(recs: list[dict], limit: int = 6) -> str:
+    """The identity fields in which the configurations of ``recs`` differ, e.g. ``config.probe.max_epochs 4 / 1``
+    (one value per configuration, in :func:`_by_configuration` order; ``absent`` = not recorded)."""
+    flats = [_flatten(_configuration(record_identity(g[0]))) for g in _by_configuration(recs)]
+    diffs = []
+    for path in sorted(set().union(*flats)):
+        vals = [f.get(path, "absent") for f in flats]
+        if len(set(vals)) > 1:
+            short = [v if len(v) <= 28 else v[:25] + "…" for v in vals]
+            diffs.append(f"{path} {' / '.join(short)}")
+    more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more if diffs else "no recorded field (only their configuration ids)"
+
+
+def _cell(col: Column, recs: list[dict]) -> tuple[Cell, float | None]:
+    """The cell of ``recs`` and its mean; several configurations are shown apart and have no mean."""
+    configs = _by_configuration(recs)
+    parts = []
+    for conf in configs:
+        s = _stats([_value(r, col) for r in conf])
+        if s is None:
+            continue
+        mean, std, n = s
+        parts.append((_fmt(mean, col.decimals) + (f" ± {_fmt(std, col.decimals)}" if std is not None else ""), n,
+                      mean, conf[0].get("_config", "")))
+    if not parts:
+        return Cell(""), None
+    if len(configs) == 1:
+        text, n, mean, _ = parts[0]
+        return Cell(text, n=n), mean
+    return Cell(" / ".join(f"{text} (n={n}) [{cid}]" for text, n, _, cid in parts), cls="mixed"), None
+
+
 def _fill(columns: list[Column], groups: list[tuple[str, list[list[dict]], str | None, list[str]]],
-          paper_value) -> list[Row]:
+          paper_value, title: str = "", notes: list[str] | None = None) -> list[Row]:
     """Our rows (+ paper and Δ rows) from ``groups`` = (label, records per column, paper row or None, I/F/P);
-    ``paper_value(paper_row, column)`` is the paper's number (``column=None``: the paper row's I/F/P)."""
+    ``paper_value(paper_row, column)`` is the paper's number (``column=None``: the paper row's I/F/P).
+    A cell whose records are of several configurations gets a line in ``notes`` (per column group)."""
     ours_rows: list[tuple[Row, list[float | None]]] = []
     rows: list[Row] = []
     for label, per_col, paper_row, info in groups:
         cells, means = [], []
+        noted: set[str] = set()
         for col, recs in zip(columns, per_col):
-            s = _stats([_value(r, col) for r in recs])
-            means.append(s[0] if s else None)
-            if s is None:
-                cells.append(Cell(""))
-            else:
-                mean, std, n = s
-                text = _fmt(mean, col.decimals) + (f" ± {_fmt(std, col.decimals)}" if std is not None else "")
-                cells.append(Cell(text, n=n))
+            cell, mean = _cell(col, recs)
+            cells.append(cell)
+            means.append(mean)
+            if cell.cls == "mixed" and notes is not None and col.group not in noted:
+                noted.add(col.group)
+                n_conf = len(_by_configuration(recs))
+                notes.append(f"{title} · {label} · {col.group} ({col.task} on {col.dataset}) mixes {n_conf} "
+                             f"configurations: each is shown apart (newest first, [configuration id] as in All "
+                             f"records), without best or Δ; they differ in {configuration_differences(recs)}.")
         row = Row(label, cells, "ours", info)
         rows.append(row)
         ours_rows.append((row, means))
@@ -296,12 +483,13 @@ def _backbone_table(key: str, title: str, caption: str, columns: list[Column], r
         return None if not isinstance(v, float) else v * col.paper_scale
 
     groups = [(labels[k], per_key[k], paper_row_for(*k), _info(k[0])) for k in keys]
-    rows = _fill(columns, groups, paper_value)
+    notes: list[str] = []
+    rows = _fill(columns, groups, paper_value, title, notes)
     all_per_col = [[r for k in keys for r in per_key[k][j]] for j in range(len(columns))]
     triv = _trivial_row(columns, all_per_col)
     if triv:
         rows.append(triv)
-    return Table(key, title, caption, columns, rows, ["I", "F", "P (M)"])
+    return Table(key, title, caption, columns, rows, ["I", "F", "P (M)"], notes)
 
 
 def _cols(task: str, dataset: str, group: str, paper_prefix: str | None, scale: dict[str, float] | None = None,
@@ -346,10 +534,12 @@ def _ablation_table(records: list[dict], ablation_ref) -> Table | None:
         val = prow.get(col.paper_key)
         return None if not isinstance(val, float) else val * col.paper_scale
 
-    rows = _fill(columns, groups, paper_value)
+    title = "Table 4 — ablation (adapter variants)"
+    notes: list[str] = []
+    rows = _fill(columns, groups, paper_value, title, notes)
     caption = ("Adapter variants (head maxa) × backbones; paper values from its Table 4 (ARI ×100 to percent) for "
                "instances on coco, semseg on voc, depth on nyuv2.")
-    return Table("table4", "Table 4 — ablation (adapter variants)", caption, columns, rows)
+    return Table("table4", title, caption, columns, rows, notes=notes)
 
 
 def build_tables(records: list[dict[str, Any]]) -> list[Table]:
@@ -383,14 +573,16 @@ def build_tables(records: list[dict[str, Any]]) -> list[Table]:
 
 
 def all_records_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Every (task, dataset, backbone, weights, variant, head) group: primary metric, P_learn, epochs, time."""
+    """Every (task, dataset, backbone, weights, variant, head, configuration) group: primary metric, P_learn,
+    epochs, time; ``config`` is the configuration id (records of one group differ in their seed only)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault(tuple(str(r.get(k)) for k in ("task", "dataset", "backbone", "weights", "variant", "head")), []).append(r)
-    header = ["task", "dataset", "backbone", "weights", "variant", "head", "metric", "value", "trivial", "P_learn (M)",
-              "seeds", "epochs", "time (s)"]
+        key = tuple(str(r.get(k)) for k in ("task", "dataset", "backbone", "weights", "variant", "head", "_config"))
+        groups.setdefault(key, []).append(r)
+    header = ["task", "dataset", "backbone", "weights", "variant", "head", "config", "metric", "value", "trivial",
+              "P_learn (M)", "seeds", "epochs", "time (s)"]
     body = []
-    for k in sorted(groups, key=lambda k: (PROBE_TASKS.index(k[0]), k[1], _order_key((k[2], k[3])), k[4], k[5])):
+    for k in sorted(groups, key=lambda k: (PROBE_TASKS.index(k[0]), k[1], _order_key((k[2], k[3])), k[4], k[5], k[6])):
         recs = groups[k]
         m = recs[0].get("primary_metric") or TASK_METRICS[k[0]][-1]
         dec = METRICS.get(m, ("", None, 4))[2]
@@ -417,6 +609,34 @@ def speed_table(speed: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
         rel = _stats([r["metrics"].get("relative_to_vitb16") for r in by[b]])
         body.append([b, _fmt(s[0], 4) if s else "–", _fmt(rel[0], 2) if rel else "–", str(len(by[b]))])
     return header, body
+
+
+DUPLICATES_CAPTION = ("Records of the same experiment (every identity field equal, seed included) whose metrics "
+                      "disagree: the tables use the newest (used = yes); compare the runs before trusting either.")
+
+
+def duplicates_table(groups: list[DuplicateGroup]) -> tuple[list[str], list[list[str]]]:
+    """One row per record of each conflicting experiment: root, run dir, finished, primary metric, used?"""
+    header = ["experiment", "used", "root", "run dir", "finished", "metric", "value"]
+    body = []
+    for g in groups:
+        u = g.used
+        exp = " · ".join(str(u.get(k)) for k in ("task", "dataset", "backbone", "weights", "variant", "head"))
+        exp += f" · seed {u.get('seed')} [{u.get('_config', '')}]"
+        m = u.get("primary_metric") or TASK_METRICS[u["task"]][-1]
+        dec = METRICS.get(m, ("", None, 4))[2]
+        for r in [u, *g.others]:
+            v = r["metrics"].get(m)
+            body.append([exp, "yes" if r is u else "no", str(r.get("_root", "")), str(r.get("run_dir") or "–"),
+                         str(r.get("finished") or "–"), m, "–" if v is None else _fmt(float(v), dec + 2)])
+    return header, body
+
+
+def _duplicates_html(header: list[str], body: list[list[str]]) -> str:
+    rows = ["<tr>" + "".join(f"<th>{html_escape(h)}</th>" for h in header) + "</tr>"]
+    rows += ["<tr>" + "".join(f"<td>{html_escape(str(x))}</td>" for x in r) + "</tr>" for r in body]
+    return (f'<h2 id="duplicates">Duplicates</h2>\n<p class="caption">{html_escape(DUPLICATES_CAPTION)}</p>\n'
+            '<div class="scroll"><table id="duplicates-table">' + "\n".join(rows) + "</table></div>")
 
 
 # -- markdown -------------------------------------------------------------------------------------
@@ -481,10 +701,19 @@ def write_report(store_roots: list[str], out_dir: str, *, max_feature_images: in
     (out / "img").mkdir(parents=True, exist_ok=True)
     roots = [str(r) for r in store_roots]
     notes = [f"store root {r} does not exist" for r in roots if not Path(r).is_dir()]
-    records, speed = collect_records(roots)
+    records, speed = _read_all(roots)
+    records, duplicates = dedupe_records(records)
     if not records:
         notes.append("no probe records found (train some with `maxa probe`).")
+    conflicts = [d for d in duplicates if d.conflicting]
+    if conflicts:
+        notes.append(f"{len(conflicts)} experiment(s) were recorded more than once with different metrics: the newest "
+                     "record of each is used; all of them are listed under Duplicates.")
+    same = sum(len(d.others) for d in duplicates if not d.conflicting)
+    if same:
+        notes.append(f"{same} record(s) repeated an experiment with the same metrics; the newest of each is used.")
     tables = build_tables(records)
+    notes += [n for t in tables for n in t.notes]
     figures: list[Figure] = []
     for make in (plots.score_vs_speed, plots.score_vs_plearn):
         figs, more = make(records, speed)
@@ -527,10 +756,17 @@ def write_report(store_roots: list[str], out_dir: str, *, max_feature_images: in
                 md += [f"![{f.caption}](img/{f.name})\n\n*{f.caption}*\n" for f in members]
     if sp_body:
         md += ["## Speed", "", simple_markdown(sp_header, sp_body)]
+    dup_header, dup_body = duplicates_table(conflicts)
+    if dup_body:
+        md += ["## Duplicates", "", DUPLICATES_CAPTION, "", simple_markdown(dup_header, dup_body)]
     md += ["## All records", "", simple_markdown(all_header, all_body)]
     md_path = out / "results.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
     html_path = out / "index.html"
-    html_path.write_text(render_html(meta, notes, tables, figures, (sp_header, sp_body), (all_header, all_body)),
-                         encoding="utf-8")
+    page = render_html(meta, notes, tables, figures, (sp_header, sp_body), (all_header, all_body))
+    if dup_body:
+        # report_html has no Duplicates section: put it before All records (or at the end of the body)
+        anchor = "<h2>All records</h2>" if "<h2>All records</h2>" in page else "</body>"
+        page = page.replace(anchor, _duplicates_html(dup_header, dup_body) + "\n" + anchor, 1)
+    html_path.write_text(page, encoding="utf-8")
     return ReportPaths(str(out), str(md_path), str(html_path), images, notes)

@@ -172,6 +172,105 @@ def test_cli_report(tmp_path):
     assert res.exit_code == 2
 
 
+# -- which records count: one per experiment, the newest; configurations never merged ------------
+def _run(*, epochs=4, eval_store="val-key-A", seed=0, iou=30.0, finished="2025-03-01T10:00:00", run_dir="run-a", **extra):
+    """A record as ``train_probe`` writes it (boundaries on coco, dinov2_b14)."""
+    rec = _record("boundaries", "dinov2_b14", "coco", {"iou": iou, "ce": 0.15}, seed=seed)
+    probe = {"task": "boundaries", "variant": "base", "head": "maxa", "seed": seed, "batch_size": 16,
+             "max_epochs": epochs, "patience": 5, "val_fraction": 0.1, "lr": None, "max_train_images": None,
+             "task_options": {}}
+    rec.update(epochs=epochs, best_epoch=epochs, train_store="train-key", eval_store=eval_store,
+               train_targets="train-targets-key", eval_targets=f"targets-of-{eval_store}", run_dir=run_dir,
+               finished=finished, tool_version="0.1", train_images=900, val_images=100, eval_images=500,
+               config={"probe": probe, "adapter": {"dim": 64}, "task_options": {}, "lr": 0.002, "device": "cpu",
+                       "in_memory": True})
+    rec.update(extra)
+    return rec
+
+
+def _root(tmp_path, name, *records):
+    root = tmp_path / name
+    for rec in records:
+        append_result(root, rec)
+    return str(root)
+
+
+def test_other_experiments_are_kept_apart_not_replaced(tmp_path):
+    """A 4-epoch run on one eval set and a later 1-epoch run on another are two experiments: neither replaces
+    the other, and the table cell neither averages them nor names a best or a Δ for them."""
+    from pipelines.report import collect_records
+
+    a = _root(tmp_path, "a", _run(epochs=4, eval_store="val-key-A", iou=30.0, finished="2025-03-01T10:00:00"))
+    b = _root(tmp_path, "b", _run(epochs=1, eval_store="val-key-B", iou=12.0, finished="2025-03-02T10:00:00",
+                                  run_dir="run-b"))
+    for roots in ([a, b], [b, a]):
+        records, _ = collect_records(roots)
+        assert sorted(r["metrics"]["iou"] for r in records) == [12.0, 30.0]
+    out = tmp_path / "report"
+    paths = write_report([a, b], str(out), max_feature_images=0)
+    md = Path(paths.markdown).read_text(encoding="utf-8")
+    col = {name: i for i, name in enumerate(_header(md, "Table 2"))}
+    cell = _row(md, "dinov2_b14", "Table 2")[col["Boundaries IoU"]]
+    assert "12.0 (n=1) [" in cell and "30.0 (n=1) [" in cell and cell.index("12.0") < cell.index("30.0")  # newest first
+    assert "21.0" not in cell and "**" not in cell  # no mean of the two, no "best"
+    assert _row(md, "*Δ ours − paper*", "Table 2")[col["Boundaries IoU"]] == ""
+    note = next(n for n in paths.notes if "mixes 2 configurations" in n)
+    assert "dinov2_b14" in note and "config.probe.max_epochs 1 / 4" in note and "eval_store" in note
+    all_rows = [line for line in md.split("## All records")[1].splitlines() if line.startswith("| boundaries")]
+    assert len(all_rows) == 2  # one row per configuration
+    assert "## Duplicates" not in md  # different experiments are not duplicates
+
+
+def test_same_experiment_newest_record_wins_in_any_root_order(tmp_path):
+    from pipelines.report import collect_records
+
+    old = _run(iou=30.0, finished="2025-03-01T10:00:00", run_dir="run-old")
+    new = _run(iou=31.0, finished="2025-03-05T09:00:00", run_dir="run-new",
+               timings={"total_s": 9.0}, tool_version="0.2")  # bookkeeping differs: still the same experiment
+    new["config"] = {**new["config"], "device": "cuda:0", "in_memory": False}
+    a, b = _root(tmp_path, "a", new), _root(tmp_path, "b", old)
+    for roots in ([a, b], [b, a]):
+        records, _ = collect_records(roots)
+        assert [(r["run_dir"], r["metrics"]["iou"]) for r in records] == [("run-new", 31.0)]
+    # one root holding both, the newer written first
+    c = _root(tmp_path, "c", new, old)
+    assert [r["run_dir"] for r in collect_records([c])[0]] == ["run-new"]
+
+
+def test_conflicting_duplicates_are_listed(tmp_path):
+    old = _run(iou=30.0, finished="2025-03-01T10:00:00", run_dir="run-old")
+    new = _run(iou=25.0, finished="2025-03-05T09:00:00", run_dir="run-new")
+    noise = _run(seed=1, iou=28.0, finished="2025-03-01T10:00:00", run_dir="run-s1")
+    noise_again = _run(seed=1, iou=28.0 * (1 + 1e-9), finished="2025-03-03T10:00:00", run_dir="run-s1-again")
+    a, b = _root(tmp_path, "a", new, noise_again), _root(tmp_path, "b", old, noise)
+    paths = write_report([a, b], str(tmp_path / "report"), max_feature_images=0)
+    md = Path(paths.markdown).read_text(encoding="utf-8")
+    dup = md.split("## Duplicates")[1].split("## All records")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in dup.splitlines() if "| boundaries" in line]
+    assert [(r[1], r[2], r[3], r[4], r[6]) for r in rows] == [
+        ("yes", a, "run-new", "2025-03-05T09:00:00", "25.000"), ("no", b, "run-old", "2025-03-01T10:00:00", "30.000")]
+    assert "seed 0" in rows[0][0] and not any("run-s1" in line for line in dup.splitlines())  # float noise: no conflict
+    assert any("different metrics" in n for n in paths.notes) and any("same metrics" in n for n in paths.notes)
+    col = {name: i for i, name in enumerate(_header(md, "Table 2"))}
+    assert _row(md, "dinov2_b14", "Table 2")[col["Boundaries IoU"]] == "26.5 ± 2.1 (n=2)"  # seeds 0 (newest), 1
+    page = Path(paths.html).read_text(encoding="utf-8")
+    assert page.index('id="duplicates"') < page.index("<h2>All records</h2>")
+    assert "run-old" in page and "run-new" in page and "2025-03-05T09:00:00" in page
+
+
+def test_identity_takes_new_fields_and_old_records_still_load(tmp_path):
+    from pipelines.report import collect_records, record_identity
+
+    plain = _run()
+    assert record_identity(plain) == record_identity({**plain, "dataset_id": None, "metrics": {"iou": 1.0}})
+    assert record_identity(plain) != record_identity({**plain, "dataset_id": "coco-2017-abc"})
+    assert record_identity(plain) != record_identity({**plain, "eval_bad_excluded": 3})
+    # an old record without the new fields and a new one with them: both load, kept apart
+    root = _root(tmp_path, "mixed", plain, _run(dataset_id="coco-2017-abc", eval_bad_excluded=0,
+                                                finished="2025-03-05T09:00:00"))
+    assert len(collect_records([root])[0]) == 2
+
+
 # -- the HTML page in headless Chromium -----------------------------------------------------------
 class Chromium:
     """Headless Chromium over the DevTools protocol on a pipe (``--remote-debugging-pipe``: it reads
