@@ -291,7 +291,7 @@ def _instance_image(rng, n_inst: int, large: int) -> dict[str, np.ndarray]:
 class TestInstances(TaskContract):
     name = "instances"
     info = TargetInfo(num_instances=50)
-    options = {"max_pixels": 200, "kmeans_n_init": 2}
+    options = {"max_pixels": 200, "kmeans_runs": 2}
     best = 100.0
 
     def make_batch(self, rng, b):
@@ -308,7 +308,7 @@ class TestInstances(TaskContract):
         return 5.0 * torch.nn.functional.one_hot(inst, 32).permute(0, 3, 1, 2).float()
 
     def test_one_hot_latents_give_100_and_random_near_0(self):
-        task = create_task("instances", self.info, max_pixels=5000)
+        task = create_task("instances", self.info, kmeans_runs=4)
         rng = np.random.default_rng(4)
         batch = self.make_batch(rng, 8)
         assert self._metrics(task, [(self.perfect_pred(batch), batch)])["ari"] == pytest.approx(100.0)
@@ -325,7 +325,7 @@ class TestInstances(TaskContract):
         pred[1] = torch.randn(32, H, W)  # a bad latent on the excluded image must not count
         out = self._metrics(task, [(pred, batch)])
         assert out["n_eval_images"] == 2 and out["ari"] == pytest.approx(100.0)
-        lenient = create_task("instances", self.info, min_large=2, max_pixels=200)
+        lenient = create_task("instances", self.info, min_large=2, max_pixels=200, kmeans_runs=2)
         assert self._metrics(lenient, [(pred, batch)])["n_eval_images"] == 3
         # the loop may pass the count instead of the areas
         counts = {k: v for k, v in batch.items() if k != "instance_area"} | {"large_count": np.array([3, 2, 4])}
@@ -363,6 +363,54 @@ class TestInstances(TaskContract):
         rng = np.random.default_rng(6)
         out = task.trivial_metrics([], [self.make_batch(rng, 3)])
         assert out["ari"] == pytest.approx(0.0) and out["n_eval_images"] == 3
+
+    def test_separated_latents_give_100_for_every_seed(self):
+        # latents that separate the instances by construction (one-hot per id plus noise well inside
+        # the gaps): every k-means seed, with or without pixel subsampling, finds the true partition
+        batch = self.make_batch(np.random.default_rng(7), 4)
+        pred = self.perfect_pred(batch) + 0.05 * torch.randn(4, 32, H, W, generator=torch.Generator().manual_seed(0))
+        for max_pixels in (None, 100):
+            for kmeans_seed in range(5):
+                task = create_task("instances", self.info, max_pixels=max_pixels, kmeans_runs=3,
+                                   kmeans_seed=kmeans_seed)
+                out = self._metrics(task, [(pred, batch)])
+                assert out["ari"] == pytest.approx(100.0) and out["n_eval_images"] == 4, (max_pixels, kmeans_seed)
+
+    def test_kmeans_seed_and_runs_reach_kmeans(self):
+        # ambiguous latents (noise): each seed's ARI equals the mean over runs r of a direct KMeans
+        # with random_state seed·runs + r on every evaluated pixel (instance, foreground, not
+        # ignored); different seeds share no run and disagree
+        from sklearn.cluster import KMeans
+        from sklearn.metrics import adjusted_rand_score
+
+        batch = self.make_batch(np.random.default_rng(8), 1)
+        pred = self.random_pred(self.make_task(), batch, seed=3)
+        inst = batch["instances"][0].reshape(-1).astype(np.int64)
+        keep = (inst > 0) & (batch["foreground"][0].reshape(-1) > 0) & (batch["instance_ignore"][0].reshape(-1) == 0)
+        x = np.ascontiguousarray(pred[0].reshape(32, -1).numpy()[:, keep].T)
+        aris = []
+        for kmeans_seed in (0, 1, 2):
+            task = create_task("instances", self.info, max_pixels=None, kmeans_runs=2, kmeans_seed=kmeans_seed)
+            got = self._metrics(task, [(pred, batch)])["ari"]
+            want = np.mean([adjusted_rand_score(inst[keep], KMeans(n_clusters=4, n_init=1, random_state=rs).fit_predict(x))
+                            for rs in (2 * kmeans_seed, 2 * kmeans_seed + 1)])
+            assert got == pytest.approx(100.0 * want, abs=1e-9)
+            assert -100.0 <= got <= 100.0
+            aris.append(got)
+        assert len(set(aris)) > 1  # the seed changes the clustering, each result a valid ARI
+
+    def test_options_record_the_estimator(self):
+        task = create_task("instances", self.info)
+        opts = task.options()
+        assert {"max_pixels", "kmeans_runs", "kmeans_n_init", "kmeans_seed", "seed", "min_large", "large_area"} <= set(opts)
+        # the estimator chosen in benchmarks/ari_noise.py (docs/instances.md)
+        assert (opts["max_pixels"], opts["kmeans_runs"], opts["kmeans_n_init"], opts["kmeans_seed"]) == (5000, 64, 1, 0)
+        other = create_task("instances", self.info, kmeans_seed=7, max_pixels=None, kmeans_runs=2, kmeans_n_init=5)
+        assert {k: other.options()[k] for k in ("kmeans_seed", "max_pixels", "kmeans_runs", "kmeans_n_init")} == {
+            "kmeans_seed": 7, "max_pixels": None, "kmeans_runs": 2, "kmeans_n_init": 5}
+        for bad in ({"kmeans_runs": 0}, {"kmeans_n_init": 0}, {"max_pixels": 0}, {"kmeans_seed": -1}):
+            with pytest.raises(ValueError):
+                create_task("instances", self.info, **bad)
 
 
 # ---- registry -----------------------------------------------------------------------------------

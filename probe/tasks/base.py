@@ -153,6 +153,12 @@ class Task(ABC):
         Returns the same keys as :meth:`compute` (plus task-specific extras) so results compare.
         """
 
+    def selection_task(self) -> "Task | None":
+        """The task whose ``primary_metric`` on the held-out part of the training store selects the
+        epoch, or ``None`` to select on the held-out loss (the default). A task overrides this when
+        its loss cannot improve on held-out images."""
+        return None
+
     def select(self, batch: Batch) -> Tensor | None:
         """Boolean ``(B,)`` mask of the images that count for the metric; ``None`` = all."""
         return None
