@@ -27,12 +27,13 @@ from extract.progress import ProgressReporter
 from extract.provenance import provenance
 from store import _layout as L
 from store.catalogue import feature_store_path
-from store.errors import BadImageError, MaxaError
+from store.errors import BadImageError, MaxaError, StoreError
+from store.reader import open_features
 from store.spec import FeatureSpec, LayerSpec
 from store.writer import ArrayDef, StoreWriter
 
 __all__ = ["ExtractResult", "extract_features", "feature_spec_for", "default_shard_size", "resolve_device",
-           "open_feature_store", "finalize_feature_store"]
+           "open_feature_store", "finalize_feature_store", "check_reusable"]
 
 FP16_MAX = 65504.0
 #: Target bytes per shard: big enough for efficient I/O, small enough to buffer (TECH_NOTES).
@@ -86,6 +87,7 @@ def feature_spec_for(backbone: LoadedBackbone, reader: DatasetReader, image_ids:
         dataset=ident["dataset"],
         split=ident["split"],
         dataset_options=ident["options"],
+        dataset_id=reader.dataset_id(),
         num_images=len(image_ids),
         image_ids_hash=image_ids_hash(image_ids),
     )
@@ -164,19 +166,19 @@ def extract_features(
         writer.attach()
     else:
         writer.open()
-    if writer.complete:
-        return ExtractResult(path=path, spec=spec, reused=True)
-    missing = writer.missing_shards()
-    if shards is not None:
-        wanted = {int(s) for s in shards}
-        bad = sorted(s for s in wanted if not 0 <= s < writer.num_shards)
-        if bad:
-            writer.close()
-            raise ValueError(f"{path} has shards 0..{writer.num_shards - 1}; asked for {bad}")
-        missing = [s for s in missing if s in wanted]
-    result = ExtractResult(path=path, spec=spec, reused=False)
-    start_time = time.perf_counter()
     with writer:  # releases the store's lease however this ends (a coordinated writer holds none)
+        if writer.complete:
+            check_reusable(path, reader, skip_bad=skip_bad, storage_options=storage_options)
+            return ExtractResult(path=path, spec=spec, reused=True)
+        missing = writer.missing_shards()
+        if shards is not None:
+            wanted = {int(s) for s in shards}
+            bad = sorted(s for s in wanted if not 0 <= s < writer.num_shards)
+            if bad:
+                raise ValueError(f"{path} has shards 0..{writer.num_shards - 1}; asked for {bad}")
+            missing = [s for s in missing if s in wanted]
+        result = ExtractResult(path=path, spec=spec, reused=False)
+        start_time = time.perf_counter()
         if missing:
             _run_shards(model, reader, writer, missing, spec, dev, batch_size, num_workers, skip_bad,
                         show_progress, on_shard, result)
@@ -184,6 +186,36 @@ def extract_features(
             writer.finalize(bad_images=result.bad_images, clipped_values=result.clipped_values)
     result.seconds = time.perf_counter() - start_time
     return result
+
+
+def check_reusable(path: str, reader: DatasetReader, *, skip_bad: bool,
+                   storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse to reuse a complete feature store whose recorded bad images no longer tell the truth.
+
+    A store extracted with ``--skip-bad`` holds zeros for the images it could not decode. Reusing
+    it is right only while those files are still undecodable and the user still asks to skip them:
+    after a repair the store would silently keep the zeros. Only the recorded images are decoded
+    again, so this costs nothing for a store without bad images.
+    """
+    bad = open_features(path, storage_options=storage_options).bad
+    if bad.size == 0:
+        return
+    first = reader.image_ids[int(bad[0])]
+    if not skip_bad:
+        raise StoreError(
+            f"{path} holds {bad.size} image(s) recorded as undecodable (e.g. {first}) by an extraction with "
+            f"--skip-bad; pass --skip-bad to use it as it is, or repair the files, remove the store "
+            f"(`maxa stores rm {path}`) and extract again."
+        )
+    for index in bad:
+        try:
+            reader.read_image(int(index))
+        except BadImageError:
+            continue
+        raise StoreError(
+            f"{path} recorded image {reader.image_ids[int(index)]} as undecodable, but it decodes now: the store "
+            f"is stale (it holds zeros for that image). Remove it (`maxa stores rm {path}`) and extract again."
+        )
 
 
 def _feature_writer(spec: FeatureSpec, path: str, image_ids: list[str], *, shard_size: int | None,

@@ -64,6 +64,7 @@ def target_spec_for(reader: DatasetReader, image_ids: list[str], config: TargetC
         dataset=ident["dataset"],
         split=ident["split"],
         dataset_options=ident["options"],
+        dataset_id=reader.dataset_id(),
         size=config.size,
         kinds=tuple(sorted(reader.targets)),
         definitions={k: v for k, v in config.definitions().items() if k in reader.targets or k == "resize"},
@@ -85,7 +86,11 @@ class _TargetItems(Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> tuple[int, dict[str, np.ndarray]]:
-        out = build_targets(self.reader.read_annotation(index), self.config, self.kinds)
+        annotation = self.reader.read_annotation(index)
+        # Labels of another size than their image would be resized onto the wrong pixels: refuse
+        # (ImageSizeError, from the image header) before the store can be finalised.
+        self.reader.check_image_size(index)
+        out = build_targets(annotation, self.config, self.kinds)
         if "instance_area" in out:
             area = np.zeros(MAX_INSTANCES, np.float32)
             k = min(len(out["instance_area"]), MAX_INSTANCES)
@@ -133,29 +138,31 @@ def build_target_store(
     result = TargetBuildResult(path=path, spec=spec, reused=writer.complete)
     if writer.complete:
         return result
-    t0 = time.perf_counter()
-    missing = writer.missing_shards()
-    indices = [i for s in missing for i in range(*writer.shard_range(s))]
-    workers = max(0, min(4, (os.cpu_count() or 2) - 1)) if num_workers is None else num_workers
-    loader = DataLoader(
-        _TargetItems(reader, config, kinds), sampler=indices, batch_size=None, num_workers=workers,
-        prefetch_factor=8 if workers else None,
-    )
-    buffers: dict[int, dict[str, np.ndarray]] = {}
-    with writer, ProgressReporter(f"targets {spec.dataset}/{spec.split}", len(indices), enabled=show_progress) as bar:
-        for index, out in loader:
-            shard = index // writer.shard_size
-            start, stop = writer.shard_range(shard)
-            if shard not in buffers:
-                buffers[shard] = {a.name: np.zeros((stop - start, *a.shape), a.dtype) for a in arrays}
-            for name, value in out.items():
-                buffers[shard][name][index - start] = value
-            if "instance_count" in out and int(out["instance_count"]) > MAX_INSTANCES:
-                result.truncated_instances += 1
-            bar.advance(1)
-            result.images_written += 1
-            if index == stop - 1:
-                writer.write_shard(shard, buffers.pop(shard))
-        writer.finalize(max_instances=MAX_INSTANCES, truncated_instance_areas=result.truncated_instances)
+    with writer:  # releases the store's lease however this ends, set-up included
+        t0 = time.perf_counter()
+        missing = writer.missing_shards()
+        indices = [i for s in missing for i in range(*writer.shard_range(s))]
+        workers = max(0, min(4, (os.cpu_count() or 2) - 1)) if num_workers is None else num_workers
+        loader = DataLoader(
+            _TargetItems(reader, config, kinds), sampler=indices, batch_size=None, num_workers=workers,
+            prefetch_factor=8 if workers else None,
+        )
+        buffers: dict[int, dict[str, np.ndarray]] = {}
+        with ProgressReporter(f"targets {spec.dataset}/{spec.split}", len(indices), enabled=show_progress) as bar:
+            for index, out in loader:
+                shard = index // writer.shard_size
+                start, stop = writer.shard_range(shard)
+                if shard not in buffers:
+                    buffers[shard] = {a.name: np.zeros((stop - start, *a.shape), a.dtype) for a in arrays}
+                for name, value in out.items():
+                    buffers[shard][name][index - start] = value
+                if "instance_count" in out and int(out["instance_count"]) > MAX_INSTANCES:
+                    result.truncated_instances += 1
+                bar.advance(1)
+                result.images_written += 1
+                if index == stop - 1:
+                    writer.write_shard(shard, buffers.pop(shard))
+            writer.finalize(max_instances=MAX_INSTANCES, truncated_instance_areas=result.truncated_instances,
+                            dataset_warnings=list(getattr(reader, "warnings", [])))
     result.seconds = time.perf_counter() - t0
     return result

@@ -46,37 +46,112 @@ class Compression(StrEnum):
     zstd = "zstd"
 
 
+#: Long-running commands: SIGTERM (``kill``, a batch scheduler's stop) is handled like Ctrl-C, so
+#: the same cleanup runs (leases released, writer pools drained); what a re-run finds of each.
+_INTERRUPTIBLE = {
+    "extract": "finished shards are kept; re-run the same command to resume.",
+    "sweep": "finished shards and probes are kept; re-run the same command to resume.",
+    "probe": "nothing was recorded for the unfinished probe; re-run the same command to train it again.",
+    "quickstart": "finished stores and probes are kept; re-run the same command to resume.",
+}
+
+
+class _SigtermAsInterrupt:
+    """While a long command runs, SIGTERM raises ``KeyboardInterrupt`` in the main thread (once: a
+    second SIGTERM during the cleanup is ignored, so it cannot cut the cleanup short).
+
+    When the whole process group is signalled, DataLoader workers die of it too, and torch's SIGCHLD
+    handler would raise "worker killed" in the middle of the cleanup, or print it from the loader's
+    ``__del__`` after the command returned: it is silenced from the first SIGTERM on, and stays so
+    (the process is exiting; the loaders still notice dead workers on their own)."""
+
+    def __init__(self, enabled: bool) -> None:
+        import threading
+
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.received:
+            return
+        self.received = True
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __enter__(self) -> "_SigtermAsInterrupt":
+        if self.enabled:
+            import signal
+
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            import signal
+
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+#: Command options that name where a command writes, by their flag (for an OSError without a file name).
+_PATH_OPTIONS = {"store_root": "--store-root", "results_root": "--results-root", "out_dir": "--out",
+                 "out_path": "--out", "store": "--store"}
+
+
+def _os_error_line(e: OSError, kwargs: dict[str, Any]) -> str:
+    """One line for an OSError: the file the system names or, when it names none (a write on a full
+    disk), the path the command writes under; and the fix."""
+    import errno
+
+    reason, kind = e.strerror or str(e) or type(e).__name__, type(e).__name__
+    known = next(((flag, kwargs[k]) for k, flag in _PATH_OPTIONS.items() if kwargs.get(k) not in (None, "")), None)
+    if e.filename:
+        where = f": {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") + f" ({kind})"
+    elif known:
+        where = f" ({kind}) while writing under {known[0]} {known[1]} (the system named no file)"
+    else:
+        where = f" ({kind}; the system named no file)"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space there or choose another {known[0] if known else '--store-root'}, then re-run"
+    else:
+        fix = "check that path, its permissions and free space, then re-run"
+    return f"{reason}{where}; {fix} (MAXA_DEBUG=1 shows the traceback)."
+
+
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn MaxaError and Ctrl-C into one line and a non-zero exit (no traceback)."""
+    """Turn MaxaError, Ctrl-C and (for long commands) SIGTERM into one line and a non-zero exit (no
+    traceback): 2 for bad input, 130 for Ctrl-C, 143 for SIGTERM (128 + the signal), 1 for a bug."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sigterm = _SigtermAsInterrupt(fn.__name__ in _INTERRUPTIBLE)
         try:
-            return fn(*args, **kwargs)
+            with sigterm:
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, TyperException):  # typer's own exits and usage errors
             raise
-        except MaxaError as e:
-            if os.environ.get("MAXA_DEBUG"):
+        except BaseException as e:
+            # after a SIGTERM, whatever surfaces (e.g. a DataLoader worker killed by the same signal) is the interruption
+            if sigterm.received or isinstance(e, KeyboardInterrupt):
+                signal_name = "SIGTERM" if sigterm.received else "SIGINT, Ctrl-C"
+                tail = _INTERRUPTIBLE.get(fn.__name__, "re-run the same command.")
+                err.print(f"[yellow]interrupted[/] ({signal_name}): {tail}", soft_wrap=True, highlight=False)
+                raise typer.Exit(143 if sigterm.received else 130) from None
+            if not isinstance(e, Exception) or os.environ.get("MAXA_DEBUG"):
                 raise
-            _error_line(str(e))
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]: finished shards are kept; re-run the same command to resume.")
-            raise typer.Exit(130) from None
-        except OSError as e:  # disk full, permissions, a file where a folder should be, ...
-            if os.environ.get("MAXA_DEBUG"):
-                raise
-            where = f" {e.filename}" if e.filename else ""
-            _error_line(f"{e.strerror or type(e).__name__}:{where} ({type(e).__name__}); check that path, its "
-                        "permissions and free space, then re-run (MAXA_DEBUG=1 shows the traceback).")
-            raise typer.Exit(2) from None
-        except Exception as e:  # a bug: still one line by default, the traceback on request
-            if os.environ.get("MAXA_DEBUG"):
-                raise
+            if isinstance(e, MaxaError):
+                _error_line(str(e))
+                raise typer.Exit(e.exit_code) from None
+            if isinstance(e, OSError):  # disk full, permissions, a file where a folder should be, ...
+                _error_line(_os_error_line(e, kwargs))
+                raise typer.Exit(2) from None
             unwrapped = _worker_error(e)
             if unwrapped is not None:  # a MaxaError raised in a DataLoader worker, re-raised by torch
                 _error_line(unwrapped[0])
                 raise typer.Exit(unwrapped[1]) from None
+            # a bug: still one line by default, the traceback on request
             _error_line(f"unexpected {type(e).__name__}: {e}; this is a bug in maxa: re-run with MAXA_DEBUG=1 "
                         "for the traceback and report it.")
             raise typer.Exit(1) from None
@@ -260,17 +335,35 @@ def extract(
     Two people asking for the same extraction share one store: the second waits for the first
     (its lease beside the store), then reuses the finished store."""
     _passive_openmp()
+    import warnings
+
+    from extract.datasets.base import DatasetWarning
     from extract.jobs import run_extract
 
+    shown: set[str] = set()
+    show_other = warnings.showwarning
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        # A reader's oddities (e.g. annotations of unknown images) as one yellow line each, once.
+        if not issubclass(category, DatasetWarning):
+            return show_other(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split())
+        if text not in shown:
+            shown.add(text)
+            err.print(f"[bold yellow]warning:[/] {rich_escape(text)}", soft_wrap=True, highlight=False)
+
     options = {"num_classes": num_classes, "ignore_index": ignore_index, "seed": seed, "num_images": num_images}
-    result = run_extract(
-        backbone=backbone, dataset=dataset, split=split, root=root, store_root=store_root,
-        dataset_options={k: v for k, v in options.items() if v is not None}, weights=weights,
-        layers=_parse_layers(layers), batch_size=batch_size, device=device, limit=limit,
-        num_workers=workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
-        targets=targets, target_size=(target_size, target_size), show_progress=progress,
-        storage_options=_storage_options(storage_option),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DatasetWarning)
+        warnings.showwarning = show_warning
+        result = run_extract(
+            backbone=backbone, dataset=dataset, split=split, root=root, store_root=store_root,
+            dataset_options={k: v for k, v in options.items() if v is not None}, weights=weights,
+            layers=_parse_layers(layers), batch_size=batch_size, device=device, limit=limit,
+            num_workers=workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
+            targets=targets, target_size=(target_size, target_size), show_progress=progress,
+            storage_options=_storage_options(storage_option),
+        )
     f = result.features
     if f.reused:
         out.print(f"features: [green]complete store found[/] {f.path}")
@@ -317,6 +410,7 @@ def stores_ls(
     from store import _layout as L
     from store.catalogue import list_stores
     from store.lease import read_lease
+    from store.spec import FORMAT_VERSION
 
     root = str(root)
     so = _storage_options(storage_option)
@@ -337,11 +431,17 @@ def stores_ls(
     from rich.table import Table
 
     table = Table(title=f"stores under {root}")
-    for col in ("kind", "backbone", "dataset", "split", "images", "grid / targets", "size", "complete", "results", "path"):
+    for col in ("kind", "backbone", "dataset", "split", "images", "bad", "grid / targets", "size", "complete", "results",
+                "path"):
         table.add_column(col, overflow="fold")
     for r in rows:
         state = "yes" if r["complete"] else ("[yellow]writing[/]" if r["writer"] else "[red]no[/]")
-        table.add_row(r["kind"], str(r["backbone"]), str(r["dataset"]), str(r["split"]), str(r["images"]),
+        fmt = r["format"]
+        if fmt != FORMAT_VERSION:
+            older = isinstance(fmt, int) and fmt < FORMAT_VERSION
+            state = f"[red]format {fmt}[/] ({'maxa stores upgrade' if older else 'not readable by this maxa'})"
+        bad = f"[yellow]{r['bad_images']}[/]" if r["bad_images"] else "0"
+        table.add_row(r["kind"], str(r["backbone"]), str(r["dataset"]), str(r["split"]), str(r["images"]), bad,
                       r["grid"], _human_bytes(r.get("bytes")), state, str(r["results"]), L.relative(r["path"], root))
     out.print(table if rows else f"no stores under {root}")
 
@@ -401,11 +501,33 @@ def stores_verify(
         status = "[green]OK[/]" if report.ok else "[red]PROBLEMS[/]"
         out.print(f"{status} {report.path}: {report.kind}, {report.num_images} images, "
                   f"{report.shards_done}/{report.num_shards} shards done, {report.arrays_checked} arrays, "
-                  f"{report.chunks_read} chunks read", highlight=False)
+                  f"{report.chunks_read} chunks read, {report.bad_images} image(s) recorded as bad", highlight=False)
+        if report.bad_images:
+            out.print(f"  note: {report.bad_images} image(s) could not be decoded at extraction (stored as zeros; "
+                      "probes exclude them): " + ", ".join(report.bad_image_ids[:5])
+                      + (" …" if report.bad_images > 5 else ""), highlight=False)
         for p in report.problems:
             out.print(f"  - {p}", highlight=False)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@stores_app.command("upgrade")
+@clean_errors
+def stores_upgrade(
+    path: Annotated[str, typer.Argument(help="A store written by an older maxa (….zarr, a path or s3://… URL).")],
+    root: Annotated[Optional[Path], typer.Option(help="Root of the dataset the store was extracted from (not needed for shapes).")] = None,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Bring a store from an older maxa to the current format: reads the dataset at --root to record
+    its identity (checking it holds the store's images), then moves the store to its new key's path.
+    The features and targets are not touched."""
+    from pipelines.upgrade import upgrade_store
+
+    so = _storage_options(storage_option)
+    _require_store(path, so)
+    new_path = upgrade_store(path, root, storage_options=so)
+    out.print(f"upgraded {path}" + (f" → {new_path}" if new_path != str(path) else " (already current)"), highlight=False)
 
 
 @stores_app.command("rm")

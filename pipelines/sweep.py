@@ -373,8 +373,8 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
             summary.skipped += 1
             finish("features", job)
             return
+        writers[job.id] = writer  # registered first: the sweep releases every registered lease however it ends
         missing = writer.missing_shards()
-        writers[job.id] = writer
         shard_left[job.id] = set(missing)
         shard_acc[job.id] = {"bad": [], "clipped": 0, "images": 0}
         if not missing:

@@ -616,7 +616,7 @@ def plan_sweep(sweep: SweepFile, store_root: str | Path, *, storage_options: dic
     Nothing is written. A dataset split that cannot be read or a backbone whose weights cannot be had
     marks its jobs (and the probes needing them) ``failed`` with the reason; the rest plan normally.
     """
-    from extract.runner import default_shard_size, feature_spec_for
+    from extract.runner import check_reusable, default_shard_size, feature_spec_for
     from extract.target_store import target_spec_for
     from extract.targets import TargetConfig
     from probe.results import finished_runs
@@ -692,6 +692,12 @@ def plan_sweep(sweep: SweepFile, store_root: str | Path, *, storage_options: dic
             job.num_shards = int(meta["num_shards"])
             if meta.get("complete"):
                 job.status = "skip"
+                if meta.get("num_bad"):
+                    try:
+                        check_reusable(job.path, reader, skip_bad=bool(sweep.extract.get("skip_bad", False)),
+                                       storage_options=storage_options)
+                    except Exception as e:  # noqa: BLE001 - reported as this job's failure
+                        job.status, job.error = "failed", _first_line(e)
             else:
                 import numpy as np
 

@@ -15,9 +15,9 @@ from probe.adapter import AdapterConfig
 from probe.heads import build_head
 from probe.results import read_run_file
 from store.errors import MaxaError
-from store.reader import open_features
+from store.reader import FeatureStore, open_features
 
-__all__ = ["load_adapter", "predict", "colourise"]
+__all__ = ["load_adapter", "predict", "colourise", "check_adapter_fits"]
 
 
 def load_adapter(run_dir: str | Path, *, storage_options: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -40,8 +40,7 @@ def predict(run_dir: str | Path, store: str | Path, index: int, size: tuple[int,
     """``(C, H, W)`` raw adapter output for image ``index`` of feature store ``store`` (paths or URLs)."""
     model, meta = load_adapter(run_dir, storage_options=storage_options)
     fs = open_features(store, storage_options=storage_options)
-    if list(fs.spec.layer_names) != meta["layers"]:
-        raise MaxaError(f"store {store} has layers {fs.spec.layer_names}, the adapter was trained on {meta['layers']}.")
+    check_adapter_fits(meta, fs, run_dir)
     if not 0 <= index < len(fs):
         raise MaxaError(f"--index {index} is out of range: the store has {len(fs)} images.")
     feats, pos = [], []
@@ -52,6 +51,33 @@ def predict(run_dir: str | Path, store: str | Path, index: int, size: tuple[int,
     with torch.no_grad():
         out = model(feats, pos, tuple(size))[0].numpy()
     return out, meta
+
+
+def check_adapter_fits(meta: dict[str, Any], fs: FeatureStore, run_dir: str | Path) -> None:
+    """Refuse a feature store other than the features the adapter was trained on (another backbone,
+    weights, preprocessing, layers, grids or channels): its output would look like a prediction and
+    mean nothing."""
+    spec = fs.spec
+    adapter = AdapterConfig.from_dict(meta["config"]["adapter"])
+    mine = ", ".join(f"{l.name} {l.grid[0]}x{l.grid[1]}x{l.channels}" for l in spec.layers)
+    theirs = ", ".join(f"{n} {g[0]}x{g[1]}x{c}" for n, g, c in zip(meta["layers"], adapter.grids, adapter.in_channels))
+    same_shape = (list(spec.layer_names) == list(meta["layers"])
+                  and tuple(l.grid for l in spec.layers) == adapter.grids
+                  and tuple(l.channels for l in spec.layers) == adapter.in_channels)
+    # runs recorded before backbone identities still name the backbone and weights
+    trained_on = meta.get("backbone_identity")
+    same_backbone = (trained_on is None or _jsonable(spec.backbone_identity()) == trained_on) and \
+        meta.get("backbone") in (None, spec.backbone) and meta.get("weights") in (None, spec.weights_id)
+    if not (same_shape and same_backbone):
+        raise MaxaError(
+            f"feature store {fs.path} ({spec.backbone}, weights {spec.weights_id}; {mine}) is not what the adapter "
+            f"{run_dir} was trained on ({meta.get('backbone')}, weights {meta.get('weights')}; {theirs}); render it on "
+            "a store of the same backbone, weights and layers."
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
 
 
 def colourise(out: np.ndarray, task: str) -> Image.Image:

@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store import _layout as L
+from store.errors import MaxaError
 
-__all__ = ["RESULTS_DIR", "append_result", "read_results", "result_counts", "write_run_files", "finished_runs",
+__all__ = ["RESULTS_DIR", "append_result", "check_results_root", "read_results", "result_counts", "write_run_files", "finished_runs",
            "run_identity"]
 
 RESULTS_DIR = "results"
@@ -52,6 +53,30 @@ def append_result(root: str | Path, record: dict[str, Any], *, storage_options: 
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
     return str(path)
+
+
+def check_results_root(root: str | Path, *, storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse, before any training, a results root this process cannot write to.
+
+    Writes and removes a small file in ``root/results`` and ``root/runs`` (creating them), so a
+    read-only shared root is found at once, not after an hour of training.
+    """
+    probe_name = f".write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        for sub in (RESULTS_DIR, "runs"):
+            if L.is_remote(root):
+                fs, p = L.fs_path(L.join(root, sub, probe_name), storage_options)
+                fs.pipe_file(p, b"")
+                fs.rm(p)
+            else:
+                folder = Path(root) / sub
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / probe_name).write_bytes(b"")
+                (folder / probe_name).unlink()
+    except (OSError, PermissionError) as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise MaxaError(f"cannot write results under {root} ({reason}); pass --results-root with a folder (or "
+                        "bucket prefix) you can write to: probing reads the stores and writes only there.") from None
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:

@@ -27,14 +27,14 @@ from probe import fused
 from probe.adapter import AdapterConfig, count_parameters
 from probe.data import ProbeData
 from probe.heads import build_head
-from probe.results import append_result, write_run_files
+from probe.results import append_result, check_results_root, write_run_files
 from probe.tasks import TargetInfo, Task, create_task
 from probe.tasks.instances import global_instance_ids
 from probe.variants import VARIANTS, variant_config
 from store._layout import join, safe_name
 from store.catalogue import find_eval_features, find_target_store, store_root_of
 from store.errors import MaxaError, StoreError
-from store.reader import FeatureStore, TargetStore, open_features, open_targets
+from store.reader import FeatureStore, TargetStore, check_aligned, check_eval_pair, open_features, open_targets
 from store.spec import content_key
 
 __all__ = ["ProbeConfig", "ProbeResult", "train_probe", "build_model", "HEADS", "MAX_CNN_CHANNELS"]
@@ -88,6 +88,11 @@ class ProbeConfig:
             raise MaxaError("--val-fraction must be between 0 and 1.")
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
             raise MaxaError("batch size, max epochs and patience must be >= 1.")
+        if self.lr is not None and not (math.isfinite(self.lr) and 0.0 < self.lr <= 1.0):
+            raise MaxaError(f"--lr {self.lr} is not a learning rate: give a number in (0, 1], e.g. --lr 1e-3, "
+                            "or leave it out for the task's own (1e-3; 2e-3 for boundaries and depth).")
+        if self.max_train_images is not None and self.max_train_images < 2:
+            raise MaxaError("max_train_images must be >= 2 (one image to fit, one to hold out).")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,18 +113,31 @@ class ProbeResult:
         return self.record["metrics"]
 
 
-def _open_pair(features_path: str, targets_path: str | None,
-               storage_options: dict[str, Any] | None = None) -> tuple[FeatureStore, TargetStore]:
-    fs = open_features(features_path, storage_options=storage_options)
+def _open_pair(features: str | FeatureStore, targets_path: str | None, storage_options: dict[str, Any] | None = None,
+               like: TargetStore | None = None) -> tuple[FeatureStore, TargetStore]:
+    """A feature store and its target store (found by dataset and image ids unless given; with
+    ``like``, one whose target definitions equal those of ``like``)."""
+    fs = features if isinstance(features, FeatureStore) else open_features(features, storage_options=storage_options)
     if targets_path is None:
-        root = store_root_of(features_path, storage_options)
-        targets_path = find_target_store(root, fs.spec, storage_options=storage_options)
+        root = store_root_of(fs.path, storage_options)
+        targets_path = find_target_store(root, fs.spec, storage_options=storage_options,
+                                         like=like.spec if like is not None else None)
         if targets_path is None:
+            same = f" with the training targets' definitions ({like.path})" if like is not None else ""
             raise StoreError(
-                f"no complete target store for {fs.spec.dataset}/{fs.spec.split} under {root}; "
-                "run `maxa extract` for this split with targets (the default), or pass --targets."
+                f"no complete target store for {fs.spec.dataset}/{fs.spec.split}{same} under {root}; "
+                "run `maxa extract` for this split with targets (the default), or pass --targets / --eval-targets."
             )
     return fs, open_targets(targets_path, storage_options=storage_options)
+
+
+def _usable(features: FeatureStore, targets: TargetStore, count: int | None = None) -> tuple[np.ndarray, int]:
+    """Indices of the first ``count`` images (all by default) minus those recorded as bad, and how
+    many were dropped: an undecodable image is stored as zeros and must not be trained or scored on."""
+    n = len(features) if count is None else count
+    bad = np.union1d(features.bad, targets.bad)
+    bad = bad[bad < n]
+    return np.setdiff1d(np.arange(n), bad), int(bad.size)
 
 
 def build_model(config: ProbeConfig, task: Task, in_channels, grids) -> tuple[torch.nn.Module, AdapterConfig]:
@@ -185,10 +203,15 @@ def train_probe(
                 f"no eval store for {train_fs.spec.backbone} on {train_fs.spec.dataset} (val/test split) under "
                 f"{root}; extract the val split with the same backbone and weights, or pass --eval-store."
             )
-    eval_fs, eval_ts = _open_pair(eval_features, eval_targets, storage_options)
-    if eval_fs.spec.layers != train_fs.spec.layers or eval_fs.spec.weights_id != train_fs.spec.weights_id:
-        raise StoreError(f"train store {features} and eval store {eval_features} come from different "
-                         "backbones, weights or layers.")
+    eval_fs = open_features(eval_features, storage_options=storage_options)
+    check_eval_pair(train_fs, eval_fs)  # before looking for its targets: the clearer refusal
+    eval_fs, eval_ts = _open_pair(eval_fs, eval_targets, storage_options, like=train_ts)
+    check_aligned(train_fs, train_ts)
+    check_aligned(eval_fs, eval_ts)
+    check_eval_pair(train_fs, eval_fs, train_ts, eval_ts)
+    out_root = str(results_root or root)
+    check_results_root(out_root, storage_options=storage_options)
+    say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))
 
     # the task, sized from the training targets
     cap = config.max_train_images
@@ -215,16 +238,25 @@ def train_probe(
     if "instance_global" in task.needs:
         stored = list(dict.fromkeys([*stored, "instances", "foreground", "instance_ignore"]))
 
+    # images recorded as undecodable hold zeros: never trained, selected or scored on
+    usable, train_bad = _usable(train_fs, train_ts, n_train_total)
+    eval_idx, eval_bad = _usable(eval_fs, eval_ts)
+    if train_bad or eval_bad:
+        say(f"  excluded images recorded as bad (undecodable at extraction): {train_bad} of the training store "
+            f"{train_fs.path}, {eval_bad} of the eval store {eval_fs.path}")
+    if eval_idx.size == 0:
+        raise MaxaError(f"every image of the eval store {eval_fs.path} is recorded as bad: nothing to evaluate.")
+
     # split the training store: a seeded held-out part for model selection
     rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n_train_total)
-    n_val = max(1, int(round(config.val_fraction * n_train_total)))
-    if n_train_total - n_val < 1:
-        raise MaxaError(f"the training store has {n_train_total} image(s): too few to hold out a validation part.")
-    val_idx, fit_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    order = rng.permutation(usable.size)
+    n_val = max(1, int(round(config.val_fraction * usable.size)))
+    if usable.size - n_val < 1:
+        raise MaxaError(f"the training store has {usable.size} usable image(s): too few to hold out a validation part.")
+    val_idx, fit_idx = np.sort(usable[order[:n_val]]), np.sort(usable[order[n_val:]])
     fit = ProbeData(train_fs, train_ts, stored, indices=fit_idx, device=dev, in_memory=in_memory)
     val = ProbeData(train_fs, train_ts, stored, indices=val_idx, device=dev, in_memory=in_memory)
-    evaluation = ProbeData(eval_fs, eval_ts, stored, device=dev, in_memory=in_memory)
+    evaluation = ProbeData(eval_fs, eval_ts, stored, indices=eval_idx, device=dev, in_memory=in_memory)
     out_size = tuple(tspec.size)
 
     model, adapter_config = build_model(config, task, fit.in_channels, fit.grids)
@@ -238,7 +270,6 @@ def train_probe(
     lr = config.lr if config.lr is not None else task.lr
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(config.seed)
-    say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))
 
     def run_epoch(data: ProbeData, train: bool) -> float:
         model.train(train)
@@ -255,22 +286,44 @@ def train_probe(
                 count += len(idx)
         return total / max(count, 1)
 
+    def score(scorer: Task, data: ProbeData) -> dict[str, float]:
+        model.eval()
+        state = scorer.metric_state()
+        with torch.no_grad():
+            for _idx, feats, batch in data.batches(config.batch_size):
+                scorer.update(state, model(feats, data.token_pos, out_size), batch)
+        return scorer.compute(state)
+
+    # Model selection on the held-out part: its loss, or, for a task whose loss cannot improve on
+    # held-out images (instances: the classifier knows only training instances), its own metric.
+    selector = task.selection_task()
+    selection = "val_loss" if selector is None else f"val_{selector.primary_metric}"
     best = (math.inf, -1, None)
     history = []
     t_train = time.perf_counter()
     for epoch in range(config.max_epochs):
         t0 = time.perf_counter()
         train_loss = run_epoch(fit, True)
-        val_loss = run_epoch(val, False)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "seconds": time.perf_counter() - t0})
-        improved = val_loss < best[0]
+        entry = {"epoch": epoch, "train_loss": train_loss}
+        if selector is None:
+            entry["val_loss"] = value = run_epoch(val, False)
+        else:
+            entry[selection] = score(selector, val)[selector.primary_metric]
+            value = -entry[selection] if selector.higher_is_better else entry[selection]
+            if not math.isfinite(value):  # no held-out image the metric can score
+                raise MaxaError(f"task {config.task!r}: none of the {len(val)} held-out training images can be "
+                                f"scored for model selection ({selection}); use a larger training store or a larger "
+                                "--val-fraction.")
+        entry["seconds"] = time.perf_counter() - t0
+        history.append(entry)
+        improved = value < best[0]
         if improved:
-            best = (val_loss, epoch, (copy.deepcopy(model.state_dict()),
-                                      copy.deepcopy(extra.state_dict()) if extra is not None else None))
+            best = (value, epoch, (copy.deepcopy(model.state_dict()),
+                                   copy.deepcopy(extra.state_dict()) if extra is not None else None))
         if show_progress:
+            shown = entry[selection]
             say(f"  {config.task} epoch {epoch + 1:>3}/{config.max_epochs}  train {train_loss:.4f}  "
-                f"val {val_loss:.4f}{'  *' if improved else ''}  ({time.perf_counter() - t0:.1f} s)")
+                f"{selection.replace('_', ' ')} {shown:.4f}{'  *' if improved else ''}  ({entry['seconds']:.1f} s)")
         if epoch - best[1] >= config.patience:
             break
     train_seconds = time.perf_counter() - t_train
@@ -280,19 +333,13 @@ def train_probe(
 
     # evaluation on the eval store
     t_eval = time.perf_counter()
-    model.eval()
-    state = task.metric_state()
-    with torch.no_grad():
-        for idx, feats, batch in evaluation.batches(config.batch_size):
-            task.update(state, model(feats, evaluation.token_pos, out_size), batch)
-    metrics = task.compute(state)
+    metrics = score(task, evaluation)
     trivial = task.trivial_metrics(fit.numpy_batches(stored), evaluation.numpy_batches(stored))
     eval_seconds = time.perf_counter() - t_eval
 
     # save the adapter and the record
     p_learn = count_parameters(model)
     run_key = content_key({"train": train_fs.key, "eval": eval_fs.key, "config": config.to_dict()})
-    out_root = str(results_root or root)
     run_dir = join(out_root, "runs", safe_name(train_fs.spec.backbone), f"{tspec.dataset}-{config.task}-{config.variant}-{config.head}-seed{config.seed}-{run_key}")
     adapter_bytes = io.BytesIO()
     torch.save({"model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None},
@@ -302,10 +349,13 @@ def train_probe(
         "backbone": train_fs.spec.backbone, "weights": train_fs.spec.weights_id, "dataset": tspec.dataset,
         "train_split": train_fs.spec.split, "eval_split": eval_fs.spec.split,
         "train_images": int(len(fit)), "val_images": int(len(val)), "eval_images": int(len(evaluation)),
+        "train_bad_excluded": train_bad, "eval_bad_excluded": eval_bad,
+        "dataset_id": train_fs.spec.dataset_id, "eval_dataset_id": eval_fs.spec.dataset_id,
+        "eval_image_ids_hash": eval_fs.spec.image_ids_hash,
         "primary_metric": task.primary_metric, "primary_value": float(metrics.get(task.primary_metric, math.nan)),
         "higher_is_better": task.higher_is_better,
         "metrics": metrics, "trivial": trivial, "p_learn": int(p_learn),
-        "epochs": len(history), "best_epoch": int(best[1]) + 1,
+        "epochs": len(history), "best_epoch": int(best[1]) + 1, "selection": selection,
         "train_store": train_fs.key, "eval_store": eval_fs.key,
         "train_targets": train_ts.key, "eval_targets": eval_ts.key,
         "timings": {"train_s": train_seconds, "eval_s": eval_seconds, "total_s": time.perf_counter() - t_start,
@@ -317,7 +367,7 @@ def train_probe(
     }
     meta = {**record, "history": history, "info": info.to_dict(), "out_size": list(out_size),
             "train_features": str(features), "eval_features": str(eval_features),
-            "layers": list(train_fs.spec.layer_names)}
+            "layers": list(train_fs.spec.layer_names), "backbone_identity": train_fs.spec.backbone_identity()}
     write_run_files(run_dir, {"adapter.pt": adapter_bytes.getvalue(),
                               "meta.json": json.dumps(meta, indent=2, default=float).encode()},
                     storage_options=storage_options)

@@ -30,6 +30,9 @@ from typing import Any
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from store.errors import StoreError
+from store.spec import FORMAT_VERSION, store_format
+
 ATTR = "maxa"
 INDEX_GROUP = "index"
 SHARD_DONE = "shard_done"
@@ -125,3 +128,23 @@ def read_attrs(path: str | Path, storage_options: StorageOptions = None) -> dict
         return None
     meta = group.attrs.get(ATTR)
     return dict(meta) if isinstance(meta, dict) else None
+
+
+def check_format(meta: dict[str, Any], path: str | Path) -> None:
+    """Refuse a store whose format this maxa does not read, in one line that says what to do.
+
+    Every open (reader, writer, verify) calls this: a store from a newer maxa may mean something
+    this one does not know, and one from an older maxa lacks what pairing relies on.
+    """
+    version = store_format(meta)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise StoreError(f"{path} declares an unreadable store format ({version!r}); it was not written by maxa, "
+                         "or its zarr.json was edited: re-extract it.")
+    if version > FORMAT_VERSION:
+        raise StoreError(f"{path} was written by a newer maxa (store format {version}; this maxa reads format "
+                         f"{FORMAT_VERSION}); upgrade maxa (`pip install -U maxa-probe`) to read it.")
+    if version < FORMAT_VERSION:
+        raise StoreError(f"{path} has store format {version}, from an older maxa (this one reads format "
+                         f"{FORMAT_VERSION}: stores now carry a dataset identity, so train and eval stores of "
+                         f"different datasets never pair up); upgrade it with `maxa stores upgrade {path} --root "
+                         "DATASET_ROOT` (the dataset it was extracted from), or extract it again.")

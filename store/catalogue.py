@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from store import _layout as L
-from store.spec import FeatureSpec, TargetSpec
+from store.spec import FORMAT_VERSION, FeatureSpec, TargetSpec, store_format
 
 __all__ = [
     "feature_store_path",
@@ -67,6 +67,7 @@ def store_summary(path: str, meta: dict[str, Any], *, with_size: bool = True,
         "images": meta.get("num_images"),
         "complete": bool(meta.get("complete")),
         "bad_images": meta.get("num_bad", 0),
+        "format": store_format(meta),
     }
     if meta.get("kind") == "features":
         layers = spec.get("layers", [])
@@ -146,14 +147,18 @@ def store_root_of(path: str | Path, storage_options: SO = None) -> str:
 
 
 def find_target_store(root: str | Path, spec: FeatureSpec | dict[str, Any],
-                      size: tuple[int, int] | None = None, storage_options: SO = None) -> str | None:
-    """The complete target store under ``root`` that indexes the same images as a feature store.
+                      size: tuple[int, int] | None = None, storage_options: SO = None,
+                      like: TargetSpec | None = None) -> str | None:
+    """The complete target store under ``root`` that indexes the same images of the same dataset
+    as a feature store.
 
     Args:
         root: store root.
         spec: the feature store's spec (or its dict).
         size: output resolution; ``None`` takes 224 × 224 if present, else any.
         storage_options: fsspec options for a URL root.
+        like: only target stores whose definitions equal this one's (:meth:`TargetSpec.definition`:
+            size, target definitions, classes), e.g. the eval targets of a probe's training targets.
     """
     spec = spec.to_dict() if isinstance(spec, FeatureSpec) else spec
     found = []
@@ -161,10 +166,13 @@ def find_target_store(root: str | Path, spec: FeatureSpec | dict[str, Any],
     rows = list_stores(targets_dir, with_size=False, storage_options=storage_options) \
         if L.isdir(targets_dir, storage_options) else []
     for row in rows:
+        if not row["complete"] or row["format"] != FORMAT_VERSION:
+            continue
         meta = L.read_attrs(row["path"], storage_options) or {}
         t = meta.get("spec", {})
-        if (row["complete"] and t.get("dataset") == spec["dataset"] and t.get("split") == spec["split"]
-                and t.get("image_ids_hash") == spec["image_ids_hash"]):
+        if (t.get("dataset_id") == spec.get("dataset_id") and t.get("split") == spec["split"]
+                and t.get("image_ids_hash") == spec["image_ids_hash"]
+                and (like is None or TargetSpec.from_dict(t).definition() == like.definition())):
             found.append((tuple(t.get("size", ())), row["path"]))
     if size is not None:
         found = [f for f in found if f[0] == tuple(size)]
@@ -174,20 +182,24 @@ def find_target_store(root: str | Path, spec: FeatureSpec | dict[str, Any],
 
 def find_eval_features(root: str | Path, spec: FeatureSpec, splits: tuple[str, ...] = ("val", "test"),
                        storage_options: SO = None) -> str | None:
-    """A complete feature store of the same backbone, weights, layers and dataset on an eval split."""
+    """A complete feature store of the same backbone features (:meth:`FeatureSpec.backbone_identity`)
+    of the same dataset (``dataset_id``) on an eval split."""
     backbone_dir = L.join(root, "features", L.safe_name(spec.backbone))
     if not L.isdir(backbone_dir, storage_options):
         return None
     # dataset options may legitimately differ per split (e.g. shapes' num_images): prefer equal ones
-    same = ("backbone", "timm_name", "weights_id", "input_size", "mean", "std", "interpolation", "dataset")
     mine = spec.identity()
     candidates = []
     for row in list_stores(backbone_dir, with_size=False, storage_options=storage_options):
+        if not row["complete"] or row["format"] != FORMAT_VERSION:
+            continue
         meta = L.read_attrs(row["path"], storage_options) or {}
-        other = FeatureSpec.from_dict(meta.get("spec", {})).identity() if meta.get("spec") else {}
-        if (row["complete"] and other and all(other.get(k) == mine.get(k) for k in same)
-                and other.get("layers") == mine.get("layers") and other["split"] in splits
-                and other["split"] != spec.split):
+        other_spec = FeatureSpec.from_dict(meta["spec"]) if meta.get("spec") else None
+        if other_spec is None:
+            continue
+        other = other_spec.identity()
+        if (other_spec.backbone_identity() == spec.backbone_identity() and other["dataset_id"] == spec.dataset_id
+                and other["split"] in splits and other["split"] != spec.split):
             options_differ = other.get("dataset_options") != mine.get("dataset_options")
             candidates.append((splits.index(other["split"]), options_differ, -int(other["num_images"]), row["path"]))
     candidates.sort()

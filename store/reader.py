@@ -18,10 +18,11 @@ import zarr
 from zarr.core.sync import sync
 
 from store import _layout as L
-from store.errors import StoreError, StoreMismatchError
+from store.errors import MaxaError, StoreError, StoreMismatchError
 from store.spec import FeatureSpec, TargetSpec
 
-__all__ = ["FeatureStore", "TargetStore", "open_features", "open_targets", "open_store", "check_aligned"]
+__all__ = ["FeatureStore", "TargetStore", "open_features", "open_targets", "open_store", "check_aligned",
+           "check_eval_pair"]
 
 
 class _Store:
@@ -38,6 +39,7 @@ class _Store:
             raise StoreError(f"{self.path} is not a maxa store (no 'maxa' attributes in its zarr.json).")
         if meta.get("kind") != self.kind:
             raise StoreError(f"{self.path} is a {meta.get('kind')} store, not a {self.kind} store.")
+        L.check_format(meta, self.path)
         if not meta.get("complete") and not allow_incomplete:
             raise StoreError(
                 f"{self.path} is incomplete (extraction interrupted?); re-run the same `maxa extract` to finish it."
@@ -80,7 +82,11 @@ class _Store:
         return self.group[name]
 
     def _read_rows(self, name: str, indices: Sequence[int]) -> np.ndarray:
-        """Rows ``indices`` of array ``name``, one concurrent request per image."""
+        """Rows ``indices`` of array ``name``, one concurrent request per image.
+
+        Raises:
+            StoreError: an image's chunk is damaged (checksum mismatch): names the images and the fix.
+        """
         arr = self._array(name)
         idx = [int(i) for i in indices]
         if not idx:
@@ -89,17 +95,48 @@ class _Store:
         for i in idx:
             if not -n <= i < n:
                 raise IndexError(f"image index {i} out of range for a store of {n} images")
+        idx = [i % n for i in idx]  # a negative index counts from the end (and a run of them stays a run)
         if _is_run(idx):  # a contiguous range reads whole shards in one call
-            return np.asarray(arr[idx[0] : idx[-1] + 1])
+            return self._read_range(name, arr, idx[0], idx[-1] + 1)
         rows = sync(_gather(arr, idx))
+        failed = _failures(idx, rows)
+        if failed:
+            raise self._damaged_error(name, arr, failed) from failed[0][1]
         return np.stack([np.asarray(r) for r in rows])
+
+    def _read_range(self, name: str, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+        """Images ``start:stop`` of ``arr`` in one call; on a damaged chunk, a :class:`StoreError`
+        naming the damaged images (found by re-reading only after the failure)."""
+        try:
+            return np.asarray(arr[start:stop])
+        except Exception as err:
+            if not _is_damage(err):
+                raise
+            failed = find_damaged(arr, start, stop)
+            if not failed:  # every chunk reads alone: not damage we can pin down, keep zarr's error
+                raise
+            raise self._damaged_error(name, arr, failed) from err
+
+    def _damaged_error(self, name: str, arr: zarr.Array, failed: list[tuple[int, BaseException]]) -> StoreError:
+        """One line: the store, the array, the damaged images (index and id) and the fix."""
+        try:
+            ids: list[str] | None = self.image_ids
+        except Exception:  # noqa: BLE001 - the message still names the indices
+            ids = None
+        where = describe_damage(arr, [i for i, _ in failed], ids)
+        return StoreError(
+            f"{self.kind} store {self.path} is damaged: array {name!r}, {where} cannot be read "
+            f"({_reason(failed[0][1])}). Run `maxa stores verify {self.path}` to list every damaged image, then "
+            "re-extract the store: remove it (`maxa stores rm`) and run the same `maxa extract` again."
+        )
 
     def iter_shards(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, values)`` for each shard of array ``name``, in order."""
         arr = self._array(name)
         step = self.shard_size
-        for start in range(0, arr.shape[0], step):
-            yield start, np.asarray(arr[start : start + step])
+        n = arr.shape[0]
+        for start in range(0, n, step):
+            yield start, self._read_range(name, arr, start, min(start + step, n))
 
     def nbytes_stored(self) -> int:
         """Bytes stored (local disk or object storage)."""
@@ -114,10 +151,89 @@ def _is_run(idx: list[int]) -> bool:
 
 
 async def _gather(arr: zarr.Array, idx: list[int]) -> list[Any]:
+    """Image ``i`` of ``arr`` for each ``i`` in ``idx``, read concurrently. Every request runs to
+    its end: a failed one yields its exception in its place (none is left pending when the loop
+    goes away, which asyncio would report as "Task was destroyed but it is pending!")."""
     import asyncio
 
     aarr = arr._async_array  # the public sync API serialises per call; gather overlaps requests
-    return await asyncio.gather(*(aarr.getitem((i,)) for i in idx))
+    return await asyncio.gather(*(aarr.getitem((i,)) for i in idx), return_exceptions=True)
+
+
+def _failures(idx: Sequence[int], rows: Sequence[Any]) -> list[tuple[int, BaseException]]:
+    """``(index, exception)`` of the failed reads of a :func:`_gather`; re-raises what is not damage
+    (an ``OSError``, a cancellation, ...) as it came."""
+    failed = [(i, r) for i, r in zip(idx, rows) if isinstance(r, BaseException)]
+    for _, e in failed:
+        if not _is_damage(e):
+            raise e
+    return failed
+
+
+def _is_damage(err: BaseException) -> bool:
+    """Whether a read error comes from the bytes of a chunk (a checksum mismatch, a codec that
+    cannot decode them) rather than from the storage itself (``OSError``: permissions, network),
+    memory, or maxa's own checks."""
+    return isinstance(err, Exception) and not isinstance(err, (OSError, MemoryError, MaxaError))
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if "checksum" in text.lower():
+        return "crc32c checksum mismatch: the bytes on disk changed after they were written"
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def _units(arr: zarr.Array) -> tuple[int, int]:
+    """``(images per shard, images per inner chunk)`` of a per-image array."""
+    chunk = int(arr.chunks[0])
+    shards = getattr(arr, "shards", None)
+    return (int(shards[0]) if shards else chunk), chunk
+
+
+def find_damaged(arr: zarr.Array, start: int, stop: int) -> list[tuple[int, BaseException]]:
+    """``(first image, error)`` of every inner chunk of ``arr`` in images ``start:stop`` that cannot be
+    read, each chunk read alone (only after a read of the range failed: this costs one more read of
+    the range). An array with one chunk per shard reports the shard's first image (the shard is the
+    unit). Errors that are not damage (see :func:`_is_damage`) are raised as they came."""
+    per_shard, per_chunk = _units(arr)
+    stop = min(stop, arr.shape[0])
+    failed: list[tuple[int, BaseException]] = []
+    shard_starts = range(start - start % per_shard, stop, per_shard)
+    for s0 in shard_starts:
+        a, b = max(s0, start), min(s0 + per_shard, stop)
+        if len(shard_starts) > 1:  # find the failing shards first, then their chunks
+            try:
+                arr[a:b]
+                continue
+            except Exception as err:
+                if not _is_damage(err):
+                    raise
+        firsts = [max(c, a) for c in range(a - a % per_chunk, b, per_chunk)]
+        failed += _failures(firsts, sync(_gather(arr, firsts)))
+    return failed
+
+
+def describe_damage(arr: zarr.Array, first_images: Sequence[int], ids: Sequence[str] | None) -> str:
+    """``"image 5 (id img5)"``, ``"3 images: 5 (id a), 9 (id b), …"`` or, for an array with one chunk per
+    shard, ``"images 0..7 (ids a..h; this array keeps a whole shard in one chunk)"``."""
+    n = arr.shape[0]
+    _, per_chunk = _units(arr)
+
+    def name(i: int) -> str:
+        return str(ids[i]) if ids is not None and 0 <= i < len(ids) else "?"
+
+    firsts = sorted({int(i) - int(i) % per_chunk for i in first_images})
+    if per_chunk > 1:
+        spans = [(c, min(c + per_chunk, n) - 1) for c in firsts]
+        text = ", ".join(f"{a}..{b} (ids {name(a)}..{name(b)})" for a, b in spans[:5])
+        more = f" and {len(spans) - 5} more chunks" if len(spans) > 5 else ""
+        return f"images {text}{more} (this array keeps a whole shard in one chunk, so the shard is the unit)"
+    if len(firsts) == 1:
+        return f"image {firsts[0]} (id {name(firsts[0])})"
+    text = ", ".join(f"{i} (id {name(i)})" for i in firsts[:5])
+    more = f", and {len(firsts) - 5} more" if len(firsts) > 5 else ""
+    return f"{len(firsts)} images: {text}{more}"
 
 
 class FeatureStore(_Store):
@@ -137,7 +253,7 @@ class FeatureStore(_Store):
         return self.read(index)
 
     def read(self, index: int, layer: str | None = None) -> np.ndarray:
-        return np.asarray(self._array(self._layer_array_name(layer))[int(index)])
+        return self._read_rows(self._layer_array_name(layer), [index])[0]
 
     def read_batch(self, indices: Sequence[int], layer: str | None = None) -> np.ndarray:
         """``(B, h, w, C)`` features of ``indices`` (any order, repeats allowed)."""
@@ -145,7 +261,9 @@ class FeatureStore(_Store):
 
     def read_all(self, layer: str | None = None) -> np.ndarray:
         """The whole ``(N, h, w, C)`` layer, read shard by shard."""
-        return np.asarray(self._array(self._layer_array_name(layer))[:])
+        name = self._layer_array_name(layer)
+        arr = self._array(name)
+        return self._read_range(name, arr, 0, arr.shape[0])
 
     def token_centres(self, layer: str | None = None) -> np.ndarray:
         """``(h, w, 2)`` normalised ``(y, x)`` token centres of ``layer``."""
@@ -176,7 +294,8 @@ class TargetStore(_Store):
 
     def read_all(self, name: str) -> np.ndarray:
         self._check_name(name)
-        return np.asarray(self._array(name)[:])
+        arr = self._array(name)
+        return self._read_range(name, arr, 0, arr.shape[0])
 
     def _check_name(self, name: str) -> None:
         if name not in self.array_names:
@@ -215,11 +334,62 @@ def open_store(path: str | Path, *, allow_incomplete: bool = True,
 
 
 def check_aligned(features: FeatureStore, targets: TargetStore) -> None:
-    """Refuse a feature and a target store that do not index the same images in the same order."""
+    """Refuse a feature and a target store that do not index the same images of the same dataset
+    in the same order."""
     f, t = features.spec, targets.spec
+    if f.dataset_id != t.dataset_id:
+        raise StoreMismatchError(
+            f"feature store {features.path} ({f.dataset}/{f.split}, dataset {f.dataset_id}) and target store "
+            f"{targets.path} ({t.dataset}/{t.split}, dataset {t.dataset_id}) come from different datasets; give "
+            "the target store built by `maxa extract` from the same dataset split."
+        )
     if f.image_ids_hash != t.image_ids_hash or len(features) != len(targets):
         raise StoreMismatchError(
             f"feature store {features.path} ({f.dataset}/{f.split}, {len(features)} images, ids {f.image_ids_hash}) "
             f"and target store {targets.path} ({t.dataset}/{t.split}, {len(targets)} images, ids {t.image_ids_hash}) "
             "index different images; extract both from the same dataset split (and --limit)."
+        )
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def check_eval_pair(train: FeatureStore, evaluation: FeatureStore, train_targets: TargetStore | None = None,
+                    eval_targets: TargetStore | None = None) -> None:
+    """Refuse to score a probe trained on ``train`` on an eval store where the number would mean
+    something else: another dataset, other features, training images, or (when both target stores
+    are given) other target definitions.
+
+    Raises:
+        StoreMismatchError: naming the two stores, what differs, and the fix.
+    """
+    f, e = train.spec, evaluation.spec
+    if f.dataset_id != e.dataset_id:
+        raise StoreMismatchError(
+            f"eval store {evaluation.path} is from another dataset ({e.dataset}/{e.split}, dataset {e.dataset_id}) "
+            f"than the training store {train.path} ({f.dataset}/{f.split}, dataset {f.dataset_id}); a probe is "
+            "scored on a held-out split of the dataset it was trained on: pass that split's store as --eval-store."
+        )
+    if f.backbone_identity() != e.backbone_identity():
+        what = _differences(f.backbone_identity(), e.backbone_identity()) if f.layers == e.layers else "layers differ"
+        raise StoreMismatchError(
+            f"train store {train.path} and eval store {evaluation.path} hold features of different backbones, "
+            f"weights, preprocessing or layers ({what}); extract the eval split with the same backbone and weights."
+        )
+    shared = set(train.image_ids) & set(evaluation.image_ids)
+    if shared:
+        some = ", ".join(sorted(shared)[:5])
+        raise StoreMismatchError(
+            f"train store {train.path} ({f.split}) and eval store {evaluation.path} ({e.split}) share "
+            f"{len(shared)} image(s) (e.g. {some}): scoring on training images would inflate the result; "
+            "evaluate on a split that holds none of the training images."
+        )
+    if train_targets is None or eval_targets is None:
+        return
+    d_train, d_eval = train_targets.spec.definition(), eval_targets.spec.definition()
+    if d_train != d_eval:
+        raise StoreMismatchError(
+            f"target stores {train_targets.path} and {eval_targets.path} define their targets differently "
+            f"({_differences(d_train, d_eval)}); build both splits' targets with the same settings."
         )

@@ -13,10 +13,24 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["FORMAT_VERSION", "LayerSpec", "FeatureSpec", "TargetSpec", "content_key", "grid_token_centres"]
+__all__ = ["FORMAT_VERSION", "LayerSpec", "FeatureSpec", "TargetSpec", "content_key", "grid_token_centres",
+           "store_format", "BACKBONE_IDENTITY"]
 
-#: Bump when the on-disk layout changes: it is part of every content key.
-FORMAT_VERSION = 1
+#: Bump when the on-disk layout or the meaning of a spec changes: it is part of every content key,
+#: and every open checks it (``store._layout.check_format``). Format 2 added ``dataset_id``.
+FORMAT_VERSION = 2
+
+#: The feature-spec fields that must agree for two stores to hold features of the same backbone
+#: (an adapter trained on one may be evaluated on, or render, the other).
+BACKBONE_IDENTITY = ("backbone", "timm_name", "weights_id", "input_size", "mean", "std", "interpolation", "resize",
+                     "layers", "dtype")
+
+
+def store_format(meta: dict[str, Any]) -> Any:
+    """The format version a store's ``maxa`` attributes declare (format 1 kept it in the spec only)."""
+    if "format_version" in meta:
+        return meta["format_version"]
+    return dict(meta.get("spec") or {}).get("format_version", 1)
 
 
 def content_key(identity: dict[str, Any]) -> str:
@@ -89,7 +103,10 @@ class FeatureSpec:
         mean, std, interpolation: the input normalisation and resize filter.
         resize: how images became ``input_size`` (``"squash"``: the whole image, no crop).
         layers: the stored layers.
-        dataset, split, dataset_options: the dataset reader's identity.
+        dataset, split, dataset_options: the dataset reader's name, split and options.
+        dataset_id: the dataset's identity (``DatasetReader.dataset_id``): tells two datasets read
+            by the same reader apart, equal for every split of one dataset and for the same data
+            at another path or on another machine. Train and eval stores pair only on it.
         num_images: N.
         image_ids_hash: hash of the ordered image ids; target stores must match it.
         dtype: stored dtype of the features.
@@ -107,6 +124,7 @@ class FeatureSpec:
     dataset: str
     split: str
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    dataset_id: str = ""
     num_images: int
     image_ids_hash: str
     dtype: str = "float16"
@@ -138,6 +156,11 @@ class FeatureSpec:
                 return l
         raise KeyError(f"store has no layer {name!r}; layers: {', '.join(self.layer_names)}")
 
+    def backbone_identity(self) -> dict[str, Any]:
+        """The fields that say which features these are, whatever the images (:data:`BACKBONE_IDENTITY`)."""
+        d = self.identity()
+        return {k: d[k] for k in BACKBONE_IDENTITY}
+
     def identity(self) -> dict[str, Any]:
         d = self.to_dict()
         for layer in d["layers"]:
@@ -163,7 +186,8 @@ class TargetSpec:
     """Everything that determines a target store's contents (no backbone).
 
     Attributes:
-        dataset, split, dataset_options: the dataset reader's identity.
+        dataset, split, dataset_options: the dataset reader's name, split and options.
+        dataset_id: the dataset's identity (see :class:`FeatureSpec`).
         size: ``(H, W)`` output resolution of every target.
         kinds: the targets stored (subset of boundaries, distance, instances, semantic, depth).
         definitions: how each target is computed (boundary width, distance normalisation, resize).
@@ -177,6 +201,7 @@ class TargetSpec:
     dataset: str
     split: str
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    dataset_id: str = ""
     size: tuple[int, int] = (224, 224)
     kinds: tuple[str, ...]
     definitions: dict[str, str] = field(default_factory=dict)
@@ -200,6 +225,14 @@ class TargetSpec:
     @property
     def key(self) -> str:
         return content_key({"kind": "targets", **self.to_dict()})
+
+    def definition(self) -> dict[str, Any]:
+        """What the targets mean, whatever the images: two target stores that agree on it hold
+        comparable targets (a probe trained on one may be scored on the other)."""
+        d = self.to_dict()
+        for k in ("split", "dataset_options", "num_images", "image_ids_hash"):
+            d.pop(k)
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

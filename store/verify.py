@@ -14,6 +14,7 @@ import numpy as np
 
 from store import _layout as L
 from store.errors import StoreError
+from store.reader import _reason, describe_damage, find_damaged
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -28,6 +29,8 @@ class VerifyReport:
     num_shards: int
     arrays_checked: int = 0
     chunks_read: int = 0
+    bad_images: int = 0
+    bad_image_ids: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -57,11 +60,22 @@ def verify_store(path: str | Path, progress: Any = None, *,
     report = VerifyReport(path=path, kind=meta.get("kind", "?"), complete=bool(meta.get("complete")),
                           num_images=n, shards_done=0, num_shards=num_shards)
     try:
+        L.check_format(meta, path)
+    except StoreError as err:  # still read every chunk: the bytes may be worth upgrading
+        report.problems.append(str(err))
+    try:
         done = np.asarray(group[L.SHARD_DONE][:]).astype(bool)
     except Exception as err:  # noqa: BLE001 - report, don't crash
         report.problems.append(f"shard_done unreadable: {err}")
         done = np.zeros(num_shards, bool)
     report.shards_done = int(done.sum())
+    try:
+        bad = np.flatnonzero(np.asarray(group[L.BAD][:]))
+        ids = list(group[L.INDEX_GROUP].attrs["image_ids"])
+        report.bad_images = int(bad.size)
+        report.bad_image_ids = [str(ids[i]) for i in bad[:100]]
+    except Exception as err:  # noqa: BLE001 - report, don't crash
+        report.problems.append(f"bad-image flags unreadable: {err}")
     if not report.complete:
         report.problems.append("store is not marked complete")
     if report.complete and not done.all():
@@ -70,9 +84,15 @@ def verify_store(path: str | Path, progress: Any = None, *,
     arrays += [f"{L.FEATURES}/{name}" for name, _ in group[L.FEATURES].arrays()] if L.FEATURES in group else []
     total = len(arrays) * num_shards
     step = 0
+    ids: list[str] | None = None
+    try:
+        ids = list(group[L.INDEX_GROUP].attrs["image_ids"])
+    except Exception:  # noqa: BLE001 - already reported above; name images by index only
+        pass
     for name in arrays:
         arr = group[name]
         report.arrays_checked += 1
+        per_image = arr.chunks[0] == 1
         for shard in range(num_shards):
             start, stop = shard * s, min((shard + 1) * s, n)
             try:
@@ -80,8 +100,8 @@ def verify_store(path: str | Path, progress: Any = None, *,
                 if values.dtype.kind == "f" and not np.isfinite(values).all():
                     report.problems.append(f"{name}: non-finite values in images {start}..{stop - 1}")
             except Exception as err:  # noqa: BLE001 - a checksum failure raises from the codec
-                report.problems.append(f"{name}: images {start}..{stop - 1} unreadable ({type(err).__name__}: {err})")
-            report.chunks_read += stop - start if arr.chunks[0] == 1 else 1
+                report.problems.append(_damage_problem(name, arr, start, stop, ids, err))
+            report.chunks_read += stop - start if per_image else 1
             step += 1
             if progress is not None:
                 progress(step, total)
@@ -90,3 +110,19 @@ def verify_store(path: str | Path, progress: Any = None, *,
         if partial and report.complete:
             report.problems.append(f"{len(partial)} orphan *.partial file(s) (harmless; re-run extract to clean)")
     return report
+
+
+def _damage_problem(name: str, arr: Any, start: int, stop: int, ids: list[str] | None, err: Exception) -> str:
+    """The problem line of a shard whose read failed: each image (inner chunk) re-read alone, so the
+    line names exactly the damaged ones; an array with one chunk per shard names the shard."""
+    whole = f"{name}: images {start}..{stop - 1} unreadable ({type(err).__name__}: {' '.join(str(err).split())})"
+    try:
+        failed = find_damaged(arr, start, stop)
+    except Exception:  # noqa: BLE001 - not a damaged chunk (storage error, ...): report the shard as it failed
+        return whole
+    if not failed:
+        return whole
+    what = describe_damage(arr, [i for i, _ in failed], ids)
+    fine = stop - start - len(failed) if arr.chunks[0] == 1 else 0
+    rest = f"; the other {fine} image(s) of images {start}..{stop - 1} read fine" if fine else ""
+    return f"{name}: {what} unreadable ({_reason(failed[0][1])}){rest}"

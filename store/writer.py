@@ -32,6 +32,7 @@ import zarr
 from store import _layout as L
 from store.errors import StoreError
 from store.lease import StoreLease, acquire_lease, lease_path, read_lease
+from store.spec import FORMAT_VERSION
 
 __all__ = ["ArrayDef", "StoreWriter", "remove_store"]
 
@@ -124,6 +125,7 @@ class StoreWriter:
         """
         meta = L.read_attrs(self.path, self.storage_options)
         if meta is not None:
+            L.check_format(meta, self.path)
             self._check_same(meta)
             if meta.get("complete"):
                 return self._adopt(meta, "r")
@@ -170,6 +172,7 @@ class StoreWriter:
         if meta is None:
             raise StoreError(f"{self.path} does not exist: a coordinated shard worker writes only into a store its "
                              "coordinator created (open_feature_store).")
+        L.check_format(meta, self.path)
         self._check_same(meta)
         return self._adopt(meta, "r" if meta.get("complete") else "r+")
 
@@ -255,6 +258,7 @@ class StoreWriter:
             "shard_size": s,
             "num_shards": self.num_shards,
             "compression": self.compression,
+            "format_version": int(self.spec.get("format_version", FORMAT_VERSION)),
             "complete": False,
             "created": _now(),
         }
@@ -269,6 +273,10 @@ class StoreWriter:
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.num_images)
+
+    def bad_indices(self) -> np.ndarray:
+        """Indices of the images recorded as undecodable (``--skip-bad``)."""
+        return np.flatnonzero(np.asarray(self.group[L.BAD][:]))
 
     def missing_shards(self) -> list[int]:
         done = np.asarray(self.group[L.SHARD_DONE][:])
@@ -287,13 +295,21 @@ class StoreWriter:
         if missing:
             raise ValueError(f"write_shard({shard}) lacks arrays {sorted(missing)}")
         for a in self.arrays:
-            values = data[a.name]
-            if values.shape[0] != stop - start:
-                raise ValueError(f"{a.name}: shard {shard} needs {stop - start} images, got {values.shape[0]}")
-            self.group[a.name][start:stop] = values
-        if bad is not None and np.any(bad):
-            self.group[L.BAD][start:stop] = np.asarray(bad, dtype="uint8")
-        self.group[L.SHARD_DONE][shard] = 1  # only after every array of the shard is on disk
+            if data[a.name].shape[0] != stop - start:
+                raise ValueError(f"{a.name}: shard {shard} needs {stop - start} images, got {data[a.name].shape[0]}")
+        name = ""
+        try:
+            for a in self.arrays:
+                name = a.name
+                self.group[a.name][start:stop] = data[a.name]
+            if bad is not None and np.any(bad):
+                name = L.BAD
+                self.group[L.BAD][start:stop] = np.asarray(bad, dtype="uint8")
+            name = L.SHARD_DONE
+            self.group[L.SHARD_DONE][shard] = 1  # only after every array of the shard is on disk
+        except OSError as e:  # disk full, ...: the flag is not set, so a re-run writes this shard again
+            raise StoreError(_write_failed(e, f"{self.path} (array {name}, shard {shard}, images {start}-{stop - 1})",
+                                           "the shards written so far are kept")) from e
         if self._lease is not None:
             try:
                 self._lease.refresh()
@@ -310,10 +326,26 @@ class StoreWriter:
         meta["complete"] = True
         meta["completed"] = _now()
         meta["num_bad"] = int(np.count_nonzero(self.group[L.BAD][:]))
-        self.group.attrs[L.ATTR] = meta
+        try:  # zarr.json is replaced whole: a failed write leaves the store marked incomplete
+            self.group.attrs[L.ATTR] = meta
+        except OSError as e:
+            raise StoreError(_write_failed(e, f"{self.path} (its completion mark, zarr.json)",
+                                           "every shard is written; the re-run only marks it complete")) from e
         self.complete = True
         self.close()
         _clean_partials(self.path)
+
+
+def _write_failed(e: OSError, where: str, kept: str) -> str:
+    """One line for a failed write into a store: what failed, where, and the fix."""
+    import errno
+
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        fix = "free space on that disk or choose another --store-root"
+    else:
+        fix = "check that path and its permissions, or choose another --store-root"
+    return f"cannot write {where}: {reason}; {fix}, then re-run the same command ({kept})."
 
 
 def _now() -> str:

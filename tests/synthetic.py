@@ -66,19 +66,84 @@ def make_synthetic_root(root: str | Path, n_train: int = 64, n_val: int = 24, no
         layer = LayerSpec(name="last", grid=(CELLS, CELLS), channels=feats[0].shape[-1], stride=(CELL, CELL))
         fspec = FeatureSpec(backbone="synthetic", timm_name="none", weights_id="answer", input_size=(112, 112),
                             mean=(0, 0, 0), std=(1, 1, 1), interpolation="nearest", layers=(layer,),
-                            dataset="synthetic", split=split, num_images=n, image_ids_hash=image_ids_hash(ids_list))
+                            dataset="synthetic", dataset_id="synthetic", split=split, num_images=n,
+                            image_ids_hash=image_ids_hash(ids_list))
         fw = StoreWriter(feature_store_path(root, fspec), kind="features", key=fspec.key, spec=fspec.to_dict(),
                          arrays=[ArrayDef("features/last", (CELLS, CELLS, layer.channels), "float16", ("y", "x", "c"))],
                          image_ids=ids_list, shard_size=n).open()
         fw.write_shard(0, {"features/last": np.stack(feats)})
         fw.finalize()
-        tspec = TargetSpec(dataset="synthetic", split=split, kinds=("boundaries", "semantic"), size=(SIZE, SIZE), num_images=n,
+        tspec = TargetSpec(dataset="synthetic", dataset_id="synthetic", split=split, kinds=("boundaries", "semantic"),
+                           size=(SIZE, SIZE), num_images=n,
                            image_ids_hash=image_ids_hash(ids_list), num_classes=NUM_CLASSES)
         tw = StoreWriter(target_store_path(root, tspec), kind="targets", key=tspec.key, spec=tspec.to_dict(),
                          arrays=[ArrayDef("boundaries", (SIZE, SIZE), "uint8", ("y", "x")),
                                  ArrayDef("semantic", (SIZE, SIZE), "uint8", ("y", "x"))],
                          image_ids=ids_list, shard_size=n, compression="zstd").open()
         tw.write_shard(0, {"boundaries": np.stack(bnd), "semantic": np.stack(sem)})
+        tw.finalize()
+        paths[split] = fw.path
+    return paths
+
+
+def make_instance_root(root: str | Path, n_train: int = 64, n_val: int = 24, code_dim: int = 8, noise_dim: int = 24,
+                       noise: float = 1.5, seed: int = 0) -> dict[str, str]:
+    """Feature and target stores for instance discrimination whose features encode the instances.
+
+    Each instance of an image gets its own random code (``code_dim`` channels, zero on background)
+    on every token it covers, beside ``noise_dim`` channels of pure noise: an adapter that learns to
+    read the code channels separates the instances of images it never saw, one that mixes in the
+    noise (as a random initialisation does) cannot. Targets: ``instances`` and its companions at
+    ``SIZE``², every instance "large".
+    """
+    from extract.target_store import MAX_INSTANCES
+
+    paths = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        rng = np.random.default_rng([seed, 2 if split == "train" else 3])
+        ids_list = [f"instances-{split}-{i}" for i in range(n)]
+        feats, inst, counts, areas = [], [], [], []
+        for _ in range(n):
+            ids, _classes = _layout(rng)
+            k = int(ids.max())
+            codes = np.concatenate([np.zeros((1, code_dim)), rng.standard_normal((k, code_dim))]).astype(np.float32)
+            # distractors: smooth random ramps across the image (what a random projection latches on)
+            yy, xx = np.meshgrid(np.linspace(-1, 1, CELLS), np.linspace(-1, 1, CELLS), indexing="ij")
+            slopes = rng.standard_normal((2, noise_dim))
+            ramps = yy[..., None] * slopes[0] + xx[..., None] * slopes[1]
+            f = np.concatenate([codes[ids], noise * ramps], -1)
+            feats.append(f.astype(np.float16))
+            big = np.kron(ids, np.ones((CELL, CELL), np.int32))
+            inst.append(big.astype(np.uint16))
+            counts.append(k)
+            area = np.zeros(MAX_INSTANCES, np.float32)
+            area[:k] = 1e5  # every instance counts as large
+            areas.append(area)
+        inst_arr = np.stack(inst)
+        layer = LayerSpec(name="last", grid=(CELLS, CELLS), channels=code_dim + noise_dim, stride=(CELL, CELL))
+        fspec = FeatureSpec(backbone="synthetic-instances", timm_name="none", weights_id="answer",
+                            input_size=(112, 112), mean=(0, 0, 0), std=(1, 1, 1), interpolation="nearest",
+                            layers=(layer,), dataset="synthetic-instances", dataset_id="synthetic-instances",
+                            split=split, num_images=n, image_ids_hash=image_ids_hash(ids_list))
+        fw = StoreWriter(feature_store_path(root, fspec), kind="features", key=fspec.key, spec=fspec.to_dict(),
+                         arrays=[ArrayDef("features/last", (CELLS, CELLS, layer.channels), "float16", ("y", "x", "c"))],
+                         image_ids=ids_list, shard_size=n).open()
+        fw.write_shard(0, {"features/last": np.stack(feats)})
+        fw.finalize()
+        tspec = TargetSpec(dataset="synthetic-instances", dataset_id="synthetic-instances", split=split,
+                           kinds=("instances",), size=(SIZE, SIZE), num_images=n,
+                           image_ids_hash=image_ids_hash(ids_list))
+        arrays = {"instances": inst_arr, "instance_count": np.asarray(counts, np.int32),
+                  "instance_area": np.stack(areas), "foreground": (inst_arr > 0).astype(np.uint8),
+                  "instance_ignore": np.zeros_like(inst_arr, dtype=np.uint8)}
+        defs = [ArrayDef("instances", (SIZE, SIZE), "uint16", ("y", "x")),
+                ArrayDef("instance_count", (), "int32", chunk_per_image=False),
+                ArrayDef("instance_area", (MAX_INSTANCES,), "float32", ("instance",), chunk_per_image=False),
+                ArrayDef("foreground", (SIZE, SIZE), "uint8", ("y", "x")),
+                ArrayDef("instance_ignore", (SIZE, SIZE), "uint8", ("y", "x"))]
+        tw = StoreWriter(target_store_path(root, tspec), kind="targets", key=tspec.key, spec=tspec.to_dict(),
+                         arrays=defs, image_ids=ids_list, shard_size=n, compression="zstd").open()
+        tw.write_shard(0, arrays)
         tw.finalize()
         paths[split] = fw.path
     return paths

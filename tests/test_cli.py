@@ -405,3 +405,62 @@ def test_unexpected_errors_are_one_line_unless_debugging(tmp_path, monkeypatch):
     assert "ZeroDivisionError" in line and "MAXA_DEBUG=1" in line
     result = invoke(*extract_args(tmp_path, "--no-targets", n=4), env={"MAXA_DEBUG": "1"})
     assert isinstance(result.exception, ZeroDivisionError)
+
+
+def test_disk_full_names_the_store_and_nothing_unwritten_is_flagged(tmp_path, monkeypatch):
+    """ENOSPC while writing a shard, then while writing the completion mark: one line naming the store,
+    the array and shard, and the fix; no lease left; the store stays incomplete; a re-run finishes it."""
+    import errno
+
+    import zarr.storage._local as zarr_local
+
+    real_put = zarr_local._put
+    fail = {"when": lambda path: "features" in path.parts and "c" in path.parts}  # a feature shard file
+
+    def full_disk(path, value, exclusive=False):
+        if fail["when"](path):
+            raise OSError(errno.ENOSPC, "No space left on device")  # a failed write() names no file
+        return real_put(path, value, exclusive=exclusive)
+
+    monkeypatch.setattr(zarr_local, "_put", full_disk)
+    args = extract_args(tmp_path, "--no-targets", "--shard-size", "4", "--batch-size", "4", n=8)
+    line = one_line_error(*args, code=2)
+    (path,) = tmp_path.rglob("*.zarr")
+    assert f"cannot write {path} (array features/" in line and "shard 0" in line, line
+    assert "No space left on device" in line and "free space" in line and "--store-root" in line
+    assert not list(tmp_path.rglob("*.lease*"))
+    info = json.loads(ok("stores", "info", path, "--json"))
+    assert not info["complete"] and info["shards_done"] == 0
+
+    # every shard written, the completion mark (the store's zarr.json) is not
+    fail["when"] = lambda p: p.name == "zarr.json" and p.parent == path
+    line = one_line_error(*args, code=2)
+    assert f"cannot write {path} (its completion mark" in line and "free space" in line, line
+    info = json.loads(ok("stores", "info", path, "--json"))
+    assert not info["complete"] and info["shards_done"] == info["num_shards"] == 2
+    assert not list(tmp_path.rglob("*.lease*"))
+
+    monkeypatch.setattr(zarr_local, "_put", real_put)
+    text = ok(*args)
+    assert json.loads(ok("stores", "info", path, "--json"))["complete"] is True, text
+
+
+def test_os_errors_name_a_path(tmp_path, monkeypatch):
+    """An OSError outside the store writer names its file, or else the path the command writes under."""
+    import errno
+
+    import extract.jobs as jobs
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jobs, "extract_features", full)
+    line = one_line_error(*extract_args(tmp_path, "--no-targets", n=4), code=2)
+    assert f"while writing under --store-root {tmp_path}" in line and "free space there" in line, line
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "features"))
+
+    monkeypatch.setattr(jobs, "extract_features", denied)
+    line = one_line_error(*extract_args(tmp_path, "--no-targets", n=4), code=2)
+    assert f"Permission denied: {tmp_path / 'features'} (PermissionError)" in line and "permissions" in line, line

@@ -239,3 +239,47 @@ def test_stores_ls_counts_results(lab_root, tmp_path):
     finally:
         for f in (Path(root) / "results").glob("*.parquet"):
             f.unlink()
+
+
+def test_sigterm_during_extract_releases_the_lease_and_resumes(tmp_path):
+    """SIGTERM (a scheduler's stop, sent to the whole process group, DataLoader worker included) is handled
+    like Ctrl-C: one line naming the signal, exit 143, the lease released, the store left incomplete for a
+    re-run to finish."""
+    import signal
+
+    from store import _layout as L
+
+    root = tmp_path / "root"
+    args = ["extract", "--backbone", "test_vit", "--dataset", "shapes", "--split", "val", "--weights", "random",
+            "--device", "cpu", "--num-images", "600", "--batch-size", "8", "--shard-size", "16", "--workers", "1",
+            "--no-targets", "--no-progress", "--store-root", str(root)]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(root.rglob("*.zarr.lease")):
+            assert proc.poll() is None, f"extract ended before taking its lease: {proc.communicate()}"
+            assert time.monotonic() < deadline, "no lease file after 180 s"
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the extraction loop, shard writes in flight
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 143, (proc.returncode, out, err)
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("interrupted (SIGTERM):") and "re-run the same command to resume" in lines[0]
+    assert not list(root.rglob("*.lease*")), "the lease was left behind"
+    (path,) = root.rglob("*.zarr")
+    assert L.read_attrs(str(path))["complete"] is False
+    done = open_features(path, allow_incomplete=True).shard_done()
+    assert not done.all()
+
+    result = _invoke(*args)  # the re-run writes only the missing shards and completes the store
+    assert result.exit_code == 0, result.output
+    missing = sum(min(16, 600 - 16 * int(s)) for s in np.flatnonzero(~done))
+    assert f"wrote {missing} images" in result.output
+    assert L.read_attrs(str(path))["complete"] is True and verify_store(path).ok
