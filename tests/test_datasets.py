@@ -728,6 +728,11 @@ def test_segfolder_identity(tmp_path: Path) -> None:
     (b / "val" / "z.png").rename(b / "val" / "w.png")
     (b / "valannot" / "z.png").rename(b / "valannot" / "w.png")
     assert SegFolderDataset(b, "train", num_classes=3).dataset_id() != train.dataset_id()  # other files
+    # another dataset that numbers its files the same way: same names, other images
+    c = _copy(a, tmp_path / "camvid_c")
+    _jpeg(c / "train" / "x.png", 16, 12)
+    Image.fromarray(np.ones((12, 16), np.uint8)).save(c / "trainannot" / "x.png")
+    assert SegFolderDataset(c, "train", num_classes=3).dataset_id() != train.dataset_id()
 
 
 def test_coco_identity(tmp_path: Path) -> None:

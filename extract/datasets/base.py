@@ -282,6 +282,13 @@ def names_digest(names: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def files_digest(folder: str | Path, names: Iterable[str]) -> str:
+    """sha256 of (name, size in bytes) of files in ``folder``: a cheap fingerprint part (one ``stat``
+    per file, no reading) that tells apart two folders whose files share names (``0001.png``, …)."""
+    folder = Path(folder)
+    return names_digest(f"{name}\t{(folder / name).stat().st_size}" for name in names)
+
+
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's bytes: a fingerprint part for small files (split lists, annotation lists)."""
     h = hashlib.sha256()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from extract.datasets.base import Annotation, DatasetReader, names_digest, register_dataset
+from extract.datasets.base import Annotation, DatasetReader, files_digest, register_dataset
 from extract.datasets.decode import header_size
 from extract.datasets.segfolder import read_index_png
 from store.errors import DatasetError
@@ -132,8 +132,8 @@ class CocoStuffDataset(DatasetReader):
         for split in self.splits:
             image_dir = _first_dir(self.root / "images" / f"{split}2017", self.root / f"{split}2017")
             if image_dir is not None:
-                stems = [Path(f).stem for f in _image_files(image_dir)]
-                splits[split] = {"count": len(stems), "stems": names_digest(stems)}
+                names = _image_files(image_dir)
+                splits[split] = {"count": len(names), "files": files_digest(image_dir, names)}
         return {"splits": splits, "classes": list(COCOSTUFF_CLASSES)}
 
     def read_annotation(self, index: int) -> Annotation:

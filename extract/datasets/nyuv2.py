@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from extract.datasets.base import Annotation, DatasetReader, file_digest, names_digest, register_dataset
+from extract.datasets.base import Annotation, DatasetReader, file_digest, files_digest, register_dataset
 from extract.datasets.decode import header_size
 from extract.datasets.segfolder import read_index_png
 from store.errors import BadImageError, DatasetError
@@ -181,7 +181,7 @@ class NYUv2Dataset(DatasetReader):
         lists = {p.name: file_digest(p) for p in sorted(self.root.glob("*_annotations.json"))}
         files = sorted(p.relative_to(self.root).as_posix()
                        for pattern in ("rgb_*.jpg", "sync_depth_*.png") for p in self.root.rglob(pattern))
-        return {"layout": "pairs", "split_lists": lists, "files": names_digest(files), "num_files": len(files)}
+        return {"layout": "pairs", "split_lists": lists, "files": files_digest(self.root, files), "num_files": len(files)}
 
     def read_image(self, index: int, draft_size: tuple[int, int] | None = None) -> Image.Image:
         """Decode image ``index`` as RGB (see :meth:`DatasetReader.read_image`)."""

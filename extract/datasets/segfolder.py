@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from extract.datasets.base import Annotation, DatasetReader, names_digest, register_dataset
+from extract.datasets.base import Annotation, DatasetReader, files_digest, register_dataset
 from extract.datasets.decode import header_size
 from store.errors import BadImageError, DatasetError
 
@@ -197,8 +197,9 @@ class SegFolderDataset(DatasetReader):
                 image_dir, _ = self._find_dirs(self.root, split)
             except DatasetError:
                 continue
-            stems = sorted(p.stem for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
-            splits[split] = {"count": len(stems), "stems": names_digest(stems)}
+            names = sorted(p.name for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+            # names and byte sizes: two datasets that both number their files 0001.png … differ
+            splits[split] = {"count": len(names), "files": files_digest(image_dir, names)}
         return {"splits": splits, "num_classes": self.num_classes, "ignore_index": self._source_ignore}
 
     def read_annotation(self, index: int) -> Annotation:
