@@ -73,10 +73,23 @@ class _Store:
     @cached_property
     def bad(self) -> np.ndarray:
         """Indices of images recorded as undecodable (their values are zeros)."""
-        return np.flatnonzero(np.asarray(self.group[L.BAD][:]))
+        return np.flatnonzero(self._read_flags(L.BAD))
 
     def shard_done(self) -> np.ndarray:
-        return np.asarray(self.group[L.SHARD_DONE][:]).astype(bool)
+        return self._read_flags(L.SHARD_DONE).astype(bool)
+
+    def _read_flags(self, name: str) -> np.ndarray:
+        """A whole bookkeeping array (``bad``, ``shard_done``); a damaged one is a :class:`StoreError`."""
+        try:
+            return np.asarray(self.group[name][:])
+        except Exception as err:
+            if not _is_damage(err):
+                raise
+            raise StoreError(
+                f"{self.kind} store {self.path} is damaged: its bookkeeping array {name!r} cannot be read "
+                f"({_reason(err)}). Run `maxa stores verify {self.path}`, then re-extract the store: remove it "
+                "(`maxa stores rm`) and run the same `maxa extract` again."
+            ) from err
 
     def _array(self, name: str) -> zarr.Array:
         return self.group[name]

@@ -254,3 +254,17 @@ def test_cli_probe_on_a_damaged_store(synthetic, damage):
     assert "Traceback" not in text and "Task was destroyed" not in text, text
     assert store in text and repr(name) in text and "image 4 (id synthetic-train-4)" in text, text
     assert f"maxa stores verify {store}" in text, text
+
+
+def test_damaged_bookkeeping_array_is_one_store_error(tmp_path, data):
+    w = make_writer(tmp_path, make_spec(n=N), shard_size=SHARD)
+    fill(w, data)
+    w.finalize()
+    chunks = [c for c in (Path(w.path) / "shard_done").rglob("*") if c.is_file() and c.name != "zarr.json"]
+    assert chunks
+    for chunk in chunks:
+        flip_middle(chunk)
+    with pytest.raises(StoreError) as err:
+        open_features(w.path).shard_done()
+    text = str(err.value)
+    assert "\n" not in text and w.path in text and "'shard_done'" in text and "maxa stores verify" in text, text
