@@ -658,15 +658,21 @@ def test_coco_orphan_annotations_are_counted_and_warned(tmp_path: Path) -> None:
     assert COCODataset(write_coco(tmp_path / "clean"), "val").warnings == []
 
 
-def test_coco_warnings_reach_the_target_store(tmp_path: Path) -> None:
-    from extract.target_store import build_target_store
-    from store import _layout as L
-
-    root = write_coco(tmp_path / "data")
+def _coco_with_orphan_annotation(root: Path) -> Path:
+    """A COCO root whose val file has annotation 3 on image 404, which is not among the images."""
+    root = write_coco(root)
     path = root / "annotations" / "instances_val2017.json"
     dataset = json.loads(path.read_text())
     dataset["annotations"].append(dict(dataset["annotations"][0], id=3, image_id=404))
     path.write_text(json.dumps(dataset))
+    return root
+
+
+def test_coco_warnings_reach_the_target_store(tmp_path: Path) -> None:
+    from extract.target_store import build_target_store
+    from store import _layout as L
+
+    root = _coco_with_orphan_annotation(tmp_path / "data")
     with pytest.warns(UserWarning):
         reader = COCODataset(root, "val")
     result = build_target_store(reader, str(tmp_path / "stores"), size=(16, 16), num_workers=0, show_progress=False)
@@ -679,11 +685,7 @@ def test_cli_prints_dataset_warnings_once(tmp_path: Path) -> None:
 
     from pipelines.cli import app
 
-    root = write_coco(tmp_path / "data")
-    path = root / "annotations" / "instances_val2017.json"
-    dataset = json.loads(path.read_text())
-    dataset["annotations"].append(dict(dataset["annotations"][0], id=3, image_id=404))
-    path.write_text(json.dumps(dataset))
+    root = _coco_with_orphan_annotation(tmp_path / "data")
     args = ["extract", "--backbone", "test_vit", "--dataset", "coco", "--split", "val", "--root", str(root),
             "--weights", "random", "--store-root", str(tmp_path / "stores"), "--device", "cpu", "--workers", "0",
             "--no-progress", "--target-size", "16"]

@@ -12,10 +12,11 @@ the commit which numbers moved and why::
 
     python tests/test_golden.py --update
 
-Tolerances: percentages (IoU, mIoU, ARI, pixel accuracy) ±``PERCENT_TOL`` points; losses and
-errors ±``RELATIVE_TOL`` relative; counts exact. Training on the CPU is deterministic for a seed on
-one machine; the tolerances absorb float differences between CPUs and thread counts, not changes
-of the method.
+Tolerances: percentages (IoU, mIoU, ARI, pixel accuracy) ±``PERCENT_TOL`` points (wider for the
+long known-answer runs, see ``CASES``); losses and errors ±``RELATIVE_TOL`` relative; counts exact.
+Training on the CPU is deterministic for a seed and a thread count; every run uses ``THREADS``
+torch threads, and the tolerances absorb float differences between CPUs, not changes of the
+method.
 """
 
 from __future__ import annotations
@@ -38,24 +39,31 @@ RELATIVE_TOL = 0.02
 PERCENT_METRICS = {"iou", "miou", "ari", "pixel_acc"}
 COUNT_METRICS = {"n_eval_images", "p_learn"}
 
-# name → (store set, ProbeConfig keyword arguments). Store sets: "synthetic" (boundaries, semantic
-# encoded in the features), "instances" (instance codes in the features), "shapes" (test_vit, random).
-CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "known-answer/semseg": ("synthetic", dict(task="semseg", lr=1e-2, max_epochs=12, batch_size=8, patience=12)),
-    "known-answer/boundaries": ("synthetic", dict(task="boundaries", lr=1e-2, max_epochs=30, batch_size=8, patience=30)),
+# name → (store set, ProbeConfig keyword arguments, wider tolerances). Store sets: "synthetic"
+# (boundaries, semantic encoded in the features), "instances" (instance codes in the features),
+# "shapes" (test_vit, random). The shapes runs (three epochs) gave the same numbers with 1, 2 and 3
+# torch threads; the longer known-answer runs moved by up to 0.46 (boundaries IoU), 1.08 (no-sigma
+# IoU) and 1.86 (instances ARI) points between thread counts, so those metrics get about twice that.
+CASES: dict[str, tuple[str, dict[str, Any], dict[str, float]]] = {
+    "known-answer/semseg": ("synthetic", dict(task="semseg", lr=1e-2, max_epochs=12, batch_size=8, patience=12), {}),
+    "known-answer/boundaries": (
+        "synthetic", dict(task="boundaries", lr=1e-2, max_epochs=30, batch_size=8, patience=30), {"iou": 1.0}),
     "known-answer/boundaries/no-sigma": (
-        "synthetic", dict(task="boundaries", variant="no-sigma", lr=1e-2, max_epochs=30, batch_size=8, patience=30)),
+        "synthetic", dict(task="boundaries", variant="no-sigma", lr=1e-2, max_epochs=30, batch_size=8, patience=30),
+        {"iou": 2.5}),
     "known-answer/instances": (
         "instances", dict(task="instances", lr=1e-2, max_epochs=30, batch_size=8, patience=30,
-                          task_options={"min_large": 2})),
-    "shapes/semseg": ("shapes", dict(task="semseg", max_epochs=3, batch_size=8)),
-    "shapes/boundaries": ("shapes", dict(task="boundaries", max_epochs=3, batch_size=8)),
-    "shapes/distance": ("shapes", dict(task="distance", max_epochs=3, batch_size=8)),
-    "shapes/depth": ("shapes", dict(task="depth", max_epochs=3, batch_size=8)),
-    "shapes/instances": ("shapes", dict(task="instances", max_epochs=3, batch_size=8)),
-    "shapes/semseg/paper-budget": ("shapes", dict(task="semseg", variant="paper-budget", max_epochs=3, batch_size=8)),
-    "shapes/boundaries/linear": ("shapes", dict(task="boundaries", head="linear", max_epochs=3, batch_size=8)),
+                          task_options={"min_large": 2}), {"ari": 4.0}),
+    "shapes/semseg": ("shapes", dict(task="semseg", max_epochs=3, batch_size=8), {}),
+    "shapes/boundaries": ("shapes", dict(task="boundaries", max_epochs=3, batch_size=8), {}),
+    "shapes/distance": ("shapes", dict(task="distance", max_epochs=3, batch_size=8), {}),
+    "shapes/depth": ("shapes", dict(task="depth", max_epochs=3, batch_size=8), {}),
+    "shapes/instances": ("shapes", dict(task="instances", max_epochs=3, batch_size=8), {}),
+    "shapes/semseg/paper-budget": (
+        "shapes", dict(task="semseg", variant="paper-budget", max_epochs=3, batch_size=8), {}),
+    "shapes/boundaries/linear": ("shapes", dict(task="boundaries", head="linear", max_epochs=3, batch_size=8), {}),
 }
+THREADS = 2  # torch threads for every golden run: the CPU kernels' reductions depend on the count
 
 
 def make_stores(root: Path, which: str) -> str:
@@ -82,7 +90,7 @@ def run_case(name: str, train_store: str, results_root: Path) -> dict[str, Any]:
     """Train case ``name``; its metrics, trivial metrics, P_learn and epochs, as JSON-able numbers."""
     from probe.train import ProbeConfig, train_probe
 
-    _, kwargs = CASES[name]
+    _, kwargs, _ = CASES[name]
     r = train_probe(train_store, ProbeConfig(**kwargs), device="cpu", results_root=str(results_root),
                     show_progress=False)
     return {"metrics": {k: float(v) for k, v in r.metrics.items()},
@@ -120,7 +128,7 @@ def compare(name: str, got: dict[str, Any], want: dict[str, Any]) -> list[str]:
             if key in COUNT_METRICS:
                 ok = g == w
             elif key in PERCENT_METRICS:
-                ok = abs(g - w) <= PERCENT_TOL
+                ok = abs(g - w) <= CASES[name][2].get(key, PERCENT_TOL)
             else:
                 ok = math.isclose(g, w, rel_tol=RELATIVE_TOL, abs_tol=1e-6)
             if not ok or (math.isnan(g) != math.isnan(w)):
@@ -139,17 +147,27 @@ def stores(tmp_path_factory) -> dict[str, str]:
     return {which: make_stores(tmp_path_factory.mktemp(which), which) for which in ("synthetic", "instances", "shapes")}
 
 
+@pytest.fixture
+def golden_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_golden_file_covers_every_case_and_task():
     from probe.tasks import task_names
 
     golden = _golden()
     assert set(golden["runs"]) == set(CASES), "regenerate with: python tests/test_golden.py --update"
-    covered = {kwargs["task"] for which, kwargs in CASES.values() if which == "shapes"}
+    covered = {kwargs["task"] for which, kwargs, _ in CASES.values() if which == "shapes"}
     assert covered == set(task_names()), f"every task needs a shapes case: missing {set(task_names()) - covered}"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_golden_metrics(name, stores, tmp_path):
+def test_golden_metrics(name, stores, tmp_path, golden_threads):
     want = _golden()["runs"][name]
     got = run_case(name, stores[CASES[name][0]], tmp_path)
     moved = compare(name, got, want)
@@ -190,7 +208,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train = {which: make_stores(tmp / which, which) for which in ("synthetic", "instances", "shapes")}
-        runs = {name: run_case(name, train[which], tmp / "results") for name, (which, _) in sorted(CASES.items())}
+        import torch
+
+        torch.set_num_threads(THREADS)
+        runs = {name: run_case(name, train[which], tmp / "results") for name, (which, *_) in sorted(CASES.items())}
     paper_csv = Path(__file__).resolve().parents[2] / "shared" / "paper" / "reference_results.csv"
     old = {(r["backbone"], r["task"]): r["paper"] for r in _golden()["paper_budget"]} if GOLDEN.exists() else {}
     paper = {}

@@ -445,3 +445,39 @@ def test_shape_mismatch_is_clear():
 def test_target_info_round_trip():
     info = TargetInfo(num_classes=2, class_names=["a", "b"], num_instances=7)
     assert TargetInfo.from_dict(info.to_dict()) == info
+
+
+def test_adjusted_rand_is_sklearns_bit_for_bit():
+    from sklearn.metrics import adjusted_rand_score
+
+    from probe.tasks.instances import adjusted_rand
+
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        n = int(rng.integers(1, 200))
+        true = rng.integers(0, int(rng.integers(1, 8)), n) * int(rng.integers(1, 5))
+        pred = true.copy() if trial % 4 == 0 else rng.integers(0, int(rng.integers(1, 8)), n) - 2
+        assert adjusted_rand(true, pred) == adjusted_rand_score(true, pred), (true, pred)
+
+
+def test_instances_metric_does_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(1)
+    inst = np.zeros((3, 48, 48), np.int64)
+    for b in range(3):
+        for k in range(1, 5):
+            y, x = rng.integers(0, 36, 2)
+            inst[b, y : y + 12, x : x + 12] = k
+    batch = {"instances": torch.tensor(inst), "foreground": torch.tensor(inst > 0),
+             "instance_ignore": torch.zeros(inst.shape, dtype=torch.bool), "large_count": torch.full((3,), 4)}
+    latents = torch.tensor(rng.standard_normal((3, 32, 48, 48)), dtype=torch.float32) + 0.4 * batch["instances"][:, None]
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            task = create_task("instances", TargetInfo(num_instances=12), kmeans_runs=8, max_pixels=300)
+            state = task.metric_state()
+            task.update(state, latents, batch)
+            results.append(task.compute(state)["ari"])
+    finally:
+        torch.set_num_threads(before)
+    assert results[0] == results[1] == results[2] and 0 < results[0] < 100, results

@@ -201,16 +201,16 @@ def test_upgrade_refuses_another_dataset(small_pair, tmp_path):
 
 
 # -- 3. images recorded as bad -------------------------------------------------------------------------
-def _truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+def _garble(path: Path) -> None:
+    """Make the file undecodable without changing its size (a size change is another dataset)."""
+    path.write_bytes(bytes(len(path.read_bytes())))
 
 
 def test_bad_images_are_excluded_counted_and_not_silently_reused(small_pair, tmp_path):
     data, stores = small_pair["data"], small_pair["stores"]
     bad_file = data / "train" / "t002.png"
     good = bad_file.read_bytes()
-    _truncate(bad_file)
+    _garble(bad_file)
     with pytest.raises(MaxaError, match="t002"):  # the strict run refuses the file
         run_extract(backbone="test_vit", dataset="segfolder", root=data, split="train", store_root=tmp_path / "s2",
                     dataset_options={"num_classes": 3}, **FAST)

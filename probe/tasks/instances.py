@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,13 +49,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from probe.tasks.base import Batch, TargetInfo, Task, as_tensor_batch, register_task
 
-__all__ = ["InstancesTask", "global_instance_ids", "large_counts"]
+__all__ = ["InstancesTask", "adjusted_rand", "global_instance_ids", "large_counts"]
 
 LATENT_DIM = 32
 
@@ -97,6 +97,29 @@ def large_counts(batch: Mapping[str, Any], large_area: float) -> Tensor:
     if isinstance(areas, (list, tuple)):
         return torch.tensor([int((np.asarray(a) > large_area).sum()) for a in areas], dtype=torch.long)
     return (torch.as_tensor(areas).cpu() > large_area).sum(-1).long().view(-1)
+
+
+def adjusted_rand(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
+    """``sklearn.metrics.adjusted_rand_score``, bit for bit, from a dense contingency table.
+
+    sklearn builds a sparse table (about 6 ms per 5,000-point call, a quarter of the evaluation's
+    time); with a handful of clusters a dense one costs a fiftieth. Same pair counts in exact
+    integers, same formula, same special case (full agreement → 1.0).
+    """
+    t = np.unique(labels_true, return_inverse=True)[1].reshape(-1)
+    p = np.unique(labels_pred, return_inverse=True)[1].reshape(-1)
+    n_p = int(p.max()) + 1 if p.size else 0
+    n = int(t.size)
+    table = np.bincount(t * n_p + p, minlength=(int(t.max()) + 1 if n else 0) * n_p).astype(np.int64)
+    table = table.reshape(-1, n_p) if n_p else table.reshape(0, 0)
+    sum_squares = int((table**2).sum())
+    fp = int((table.sum(0) ** 2).sum()) - sum_squares  # contingency · n_k, as sklearn's pair_confusion_matrix
+    fn = int((table.sum(1) ** 2).sum()) - sum_squares
+    tp = sum_squares - n
+    tn = n * n - fp - fn - sum_squares
+    if fn == 0 and fp == 0:
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
 
 
 @register_task
@@ -248,29 +271,50 @@ class InstancesTask(Task):
         if not rows:
             return
         lat = None if latents is None else latents[rows].detach().float().cpu().flatten(2).numpy()  # (n, 32, HW)
-        # One thread for k-means: two were no faster for 5,000-50,000 points on the 2-core build
-        # machine (docs/instances.md); entered once per batch, not per fit (a third of a small
-        # fit's time). Warnings: random latents may have fewer distinct points than k.
+        jobs: list[tuple[int, int, np.ndarray, np.ndarray, int, int]] = []  # (row, run, latents, true ids, k, seed)
+        for j, i in enumerate(rows):
+            pix, ids, k = self._eval_pixels(batch, i)
+            n_fit = pix.size if self.max_pixels is None else min(pix.size, self.max_pixels)
+            if k < 2 or n_fit < k:  # ARI of a single true cluster says nothing about the latents
+                state["skipped"] += 1
+                continue
+            if lat is None:  # one cluster: ARI 0 whatever the pixels
+                state["ari_sum"] += adjusted_rand(ids[pix], np.zeros(pix.size, dtype=np.int64))
+                state["n"] += 1
+                continue
+            for run in range(self.kmeans_runs):
+                p = self._run_pixels(pix, base + i, run)
+                jobs.append((j, run, np.ascontiguousarray(lat[j][:, p].T, dtype=np.float32), ids[p], k,
+                             self.kmeans_seed * self.kmeans_runs + run))
+        if not jobs:
+            return
+
+        def fit(job: tuple[int, int, np.ndarray, np.ndarray, int, int]) -> float:
+            _j, _run, x, true, k, random_state = job
+            return adjusted_rand(true, self._cluster(x, k, random_state))
+
+        # Fits are independent and seeded, so they run on a thread pool (sklearn's k-means and numpy
+        # release the GIL) with one BLAS/OpenMP thread each: two threads inside one fit were no
+        # faster for 5,000-50,000 points (docs/instances.md). Each image's ARIs are summed in run
+        # order, so the result does not depend on the number of threads. Warnings: random latents
+        # may have fewer distinct points than k.
+        workers = max(1, min(torch.get_num_threads(), len(jobs)))
         with warnings.catch_warnings(), threadpool_limits(self._kmeans_threads):
             warnings.simplefilter("ignore", ConvergenceWarning)
-            for j, i in enumerate(rows):
-                pix, ids, k = self._eval_pixels(batch, i)
-                n_fit = pix.size if self.max_pixels is None else min(pix.size, self.max_pixels)
-                if k < 2 or n_fit < k:  # ARI of a single true cluster says nothing about the latents
-                    state["skipped"] += 1
-                    continue
-                if lat is None:  # one cluster: ARI 0 whatever the pixels
-                    state["ari_sum"] += float(adjusted_rand_score(ids[pix], np.zeros(pix.size, dtype=np.int64)))
-                    state["n"] += 1
-                    continue
-                ari = 0.0
-                for run in range(self.kmeans_runs):
-                    p = self._run_pixels(pix, base + i, run)
-                    labels = self._cluster(np.ascontiguousarray(lat[j][:, p].T, dtype=np.float32), k,
-                                           self.kmeans_seed * self.kmeans_runs + run)
-                    ari += float(adjusted_rand_score(ids[p], labels))
-                state["ari_sum"] += ari / self.kmeans_runs
-                state["n"] += 1
+            if workers == 1:
+                aris = [fit(job) for job in jobs]
+            else:
+                # OpenMP's thread count is per thread: each pool thread sets its own, or k-means
+                # would run with every core inside every fit (other threads, other numbers)
+                limit = self._kmeans_threads
+                with ThreadPoolExecutor(workers, initializer=lambda: threadpool_limits(limit)) as pool:
+                    aris = list(pool.map(fit, jobs))
+        per_image: dict[int, float] = {}
+        for (j, _run, *_), ari in zip(jobs, aris):
+            per_image[j] = per_image.get(j, 0.0) + ari
+        for j in sorted(per_image):
+            state["ari_sum"] += per_image[j] / self.kmeans_runs
+            state["n"] += 1
 
     def _cluster(self, x: np.ndarray, k: int, random_state: int) -> np.ndarray:
         """k-means labels of the ``(n, 32)`` latents ``x`` into ``k`` clusters (one fit)."""
