@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -271,50 +270,30 @@ class InstancesTask(Task):
         if not rows:
             return
         lat = None if latents is None else latents[rows].detach().float().cpu().flatten(2).numpy()  # (n, 32, HW)
-        jobs: list[tuple[int, int, np.ndarray, np.ndarray, int, int]] = []  # (row, run, latents, true ids, k, seed)
-        for j, i in enumerate(rows):
-            pix, ids, k = self._eval_pixels(batch, i)
-            n_fit = pix.size if self.max_pixels is None else min(pix.size, self.max_pixels)
-            if k < 2 or n_fit < k:  # ARI of a single true cluster says nothing about the latents
-                state["skipped"] += 1
-                continue
-            if lat is None:  # one cluster: ARI 0 whatever the pixels
-                state["ari_sum"] += adjusted_rand(ids[pix], np.zeros(pix.size, dtype=np.int64))
-                state["n"] += 1
-                continue
-            for run in range(self.kmeans_runs):
-                p = self._run_pixels(pix, base + i, run)
-                jobs.append((j, run, np.ascontiguousarray(lat[j][:, p].T, dtype=np.float32), ids[p], k,
-                             self.kmeans_seed * self.kmeans_runs + run))
-        if not jobs:
-            return
-
-        def fit(job: tuple[int, int, np.ndarray, np.ndarray, int, int]) -> float:
-            _j, _run, x, true, k, random_state = job
-            return adjusted_rand(true, self._cluster(x, k, random_state))
-
-        # Fits are independent and seeded, so they run on a thread pool (sklearn's k-means and numpy
-        # release the GIL) with one BLAS/OpenMP thread each: two threads inside one fit were no
-        # faster for 5,000-50,000 points (docs/instances.md). Each image's ARIs are summed in run
-        # order, so the result does not depend on the number of threads. Warnings: random latents
-        # may have fewer distinct points than k.
-        workers = max(1, min(torch.get_num_threads(), len(jobs)))
+        # One BLAS/OpenMP thread per fit: two were no faster for 5,000-50,000 points on the 2-core
+        # build machine, and a pool of threads over the fits was slower (sklearn's k-means holds the
+        # GIL for most of a small fit): docs/instances.md. Entered once per batch, not per fit.
+        # Warnings: random latents may have fewer distinct points than k.
         with warnings.catch_warnings(), threadpool_limits(self._kmeans_threads):
             warnings.simplefilter("ignore", ConvergenceWarning)
-            if workers == 1:
-                aris = [fit(job) for job in jobs]
-            else:
-                # OpenMP's thread count is per thread: each pool thread sets its own, or k-means
-                # would run with every core inside every fit (other threads, other numbers)
-                limit = self._kmeans_threads
-                with ThreadPoolExecutor(workers, initializer=lambda: threadpool_limits(limit)) as pool:
-                    aris = list(pool.map(fit, jobs))
-        per_image: dict[int, float] = {}
-        for (j, _run, *_), ari in zip(jobs, aris):
-            per_image[j] = per_image.get(j, 0.0) + ari
-        for j in sorted(per_image):
-            state["ari_sum"] += per_image[j] / self.kmeans_runs
-            state["n"] += 1
+            for j, i in enumerate(rows):
+                pix, ids, k = self._eval_pixels(batch, i)
+                n_fit = pix.size if self.max_pixels is None else min(pix.size, self.max_pixels)
+                if k < 2 or n_fit < k:  # ARI of a single true cluster says nothing about the latents
+                    state["skipped"] += 1
+                    continue
+                if lat is None:  # one cluster: ARI 0 whatever the pixels
+                    state["ari_sum"] += adjusted_rand(ids[pix], np.zeros(pix.size, dtype=np.int64))
+                    state["n"] += 1
+                    continue
+                ari = 0.0
+                for run in range(self.kmeans_runs):
+                    p = self._run_pixels(pix, base + i, run)
+                    labels = self._cluster(np.ascontiguousarray(lat[j][:, p].T, dtype=np.float32), k,
+                                           self.kmeans_seed * self.kmeans_runs + run)
+                    ari += adjusted_rand(ids[p], labels)
+                state["ari_sum"] += ari / self.kmeans_runs
+                state["n"] += 1
 
     def _cluster(self, x: np.ndarray, k: int, random_state: int) -> np.ndarray:
         """k-means labels of the ``(n, 32)`` latents ``x`` into ``k`` clusters (one fit)."""
