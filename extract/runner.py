@@ -36,7 +36,7 @@ __all__ = ["ExtractResult", "extract_features", "feature_spec_for", "default_sha
            "open_feature_store", "finalize_feature_store", "check_reusable"]
 
 FP16_MAX = 65504.0
-#: Target bytes per shard: big enough for efficient I/O, small enough to buffer (TECH_NOTES).
+#: Target bytes per shard: big enough for efficient I/O, small enough to buffer.
 SHARD_BYTES = 256 * 2**20
 
 

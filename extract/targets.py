@@ -1,4 +1,4 @@
-"""Build the dense targets of one image at the output resolution (DESIGN Contract 3).
+"""Build the dense targets of one image at the output resolution (definitions: docs/method.md, "Targets").
 
 Definitions (also returned by :meth:`TargetConfig.definitions`, recorded in target-store attributes):
 

@@ -6,7 +6,7 @@ submits what is ready and follows completions:
 
 * a **target store** is one task (``build_target_store`` in a worker, under its own lease);
 * a **feature store** is created by this coordinator, which holds its lease, then split into one task
-  per missing shard; each shard is written whole by one worker (TECH_NOTES: one writer per shard),
+  per missing shard; each shard is written whole by one worker (zarr shards must have one writer),
   which opens the store without claiming the lease; when every shard is flagged done the
   coordinator finalizes the store (complete) and releases the lease;
 * a **probe** is one task once its four stores are complete; it appends its result atomically.

@@ -1,4 +1,4 @@
-"""Train and evaluate one probe purely from stores (DESIGN contract 6).
+"""Train and evaluate one probe purely from stores: no images, no backbone.
 
 The loop knows no task by name: the task says which target arrays it needs, its output channels,
 learning rate, loss and metrics. Model selection uses the loss on a held-out part of the training

@@ -3,8 +3,7 @@
 Only this module and the writer know the layout. Readers refuse incomplete stores unless asked
 (``allow_incomplete=True``). A path may be a URL (``s3://bucket/root/features/…zarr``) with fsspec
 ``storage_options``; reading never writes anything under the store root. Batched reads go through zarr's async API with one request per image,
-gathered concurrently: ``oindex`` on sharded arrays is an order of magnitude slower
-(TECH_NOTES "Batch reads").
+gathered concurrently: ``oindex`` on sharded arrays is an order of magnitude slower.
 """
 
 from __future__ import annotations

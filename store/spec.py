@@ -2,8 +2,7 @@
 
 A :class:`FeatureSpec` describes one backbone's features over one dataset split; a
 :class:`TargetSpec` the backbone-independent targets of one dataset split at one output size.
-Each has a content key: a hash of everything that determines the stored values (DESIGN contract
-4), so asking twice for the same thing finds the same store.
+Each has a content key: a hash of everything that determines the stored values, so asking twice for the same thing finds the same store.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ class LayerSpec:
         channels: ``C``.
         stride: input pixels per token along ``(y, x)``.
         token_centres: ``(h, w, 2)`` nested tuples, each token centre's normalised ``(y, x)``
-            image coordinates in [0, 1] (DESIGN contract 2).
+            image coordinates in [0, 1] (what positional encodings are built from).
     """
 
     name: str

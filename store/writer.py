@@ -1,6 +1,6 @@
 """Create, resume and complete a store, one whole shard at a time.
 
-The writer is crash-safe by construction (DESIGN contract 5, TECH_NOTES "Zarr 3 feature arrays"):
+The writer is crash-safe by construction (docs/store-format.md):
 a shard is assigned whole (no read-modify-write), then its flag in ``shard_done`` is set; a run
 killed at any point leaves flags only for shards that are fully on disk, and a re-run writes the
 rest. The store is marked complete only when every shard is flagged.

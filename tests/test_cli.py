@@ -1,4 +1,4 @@
-"""The ``maxa`` command line end to end (DESIGN contract 7): listings, extract, stores, and bad input.
+"""The ``maxa`` command line end to end: listings, extract, stores, and bad input (one clear line each).
 
 Bad input must give ONE line that names the thing and the fix, a non-zero exit, no traceback, and
 nothing half-written left looking complete. Everything runs in-process through ``pipelines.cli.app``
