@@ -34,7 +34,8 @@ from probe.variants import VARIANTS, variant_config
 from store._layout import join, safe_name
 from store.catalogue import find_eval_features, find_target_store, store_root_of
 from store.errors import MaxaError, StoreError
-from store.reader import FeatureStore, TargetStore, check_aligned, check_eval_pair, open_features, open_targets
+from store.reader import (FeatureStore, TargetStore, check_aligned, check_eval_pair, check_target_definitions,
+                          open_features, open_targets)
 from store.spec import content_key
 
 __all__ = ["ProbeConfig", "ProbeResult", "train_probe", "build_model", "HEADS", "MAX_CNN_CHANNELS"]
@@ -208,7 +209,7 @@ def train_probe(
     eval_fs, eval_ts = _open_pair(eval_fs, eval_targets, storage_options, like=train_ts)
     check_aligned(train_fs, train_ts)
     check_aligned(eval_fs, eval_ts)
-    check_eval_pair(train_fs, eval_fs, train_ts, eval_ts)
+    check_target_definitions(train_ts, eval_ts)
     out_root = str(results_root or root)
     check_results_root(out_root, storage_options=storage_options)
     say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))

@@ -21,7 +21,7 @@ from store.errors import MaxaError, StoreError, StoreMismatchError
 from store.spec import FeatureSpec, TargetSpec
 
 __all__ = ["FeatureStore", "TargetStore", "open_features", "open_targets", "open_store", "check_aligned",
-           "check_eval_pair"]
+           "check_eval_pair", "check_target_definitions"]
 
 
 class _Store:
@@ -367,11 +367,9 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-def check_eval_pair(train: FeatureStore, evaluation: FeatureStore, train_targets: TargetStore | None = None,
-                    eval_targets: TargetStore | None = None) -> None:
+def check_eval_pair(train: FeatureStore, evaluation: FeatureStore) -> None:
     """Refuse to score a probe trained on ``train`` on an eval store where the number would mean
-    something else: another dataset, other features, training images, or (when both target stores
-    are given) other target definitions.
+    something else: another dataset, other features, or training images.
 
     Raises:
         StoreMismatchError: naming the two stores, what differs, and the fix.
@@ -397,8 +395,11 @@ def check_eval_pair(train: FeatureStore, evaluation: FeatureStore, train_targets
             f"{len(shared)} image(s) (e.g. {some}): scoring on training images would inflate the result; "
             "evaluate on a split that holds none of the training images."
         )
-    if train_targets is None or eval_targets is None:
-        return
+
+
+def check_target_definitions(train_targets: TargetStore, eval_targets: TargetStore) -> None:
+    """Refuse a training and an eval target store whose targets are defined differently (size,
+    boundary width, classes, …): the metric would compare unlike things."""
     d_train, d_eval = train_targets.spec.definition(), eval_targets.spec.definition()
     if d_train != d_eval:
         raise StoreMismatchError(

@@ -2,7 +2,8 @@
 
 A :class:`FeatureSpec` describes one backbone's features over one dataset split; a
 :class:`TargetSpec` the backbone-independent targets of one dataset split at one output size.
-Each has a content key: a hash of everything that determines the stored values, so asking twice for the same thing finds the same store.
+Each has a content key: a hash of everything that determines the stored values, so asking twice
+for the same thing finds the same store.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ over a stale lease and writes only the missing shards. Release it with :meth:`St
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -274,10 +275,6 @@ class StoreWriter:
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.num_images)
 
-    def bad_indices(self) -> np.ndarray:
-        """Indices of the images recorded as undecodable (``--skip-bad``)."""
-        return np.flatnonzero(np.asarray(self.group[L.BAD][:]))
-
     def missing_shards(self) -> list[int]:
         done = np.asarray(self.group[L.SHARD_DONE][:])
         return [int(s) for s in np.flatnonzero(done == 0)]
@@ -338,8 +335,6 @@ class StoreWriter:
 
 def _write_failed(e: OSError, where: str, kept: str) -> str:
     """One line for a failed write into a store: what failed, where, and the fix."""
-    import errno
-
     reason = e.strerror or str(e) or type(e).__name__
     if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
         fix = "free space on that disk or choose another --store-root"
