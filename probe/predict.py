@@ -13,17 +13,18 @@ from PIL import Image
 
 from probe.adapter import AdapterConfig
 from probe.heads import build_head
-from probe.results import read_run_file
 from store.errors import MaxaError
+from store.location import Location
 from store.reader import FeatureStore, open_features
+from store.results import read_run_file
 
 __all__ = ["load_adapter", "predict", "colourise", "check_adapter_fits"]
 
 
-def load_adapter(run_dir: str | Path, *, storage_options: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained model of ``run_dir`` (from ``maxa probe``; a folder or a URL) and its meta."""
-    meta_bytes = read_run_file(run_dir, "meta.json", storage_options=storage_options)
-    weights = read_run_file(run_dir, "adapter.pt", storage_options=storage_options)
+def load_adapter(run_dir: str | Path | Location) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model of ``run_dir`` (from ``maxa probe``; a folder, URL or Location) and its meta."""
+    meta_bytes = read_run_file(run_dir, "meta.json")
+    weights = read_run_file(run_dir, "adapter.pt")
     if meta_bytes is None or weights is None:
         raise MaxaError(f"{run_dir} is not an adapter run directory (needs meta.json and adapter.pt from `maxa probe`).")
     meta = json.loads(meta_bytes)
@@ -35,11 +36,11 @@ def load_adapter(run_dir: str | Path, *, storage_options: dict[str, Any] | None 
     return model, meta
 
 
-def predict(run_dir: str | Path, store: str | Path, index: int, size: tuple[int, int], *,
-            storage_options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+def predict(run_dir: str | Path | Location, store: str | Path | Location, index: int,
+            size: tuple[int, int]) -> tuple[np.ndarray, dict]:
     """``(C, H, W)`` raw adapter output for image ``index`` of feature store ``store`` (paths or URLs)."""
-    model, meta = load_adapter(run_dir, storage_options=storage_options)
-    fs = open_features(store, storage_options=storage_options)
+    model, meta = load_adapter(run_dir)
+    fs = open_features(store)
     check_adapter_fits(meta, fs, run_dir)
     if not 0 <= index < len(fs):
         raise MaxaError(f"--index {index} is out of range: the store has {len(fs)} images.")

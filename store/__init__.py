@@ -1,16 +1,19 @@
 """maxa stores: the on-disk format of feature and target stores (Zarr v3).
 
-Nothing in this package imports torch or timm; the writer and reader are the only code that know
-the layout.
+Nothing in this package imports torch or timm. It is the only code that knows the layout of a
+store root (stores, leases, results, runs) and the only code that does storage I/O, all of it
+through :class:`store.location.Location` (a local folder or an fsspec URL with its options).
 """
 
 from store.catalogue import feature_store_path, list_stores, store_root_of, store_summary, target_store_path
 from store.errors import MaxaError, StoreError, StoreMismatchError
+from store._layout import read_attrs
 from store.lease import LeaseInfo, read_lease
+from store.location import Location, as_location
 from store.reader import FeatureStore, TargetStore, check_aligned, open_features, open_store, open_targets
 from store.spec import FORMAT_VERSION, FeatureSpec, LayerSpec, TargetSpec, content_key
 from store.verify import VerifyReport, verify_store
-from store.writer import ArrayDef, StoreWriter, remove_store
+from store.writer import ArrayDef, StoreWriter, feature_array_name, feature_arrays, remove_store
 
 __all__ = [
     "FORMAT_VERSION",
@@ -18,6 +21,7 @@ __all__ = [
     "FeatureSpec",
     "FeatureStore",
     "LeaseInfo",
+    "Location",
     "LayerSpec",
     "MaxaError",
     "StoreError",
@@ -26,13 +30,17 @@ __all__ = [
     "TargetSpec",
     "TargetStore",
     "VerifyReport",
+    "as_location",
     "check_aligned",
     "content_key",
+    "feature_array_name",
+    "feature_arrays",
     "feature_store_path",
     "list_stores",
     "open_features",
     "open_store",
     "open_targets",
+    "read_attrs",
     "read_lease",
     "remove_store",
     "store_root_of",

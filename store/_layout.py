@@ -15,22 +15,20 @@ Per-image arrays are sharded along the image axis with ``shard_size`` images per
 image per inner chunk, each chunk checksummed with crc32c.
 
 Beside each store, while someone writes it, lies its lease ``<name>.zarr.lease`` (see
-``store.lease``). A store root may be a local folder or an fsspec URL (``s3://bucket/prefix``);
-``storage_options`` (endpoint, credentials, ...) go to fsspec, and the standard ``AWS_*``
-environment variables are honoured by s3fs. Local paths never touch fsspec.
+``store.lease``). All I/O goes through :class:`store.location.Location` (a local folder or an
+fsspec URL); this module only names things.
 """
 
 from __future__ import annotations
 
-import posixpath
 import re
 from pathlib import Path
 from typing import Any
 
-import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from store.errors import StoreError
+from store.location import Location, as_location
 from store.spec import FORMAT_VERSION, store_format
 
 ATTR = "maxa"
@@ -51,62 +49,15 @@ def compressors(compression: str) -> list[Any]:
 
 
 LEASE_SUFFIX = ".lease"
-
-StorageOptions = dict[str, Any] | None
-
-
-def is_remote(path: str | Path) -> bool:
-    return "://" in str(path)
+RESULTS_DIR = "results"
+RUNS_DIR = "runs"
+FEATURES_DIR = "features"
+TARGETS_DIR = "targets"
 
 
-def fs_path(path: str | Path, storage_options: StorageOptions = None) -> tuple[Any, str]:
-    """``(fsspec filesystem, path inside it)`` of a URL (or a local path, through fsspec)."""
-    import fsspec.core
-
-    return fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
-
-
-def join(root: str | Path, *parts: str) -> str:
-    """``root/part/...`` for a local path or a URL (``Path`` would fold ``s3://`` into ``s3:/``)."""
-    if is_remote(root):
-        return "/".join([str(root).rstrip("/"), *(p.strip("/") for p in parts)])
-    return str(Path(root, *parts))
-
-
-def parent(path: str | Path, levels: int = 1) -> str:
-    """The folder ``levels`` up from ``path`` (local path or URL)."""
-    if is_remote(path):
-        scheme, _, rest = str(path).rstrip("/").partition("://")
-        for _ in range(levels):
-            rest = posixpath.dirname(rest)
-        return f"{scheme}://{rest}"
-    return str(Path(path).parents[levels - 1])
-
-
-def relative(path: str, root: str) -> str:
-    """``path`` relative to ``root`` for display."""
-    if is_remote(path) or is_remote(root):
-        r = str(root).rstrip("/") + "/"
-        return path[len(r):] if path.startswith(r) else path
-    import os
-
-    return os.path.relpath(path, root)
-
-
-def exists(path: str | Path, storage_options: StorageOptions = None) -> bool:
-    if not is_remote(path):
-        return Path(path).exists()
-    fs, p = fs_path(path, storage_options)
-    fs.invalidate_cache(p)
-    return bool(fs.exists(p))
-
-
-def isdir(path: str | Path, storage_options: StorageOptions = None) -> bool:
-    if not is_remote(path):
-        return Path(path).is_dir()
-    fs, p = fs_path(path, storage_options)
-    fs.invalidate_cache(p)
-    return bool(fs.isdir(p))
+def feature_array(layer: str) -> str:
+    """The array of a feature store that holds layer ``layer``."""
+    return f"{FEATURES}/{layer}"
 
 
 def safe_name(text: str) -> str:
@@ -114,16 +65,10 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "unnamed"
 
 
-def open_group(path: str | Path, mode: str = "r", storage_options: StorageOptions = None) -> zarr.Group:
-    if is_remote(path):
-        return zarr.open_group(str(path), mode=mode, storage_options=dict(storage_options or {}))
-    return zarr.open_group(str(path), mode=mode)
-
-
-def read_attrs(path: str | Path, storage_options: StorageOptions = None) -> dict[str, Any] | None:
-    """The ``maxa`` attributes of the group at ``path``, or ``None`` if it is not a maxa store."""
+def read_attrs(where: str | Path | Location) -> dict[str, Any] | None:
+    """The ``maxa`` attributes of the group at ``where``, or ``None`` if it is not a maxa store."""
     try:
-        group = open_group(path, "r", storage_options)
+        group = as_location(where).open_group("r")
     except Exception:  # not a zarr group at all (FileNotFoundError, GroupNotFoundError, ...)
         return None
     meta = group.attrs.get(ATTR)

@@ -6,60 +6,47 @@
 ```
 The key in the name makes the path a function of the spec: asking twice for the same extraction
 finds the same store (and, through the store's lease, two people asking at once share one
-writer). A root is a local folder or an fsspec URL (``s3://bucket/prefix``); every function takes
-``storage_options`` for URLs. Local roots are walked with ``os`` as before.
+writer). A root is anything :func:`store.location.as_location` takes: a local folder, an fsspec
+URL (``s3://bucket/prefix``), or a :class:`~store.location.Location` carrying its storage options.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from store import _layout as L
+from store.location import Location, as_location
 from store.spec import FORMAT_VERSION, FeatureSpec, TargetSpec, store_format
 
 __all__ = [
     "feature_store_path",
     "target_store_path",
     "list_stores",
+    "walk_stores",
     "store_summary",
     "store_root_of",
     "find_target_store",
     "find_eval_features",
 ]
 
-SO = dict[str, Any] | None
-
-
-def feature_store_path(root: str | Path, spec: FeatureSpec) -> str:
+def feature_store_path(root: str | Path | Location, spec: FeatureSpec) -> Location:
     name = f"{L.safe_name(spec.dataset)}-{L.safe_name(spec.split)}-{spec.key}.zarr"
-    return L.join(root, "features", L.safe_name(spec.backbone), name)
+    return as_location(root).join(L.FEATURES_DIR, L.safe_name(spec.backbone), name)
 
 
-def target_store_path(root: str | Path, spec: TargetSpec) -> str:
+def target_store_path(root: str | Path | Location, spec: TargetSpec) -> Location:
     h, w = spec.size
     name = f"{L.safe_name(spec.dataset)}-{L.safe_name(spec.split)}-{h}x{w}-{spec.key}.zarr"
-    return L.join(root, "targets", name)
+    return as_location(root).join(L.TARGETS_DIR, name)
 
 
-def _du(path: str) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(dirpath, f))
-            except OSError:
-                pass
-    return total
-
-
-def store_summary(path: str, meta: dict[str, Any], *, with_size: bool = True,
-                  storage_options: SO = None) -> dict[str, Any]:
+def store_summary(path: str | Path | Location, meta: dict[str, Any], *, with_size: bool = True) -> dict[str, Any]:
     """One row describing a store, from its attributes (no array reads)."""
+    loc = as_location(path)
     spec = meta.get("spec", {})
     row: dict[str, Any] = {
-        "path": path,
+        "path": str(loc),
         "kind": meta.get("kind"),
         "key": meta.get("key"),
         "dataset": spec.get("dataset"),
@@ -81,74 +68,51 @@ def store_summary(path: str, meta: dict[str, Any], *, with_size: bool = True,
         row["input_size"] = spec.get("size")
         row["grid"] = ", ".join(spec.get("kinds", []))
     if with_size:
-        if L.is_remote(path):
-            fs, p = L.fs_path(path, storage_options)
-            row["bytes"] = int(fs.du(p, total=True))
-        else:
-            row["bytes"] = _du(path)
+        row["bytes"] = loc.tree_bytes()
     return row
 
 
-def list_stores(root: str | Path, *, with_size: bool = True, storage_options: SO = None) -> list[dict[str, Any]]:
-    """Every maxa store under ``root`` (depth-first, not descending into stores)."""
-    root = str(root)
-    if L.is_remote(root):
-        return _list_remote(root, with_size, storage_options)
-    rows: list[dict[str, Any]] = []
-    if not os.path.isdir(root):
-        return rows
-    for dirpath, dirs, _files in os.walk(root):
-        dirs.sort()
-        keep = []
-        for d in dirs:
-            full = os.path.join(dirpath, d)
-            if d.endswith(".zarr"):
-                meta = L.read_attrs(full)
-                if meta is not None:
-                    rows.append(store_summary(full, meta, with_size=with_size))
-            elif not d.startswith("."):
-                keep.append(d)
-        dirs[:] = keep
-    return rows
-
-
-def _list_remote(root: str, with_size: bool, storage_options: SO) -> list[dict[str, Any]]:
-    fs, top = L.fs_path(root, storage_options)
-    fs.invalidate_cache(top)
-    rows: list[dict[str, Any]] = []
-    stack = [top]
+def walk_stores(root: str | Path | Location) -> Iterator[tuple[Location, dict[str, Any]]]:
+    """``(location, attributes)`` of every maxa store under ``root``, depth-first in name order,
+    not descending into stores."""
+    stack = [as_location(root)]
     while stack:
-        d = stack.pop()
-        try:
-            entries = fs.ls(d, detail=True)
-        except FileNotFoundError:
-            continue
-        subdirs = sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory")
+        folder = stack.pop()
         later = []
-        for sub in subdirs:
-            name = sub.rsplit("/", 1)[-1]
+        for name, is_dir in folder.children():
+            if not is_dir:
+                continue
             if name.endswith(".zarr"):
-                url = fs.unstrip_protocol(sub)
-                meta = L.read_attrs(url, storage_options)
+                meta = L.read_attrs(folder / name)
                 if meta is not None:
-                    rows.append(store_summary(url, meta, with_size=with_size, storage_options=storage_options))
+                    yield folder / name, meta
             elif not name.startswith("."):
-                later.append(sub)
-        stack.extend(reversed(later))  # depth-first, in name order like the local walk
-    return rows
+                later.append(folder / name)
+        stack.extend(reversed(later))
 
 
-def store_root_of(path: str | Path, storage_options: SO = None) -> str:
+def list_stores(root: str | Path | Location, *, with_size: bool = True) -> list[dict[str, Any]]:
+    """One :func:`store_summary` row per maxa store under ``root``."""
+    return [store_summary(loc, meta, with_size=with_size) for loc, meta in walk_stores(root)]
+
+
+def _complete_current(meta: dict[str, Any]) -> bool:
+    return bool(meta.get("complete")) and store_format(meta) == FORMAT_VERSION
+
+
+def store_root_of(path: str | Path | Location) -> Location:
     """The store root holding the store at ``path`` (``<root>/features/<backbone>/<name>.zarr`` or
     ``<root>/targets/<name>.zarr``)."""
-    meta = L.read_attrs(path, storage_options)
+    loc = as_location(path)
+    meta = L.read_attrs(loc)
     kind = meta.get("kind") if meta else None
-    return L.parent(path, 3 if kind == "features" else 2)
+    for _ in range(3 if kind == "features" else 2):
+        loc = loc.parent
+    return loc
 
 
-def find_target_store(root: str | Path, spec: FeatureSpec | dict[str, Any],
-                      size: tuple[int, int] | None = None, storage_options: SO = None,
-                      like: TargetSpec | None = None) -> str | None:
+def find_target_store(root: str | Path | Location, spec: FeatureSpec | dict[str, Any],
+                      size: tuple[int, int] | None = None, like: TargetSpec | None = None) -> Location | None:
     """The complete target store under ``root`` that indexes the same images of the same dataset
     as a feature store.
 
@@ -156,44 +120,36 @@ def find_target_store(root: str | Path, spec: FeatureSpec | dict[str, Any],
         root: store root.
         spec: the feature store's spec (or its dict).
         size: output resolution; ``None`` takes 224 × 224 if present, else any.
-        storage_options: fsspec options for a URL root.
         like: only target stores whose definitions equal this one's (:meth:`TargetSpec.definition`:
             size, target definitions, classes), e.g. the eval targets of a probe's training targets.
     """
     spec = spec.to_dict() if isinstance(spec, FeatureSpec) else spec
     found = []
-    targets_dir = L.join(root, "targets")
-    rows = list_stores(targets_dir, with_size=False, storage_options=storage_options) \
-        if L.isdir(targets_dir, storage_options) else []
-    for row in rows:
-        if not row["complete"] or row["format"] != FORMAT_VERSION:
+    for loc, meta in walk_stores(as_location(root) / L.TARGETS_DIR):
+        if not _complete_current(meta):
             continue
-        meta = L.read_attrs(row["path"], storage_options) or {}
         t = meta.get("spec", {})
         if (t.get("dataset_id") == spec.get("dataset_id") and t.get("split") == spec["split"]
                 and t.get("image_ids_hash") == spec["image_ids_hash"]
                 and (like is None or TargetSpec.from_dict(t).definition() == like.definition())):
-            found.append((tuple(t.get("size", ())), row["path"]))
+            found.append((tuple(t.get("size", ())), str(loc), loc))
     if size is not None:
         found = [f for f in found if f[0] == tuple(size)]
     found.sort(key=lambda f: (f[0] != (224, 224), f[1]))
-    return found[0][1] if found else None
+    return found[0][2] if found else None
 
 
-def find_eval_features(root: str | Path, spec: FeatureSpec, splits: tuple[str, ...] = ("val", "test"),
-                       storage_options: SO = None) -> str | None:
+def find_eval_features(root: str | Path | Location, spec: FeatureSpec,
+                       splits: tuple[str, ...] = ("val", "test")) -> Location | None:
     """A complete feature store of the same backbone features (:meth:`FeatureSpec.backbone_identity`)
     of the same dataset (``dataset_id``) on an eval split."""
-    backbone_dir = L.join(root, "features", L.safe_name(spec.backbone))
-    if not L.isdir(backbone_dir, storage_options):
-        return None
+    backbone_dir = as_location(root).join(L.FEATURES_DIR, L.safe_name(spec.backbone))
     # dataset options may legitimately differ per split (e.g. shapes' num_images): prefer equal ones
     mine = spec.identity()
     candidates = []
-    for row in list_stores(backbone_dir, with_size=False, storage_options=storage_options):
-        if not row["complete"] or row["format"] != FORMAT_VERSION:
+    for loc, meta in walk_stores(backbone_dir):
+        if not _complete_current(meta):
             continue
-        meta = L.read_attrs(row["path"], storage_options) or {}
         other_spec = FeatureSpec.from_dict(meta["spec"]) if meta.get("spec") else None
         if other_spec is None:
             continue
@@ -201,6 +157,6 @@ def find_eval_features(root: str | Path, spec: FeatureSpec, splits: tuple[str, .
         if (other_spec.backbone_identity() == spec.backbone_identity() and other["dataset_id"] == spec.dataset_id
                 and other["split"] in splits and other["split"] != spec.split):
             options_differ = other.get("dataset_options") != mine.get("dataset_options")
-            candidates.append((splits.index(other["split"]), options_differ, -int(other["num_images"]), row["path"]))
-    candidates.sort()
+            candidates.append((splits.index(other["split"]), options_differ, -int(other["num_images"]), str(loc), loc))
+    candidates.sort(key=lambda c: c[:4])
     return candidates[0][-1] if candidates else None

@@ -41,8 +41,10 @@ from typing import Any, Callable
 
 from store import _layout as L
 from store.errors import StoreBusyError, StoreError
+from store.location import Location, as_location
 
-__all__ = ["LeaseInfo", "StoreLease", "acquire_lease", "lease_path", "read_lease", "wait_settings"]
+__all__ = ["LeaseInfo", "StoreLease", "acquire_lease", "lease_location", "read_lease", "remove_lease", "stale_after_setting",
+           "wait_settings"]
 
 DEFAULT_STALE_AFTER = 300.0
 DEFAULT_HEARTBEAT = 30.0
@@ -65,8 +67,26 @@ def wait_settings() -> tuple[float | None, float]:
     return _env_float("MAXA_LEASE_WAIT_S", None), float(_env_float("MAXA_LEASE_POLL_S", DEFAULT_POLL))
 
 
-def lease_path(store_path: str) -> str:
-    return str(store_path).rstrip("/") + L.LEASE_SUFFIX
+def stale_after_setting() -> float:
+    """Seconds without a heartbeat after which a lease is stale (``$MAXA_LEASE_STALE_S``, default 300)."""
+    return float(_env_float("MAXA_LEASE_STALE_S", DEFAULT_STALE_AFTER))
+
+
+def lease_location(store: str | Location) -> Location:
+    """The lease beside a store: ``<name>.zarr.lease``."""
+    return as_location(store).with_suffix_added(L.LEASE_SUFFIX)
+
+
+def _takeover_markers(lease: Location) -> list[Location]:
+    prefix = f"{lease.name}.takeover-"
+    return [lease.parent / name for name, is_dir in lease.parent.children() if not is_dir and name.startswith(prefix)]
+
+
+def remove_lease(store: str | Location) -> None:
+    """Remove a store's lease and any takeover markers (after the store itself is gone)."""
+    lease = lease_location(store)
+    for loc in [lease, *_takeover_markers(lease)]:
+        loc.delete()
 
 
 @dataclass
@@ -115,85 +135,12 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
-# -- storage backends: local (os) or fsspec ------------------------------------------------------
-class _Backend:
-    def __init__(self, path: str, storage_options: L.StorageOptions) -> None:
-        self.remote = L.is_remote(path)
-        if self.remote:
-            self.fs, self.path = L.fs_path(path, storage_options)
-        else:
-            self.fs, self.path = None, path
-
-    def create(self, path: str, data: bytes) -> bool:
-        """Write ``data`` to ``path`` only if nothing is there (atomic); ``False`` if taken."""
-        if not self.remote:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
-        try:
-            self.fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        except TypeError:  # a filesystem without exclusive create: weaker, check-then-put
-            if self.fs.exists(path):
-                return False
-            self.fs.pipe_file(path, data)
-        finally:
-            self.fs.invalidate_cache(path)
-        return True
-
-    def overwrite(self, path: str, data: bytes) -> None:
-        if not self.remote:
-            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-            return
-        self.fs.pipe_file(path, data)
-        self.fs.invalidate_cache(path)
-
-    def read(self, path: str) -> tuple[bytes, float] | None:
-        """``(contents, modification time)`` or ``None`` if absent."""
-        try:
-            if not self.remote:
-                with open(path, "rb") as f:
-                    return f.read(), os.path.getmtime(path)
-            self.fs.invalidate_cache(path)
-            # a PUT is atomic, so an unreadable lease object is garbage, not half-written: stale
-            return self.fs.cat_file(path), 0.0
-        except (FileNotFoundError, IsADirectoryError):
-            return None
-
-    def delete(self, path: str) -> None:
-        try:
-            if not self.remote:
-                os.remove(path)
-            else:
-                self.fs.rm_file(path)
-                self.fs.invalidate_cache(path)
-        except FileNotFoundError:
-            pass
-
-    def takeover_markers(self, lease: str) -> list[str]:
-        if not self.remote:
-            d, base = os.path.split(lease)
-            try:
-                names = os.listdir(d or ".")
-            except FileNotFoundError:
-                return []
-            return [os.path.join(d, n) for n in names if n.startswith(base + ".takeover-")]
-        self.fs.invalidate_cache(lease)
-        return [p for p in self.fs.glob(lease + ".takeover-*")]
-
-
-def _parse(blob: bytes | None, mtime: float) -> LeaseInfo | None:
+def _read(loc: Location) -> LeaseInfo | None:
+    """What the lease file at ``loc`` says, or ``None`` if there is none."""
+    blob = loc.read_bytes()
     if blob is None:
         return None
+    mtime = loc.mtime()
     try:
         d = json.loads(blob.decode())
         return LeaseInfo(owner=dict(d["owner"]), heartbeat=float(d["heartbeat"]), started=str(d.get("started", "")),
@@ -202,24 +149,21 @@ def _parse(blob: bytes | None, mtime: float) -> LeaseInfo | None:
         return LeaseInfo(owner={"host": "?", "pid": None, "uuid": "unreadable"}, heartbeat=mtime, raw_ok=False)
 
 
-def read_lease(store_path: str, storage_options: L.StorageOptions = None) -> LeaseInfo | None:
-    """The lease beside the store at ``store_path``, or ``None`` if nobody holds it."""
-    b = _Backend(lease_path(store_path), storage_options)
-    got = b.read(b.path)
-    return _parse(*got) if got else None
+def read_lease(store: str | Location) -> LeaseInfo | None:
+    """The lease beside the store at ``store``, or ``None`` if nobody holds it."""
+    return _read(lease_location(store))
 
 
 class StoreLease:
     """The lease on one store, held by this process once :meth:`try_claim` or :meth:`take_over`
     succeeded. Release with :meth:`release` (idempotent)."""
 
-    def __init__(self, store_path: str, storage_options: L.StorageOptions = None, *,
-                 stale_after: float | None = None, heartbeat_every: float | None = None) -> None:
-        self.store_path = str(store_path)
-        self.url = lease_path(self.store_path)
-        self._b = _Backend(self.url, storage_options)
-        self.path = self._b.path
-        self.stale_after = stale_after if stale_after is not None else _env_float("MAXA_LEASE_STALE_S", DEFAULT_STALE_AFTER)
+    def __init__(self, store: str | Location, *, stale_after: float | None = None,
+                 heartbeat_every: float | None = None) -> None:
+        self._store = as_location(store)
+        self.store_path = str(store)
+        self.location = lease_location(self._store)
+        self.stale_after = stale_after if stale_after is not None else stale_after_setting()
         self.heartbeat_every = heartbeat_every or min(DEFAULT_HEARTBEAT, max(0.5, self.stale_after / 4))
         self.info = LeaseInfo(owner={"host": socket.gethostname(), "pid": os.getpid(), "uuid": uuid.uuid4().hex},
                               heartbeat=time.time(), started=_now(),
@@ -236,31 +180,29 @@ class StoreLease:
         return json.dumps(self.info.to_dict(), sort_keys=True).encode()
 
     def read(self) -> LeaseInfo | None:
-        got = self._b.read(self.path)
-        return _parse(*got) if got else None
+        return _read(self.location)
 
     def try_claim(self) -> bool:
         """Claim a free lease atomically."""
         with self._lock:
-            self.held = self._b.create(self.path, self._blob())
+            self.held = self.location.create(self._blob())
             return self.held
 
     def take_over(self, stale: LeaseInfo) -> bool:
         """Replace the stale lease ``stale``; of several callers at most one succeeds."""
-        marker = f"{self.path}.takeover-{stale.uuid}"
-        if not self._b.create(marker, self._blob()):
-            got = self._b.read(marker)
-            held = _parse(*got) if got else None
+        marker = self.location.with_suffix_added(f".takeover-{stale.uuid}")
+        if not marker.create(self._blob()):
+            held = _read(marker)
             # a taker-over that died before finishing leaves its marker: expire it like a lease
             if held is not None and time.time() - held.heartbeat > self.stale_after:
-                self._b.delete(marker)
+                marker.delete()
             return False
         current = self.read()
         if current is None or current.uuid != stale.uuid:  # released or taken over meanwhile
-            self._b.delete(marker)
+            marker.delete()
             return False
         with self._lock:
-            self._b.overwrite(self.path, self._blob())
+            self.location.write_bytes(self._blob())
             self.held = self.took_over = True
         return True
 
@@ -276,7 +218,7 @@ class StoreLease:
                           "finishing anyway (shards are identical)", file=sys.stderr)
                 self.lost = True
                 return False
-            self._b.overwrite(self.path, self._blob())
+            self.location.write_bytes(self._blob())
             return True
 
     def start_heartbeat(self) -> None:
@@ -306,16 +248,13 @@ class StoreLease:
             try:
                 current = self.read()
                 if current is None or current.uuid == self.info.uuid:
-                    self._b.delete(self.path)
-                    for m in self._b.takeover_markers(self.path):
-                        self._b.delete(m)
+                    remove_lease(self._store)
             except Exception:  # noqa: BLE001 - it goes stale by itself
                 pass
 
 
 def acquire_lease(
-    store_path: str,
-    storage_options: L.StorageOptions = None,
+    store: str | Location,
     *,
     is_done: Callable[[], bool],
     wait_timeout: float | None = None,
@@ -328,7 +267,8 @@ def acquire_lease(
     Returns ``None`` as soon as ``is_done()`` says the store is complete (reuse it, nothing to
     write); raises :class:`StoreError` when ``wait_timeout`` seconds pass.
     """
-    lease = StoreLease(store_path, storage_options, stale_after=stale_after)
+    store_path = str(store)
+    lease = StoreLease(store, stale_after=stale_after)
     env_timeout, env_poll = wait_settings()
     timeout = wait_timeout if wait_timeout is not None else env_timeout
     poll = poll_every if poll_every is not None else env_poll

@@ -1,8 +1,8 @@
 """Read feature and target stores: ``open_features(path)`` and ``open_targets(path)``.
 
 Only this module and the writer know the layout. Readers refuse incomplete stores unless asked
-(``allow_incomplete=True``). A path may be a URL (``s3://bucket/root/features/…zarr``) with fsspec
-``storage_options``; reading never writes anything under the store root. Batched reads go through zarr's async API with one request per image,
+(``allow_incomplete=True``). A path may be a :class:`~store.location.Location` or a URL
+(``s3://bucket/root/features/…zarr``); reading never writes anything under the store root. Batched reads go through zarr's async API with one request per image,
 gathered concurrently: ``oindex`` on sharded arrays is an order of magnitude slower.
 """
 
@@ -17,6 +17,7 @@ import zarr
 from zarr.core.sync import sync
 
 from store import _layout as L
+from store.location import Location, as_location
 from store.errors import MaxaError, StoreError, StoreMismatchError
 from store.spec import FeatureSpec, TargetSpec
 
@@ -27,13 +28,12 @@ __all__ = ["FeatureStore", "TargetStore", "open_features", "open_targets", "open
 class _Store:
     kind = ""
 
-    def __init__(self, path: str | Path, *, allow_incomplete: bool = False,
-                 storage_options: dict[str, Any] | None = None) -> None:
-        self.path = str(path)
-        self.storage_options = dict(storage_options) if storage_options else None
-        meta = L.read_attrs(self.path, self.storage_options)
+    def __init__(self, where: str | Path | Location, *, allow_incomplete: bool = False) -> None:
+        self.location = as_location(where)
+        self.path = str(self.location)
+        meta = L.read_attrs(self.location)
         if meta is None:
-            if not L.is_remote(self.path) and not Path(self.path).exists():
+            if not self.location.exists():
                 raise StoreError(f"no store at {self.path}; list stores with `maxa stores ls ROOT`.")
             raise StoreError(f"{self.path} is not a maxa store (no 'maxa' attributes in its zarr.json).")
         if meta.get("kind") != self.kind:
@@ -44,7 +44,7 @@ class _Store:
                 f"{self.path} is incomplete (extraction interrupted?); re-run the same `maxa extract` to finish it."
             )
         self.meta = meta
-        self.group = L.open_group(self.path, "r", self.storage_options)
+        self.group = self.location.open_group("r")
 
     @property
     def key(self) -> str:
@@ -152,10 +152,7 @@ class _Store:
 
     def nbytes_stored(self) -> int:
         """Bytes stored (local disk or object storage)."""
-        if L.is_remote(self.path):
-            fs, p = L.fs_path(self.path, self.storage_options)
-            return int(fs.du(p, total=True))
-        return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+        return self.location.tree_bytes()
 
 
 def _is_run(idx: list[int]) -> bool:
@@ -259,7 +256,7 @@ class FeatureStore(_Store):
         return FeatureSpec.from_dict(self.meta["spec"])
 
     def _layer_array_name(self, layer: str | None) -> str:
-        return f"{L.FEATURES}/{self.spec.layer(layer).name}"
+        return L.feature_array(self.spec.layer(layer).name)
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.read(index)
@@ -324,25 +321,22 @@ class TargetStore(_Store):
         return np.concatenate([[0], np.cumsum(counts)[:-1]])
 
 
-def open_features(path: str | Path, *, allow_incomplete: bool = False,
-                  storage_options: dict[str, Any] | None = None) -> FeatureStore:
+def open_features(path: str | Path | Location, *, allow_incomplete: bool = False) -> FeatureStore:
     """Open a feature store for reading (refuses incomplete stores unless asked)."""
-    return FeatureStore(path, allow_incomplete=allow_incomplete, storage_options=storage_options)
+    return FeatureStore(path, allow_incomplete=allow_incomplete)
 
 
-def open_targets(path: str | Path, *, allow_incomplete: bool = False,
-                 storage_options: dict[str, Any] | None = None) -> TargetStore:
+def open_targets(path: str | Path | Location, *, allow_incomplete: bool = False) -> TargetStore:
     """Open a target store for reading (refuses incomplete stores unless asked)."""
-    return TargetStore(path, allow_incomplete=allow_incomplete, storage_options=storage_options)
+    return TargetStore(path, allow_incomplete=allow_incomplete)
 
 
-def open_store(path: str | Path, *, allow_incomplete: bool = True,
-               storage_options: dict[str, Any] | None = None) -> FeatureStore | TargetStore:
+def open_store(path: str | Path | Location, *, allow_incomplete: bool = True) -> FeatureStore | TargetStore:
     """Open a store of either kind."""
-    meta = L.read_attrs(path, storage_options)
+    meta = L.read_attrs(path)
     if meta is not None and meta.get("kind") == "targets":
-        return TargetStore(path, allow_incomplete=allow_incomplete, storage_options=storage_options)
-    return FeatureStore(path, allow_incomplete=allow_incomplete, storage_options=storage_options)
+        return TargetStore(path, allow_incomplete=allow_incomplete)
+    return FeatureStore(path, allow_incomplete=allow_incomplete)
 
 
 def check_aligned(features: FeatureStore, targets: TargetStore) -> None:

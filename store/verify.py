@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from store import _layout as L
+from store.location import Location, as_location
 from store.errors import StoreError
 from store.reader import _reason, describe_damage, find_damaged
 
@@ -41,20 +42,19 @@ class VerifyReport:
         return {**self.__dict__, "ok": self.ok}
 
 
-def verify_store(path: str | Path, progress: Any = None, *,
-                 storage_options: dict[str, Any] | None = None) -> VerifyReport:
+def verify_store(path: str | Path | Location, progress: Any = None) -> VerifyReport:
     """Read every chunk of every array of the store at ``path``.
 
     Args:
         path: the store.
         progress: optional callable ``progress(done, total)`` called per shard read.
-        storage_options: fsspec options for a URL ``path``.
     """
-    path = str(path)
-    meta = L.read_attrs(path, storage_options)
+    loc = as_location(path)
+    path = str(loc)
+    meta = L.read_attrs(loc)
     if meta is None:
         raise StoreError(f"{path} is not a maxa store.")
-    group = L.open_group(path, "r", storage_options)
+    group = loc.open_group("r")
     n, s = int(meta["num_images"]), int(meta["shard_size"])
     num_shards = int(meta["num_shards"])
     report = VerifyReport(path=path, kind=meta.get("kind", "?"), complete=bool(meta.get("complete")),
@@ -105,10 +105,9 @@ def verify_store(path: str | Path, progress: Any = None, *,
             step += 1
             if progress is not None:
                 progress(step, total)
-    if not L.is_remote(path) and Path(path).exists():
-        partial = list(Path(path).rglob("*.partial"))
-        if partial and report.complete:
-            report.problems.append(f"{len(partial)} orphan *.partial file(s) (harmless; re-run extract to clean)")
+    partial = loc.partial_files()
+    if partial and report.complete:
+        report.problems.append(f"{len(partial)} orphan *.partial file(s) (harmless; re-run extract to clean)")
     return report
 
 

@@ -19,9 +19,6 @@ over a stale lease and writes only the missing shards. Release it with :meth:`St
 from __future__ import annotations
 
 import errno
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,10 +29,13 @@ import zarr
 
 from store import _layout as L
 from store.errors import StoreError
-from store.lease import StoreLease, acquire_lease, lease_path, read_lease
-from store.spec import FORMAT_VERSION
+from store.lease import StoreLease, acquire_lease, read_lease, remove_lease, stale_after_setting
+from store.location import Location, as_location
+from store.spec import FORMAT_VERSION, FeatureSpec
 
-__all__ = ["ArrayDef", "StoreWriter", "remove_store"]
+__all__ = ["ArrayDef", "StoreWriter", "feature_array_name", "feature_arrays", "remove_store"]
+
+feature_array_name = L.feature_array
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,14 @@ class ArrayDef:
     attrs: Mapping[str, Any] | None = None
 
 
+def feature_arrays(spec: FeatureSpec) -> list[ArrayDef]:
+    """The per-image arrays of a feature store: one float16 ``(h, w, C)`` array per layer, its
+    token centres in the array's attributes (positional encodings are built from them later)."""
+    return [ArrayDef(L.feature_array(l.name), (*l.grid, l.channels), "float16", ("y", "x", "c"),
+                     attrs={"token_centres": [list(map(list, row)) for row in l.token_centres]})
+            for l in spec.layers]
+
+
 class StoreWriter:
     """Writes one store: call :meth:`open`, then :meth:`write_shard` for each missing shard, then
     :meth:`finalize`.
@@ -73,7 +81,6 @@ class StoreWriter:
         shard_size: images per shard.
         compression: ``"none"`` or ``"zstd"``.
         provenance: tool/library versions, host, date, command.
-        storage_options: fsspec options for a URL ``path`` (endpoint, credentials, ...).
         wait_timeout: seconds to wait for another live writer of the same store (``None``: as
             long as its lease is live; ``$MAXA_LEASE_WAIT_S``).
         log: where "waiting for ..." messages go (default: stderr).
@@ -81,7 +88,7 @@ class StoreWriter:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Location,
         *,
         kind: str,
         key: str,
@@ -91,7 +98,6 @@ class StoreWriter:
         shard_size: int,
         compression: str = "none",
         provenance: dict[str, Any] | None = None,
-        storage_options: dict[str, Any] | None = None,
         wait_timeout: float | None = None,
         log: Any = None,
     ) -> None:
@@ -99,7 +105,8 @@ class StoreWriter:
             raise StoreError(f"refusing to create an empty store at {path}: the dataset split has no images.")
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
-        self.path = str(path)
+        self.location = as_location(path)
+        self.path = str(self.location)
         self.kind = kind
         self.key = key
         self.spec = spec
@@ -110,7 +117,6 @@ class StoreWriter:
         self.num_shards = -(-self.num_images // self.shard_size)
         self.compression = compression
         self.provenance = provenance or {}
-        self.storage_options = dict(storage_options) if storage_options else None
         self.wait_timeout = wait_timeout
         self.log = log
         self._group: zarr.Group | None = None
@@ -124,7 +130,7 @@ class StoreWriter:
         A complete store is opened read-only, with no lease (so this works on a read-only root).
         Otherwise the store's lease is taken first, waiting while another live writer holds it.
         """
-        meta = L.read_attrs(self.path, self.storage_options)
+        meta = L.read_attrs(self.location)
         if meta is not None:
             L.check_format(meta, self.path)
             self._check_same(meta)
@@ -132,28 +138,21 @@ class StoreWriter:
                 return self._adopt(meta, "r")
 
         def done() -> bool:
-            m = L.read_attrs(self.path, self.storage_options)
+            m = L.read_attrs(self.location)
             return bool(m and m.get("complete") and m.get("key") == self.key and m.get("kind") == self.kind)
 
-        self._lease = acquire_lease(self.path, self.storage_options, is_done=done,
+        self._lease = acquire_lease(self.location, is_done=done,
                                     wait_timeout=self.wait_timeout, log=self.log)
         if self._lease is None:  # another writer finished it while we waited
-            meta = L.read_attrs(self.path, self.storage_options)
+            meta = L.read_attrs(self.location)
             assert meta is not None
             self._check_same(meta)
             return self._adopt(meta, "r")
         try:
-            meta = L.read_attrs(self.path, self.storage_options)
+            meta = L.read_attrs(self.location)
             if meta is None:
-                if L.is_remote(self.path):
-                    self._create_remote()
-                else:
-                    if os.path.exists(self.path):
-                        raise StoreError(
-                            f"{self.path} exists but is not a maxa store; remove it or choose another --store-root."
-                        )
-                    self._create_atomically()
-                meta = L.read_attrs(self.path, self.storage_options)
+                self._create()
+                meta = L.read_attrs(self.location)
                 assert meta is not None
             self._check_same(meta)
             self._adopt(meta, "r+")
@@ -169,7 +168,7 @@ class StoreWriter:
     def attach(self) -> "StoreWriter":
         """Open an existing store to write shards *without* claiming its lease: the worker side of a
         coordinated extraction, whose coordinator created the store with :meth:`open` and holds the lease."""
-        meta = L.read_attrs(self.path, self.storage_options)
+        meta = L.read_attrs(self.location)
         if meta is None:
             raise StoreError(f"{self.path} does not exist: a coordinated shard worker writes only into a store its "
                              "coordinator created (open_feature_store).")
@@ -181,7 +180,7 @@ class StoreWriter:
         self.shard_size = int(meta["shard_size"])
         self.num_shards = int(meta["num_shards"])
         self.complete = bool(meta.get("complete"))
-        self._group = L.open_group(self.path, mode, self.storage_options)
+        self._group = self.location.open_group(mode)
         return self
 
     def close(self) -> None:
@@ -203,29 +202,23 @@ class StoreWriter:
                 f"expected {self.kind!r} {self.key!r}); remove it or choose another --store-root."
             )
 
-    def _create_atomically(self) -> None:
-        parent = Path(self.path).parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{Path(self.path).name}.creating-{uuid.uuid4().hex[:8]}"
-        self._populate(zarr.open_group(str(tmp), mode="w-"))
-        try:
-            os.rename(tmp, self.path)
-        except OSError:  # another writer created the same store first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-            if L.read_attrs(self.path) is None:
-                raise
+    def _create(self) -> None:
+        """Create the group (under the lease): the arrays first, the ``maxa`` attributes last.
 
-    def _create_remote(self) -> None:
-        """Object storage: arrays first, the ``maxa`` attributes last (under the lease)."""
-        if L.exists(self.path, self.storage_options):
-            if not (self._lease is not None and self._lease.took_over):
+        Where a killed creator can leave a half-made group (object storage), a writer that took
+        over a stale lease clears such leftovers; anything else already at the path is not ours.
+        """
+        replace = False
+        if self.location.exists():
+            took_over = self._lease is not None and self._lease.took_over
+            if not (self.location.partial_creations and took_over):
                 raise StoreError(
                     f"{self.path} exists but is not a maxa store; remove it or choose another --store-root."
                 )
-            mode = "w"  # leftovers of a creator that died before its attributes: start again
-        else:
-            mode = "w-"
-        self._populate(L.open_group(self.path, mode, self.storage_options))
+            replace = True
+        if not self.location.create_group(self._populate, replace=replace) and L.read_attrs(self.location) is None:
+            raise StoreError(f"{self.path} appeared while this writer created it, and is not a maxa store; "
+                             "remove it or choose another --store-root.")
 
     def _populate(self, group: zarr.Group) -> None:
         """Create every array, then write the ``maxa`` attributes (the mark readers look for) last."""
@@ -330,7 +323,7 @@ class StoreWriter:
                                            "every shard is written; the re-run only marks it complete")) from e
         self.complete = True
         self.close()
-        _clean_partials(self.path)
+        self.location.discard_partial_files()
 
 
 def _write_failed(e: OSError, where: str, kept: str) -> str:
@@ -347,54 +340,26 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _clean_partials(path: str) -> None:
-    """Remove orphan temporary files a kill -9 may leave behind (``*.partial``)."""
-    if L.is_remote(path):
-        return
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            if f.endswith(".partial"):
-                try:
-                    os.remove(os.path.join(dirpath, f))
-                except OSError:
-                    pass
-
-
-def remove_store(path: str | Path, *, force: bool = False, storage_options: dict[str, Any] | None = None) -> None:
+def remove_store(path: str | Path | Location, *, force: bool = False) -> None:
     """Delete the store at ``path`` safely.
 
     Refuses a path that is not a maxa store, and a store whose lease is live (someone is writing
     it) unless ``force``. The completion mark goes first (a concurrent reader then sees an
     incomplete store, never a half-deleted "complete" one), then the data, then the lease.
     """
-    path = str(path).rstrip("/") if L.is_remote(path) else str(path)
-    meta = check_removable(path, force=force, storage_options=storage_options)
-    group = L.open_group(path, "r+", storage_options)
-    group.attrs[L.ATTR] = {**meta, "complete": False, "removing": _now()}
-    if L.is_remote(path):
-        fs, p = L.fs_path(path, storage_options)
-        fs.rm(p, recursive=True)
-        fs.invalidate_cache(p)
-    else:
-        gone = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.removing-{uuid.uuid4().hex[:8]}")
-        os.rename(path, gone)  # the store vanishes at once; the bytes go next
-        shutil.rmtree(gone)
-    from store.lease import _Backend
-
-    b = _Backend(lease_path(path), storage_options)
-    for p in [b.path, *b.takeover_markers(b.path)]:
-        b.delete(p)
+    loc = as_location(path)
+    meta = check_removable(loc, force=force)
+    loc.open_group("r+").attrs[L.ATTR] = {**meta, "complete": False, "removing": _now()}
+    loc.remove_tree()
+    remove_lease(loc)
 
 
-def check_removable(path: str, *, force: bool = False, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def check_removable(path: str | Path | Location, *, force: bool = False) -> dict[str, Any]:
     """The store's attributes if :func:`remove_store` may delete it; else a one-line :class:`StoreError`."""
-    meta = L.read_attrs(path, storage_options)
+    meta = L.read_attrs(path)
     if meta is None:
         raise StoreError(f"{path} is not a maxa store (no 'maxa' attributes in its zarr.json); refusing to remove it.")
-    lease = read_lease(path, storage_options)
-    if lease is not None and not force:
-        from store.lease import DEFAULT_STALE_AFTER, _env_float
-
-        if lease.stale_reason(_env_float("MAXA_LEASE_STALE_S", DEFAULT_STALE_AFTER)) is None:
-            raise StoreError(f"{path} is being written by {lease.describe()}; wait for it, or pass --force.")
+    lease = read_lease(path)
+    if lease is not None and not force and lease.stale_reason(stale_after_setting()) is None:
+        raise StoreError(f"{path} is being written by {lease.describe()}; wait for it, or pass --force.")
     return meta

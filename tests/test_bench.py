@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from pipelines.bench import speed_benchmark, speed_record
 from pipelines.cli import app
 from pipelines.report import collect_records, speed_table
-from probe.results import read_results
+from store.results import read_results
 
 runner = CliRunner()
 

@@ -670,13 +670,13 @@ def _coco_with_orphan_annotation(root: Path) -> Path:
 
 def test_coco_warnings_reach_the_target_store(tmp_path: Path) -> None:
     from extract.target_store import build_target_store
-    from store import _layout as L
+    from store import read_attrs
 
     root = _coco_with_orphan_annotation(tmp_path / "data")
     with pytest.warns(UserWarning):
         reader = COCODataset(root, "val")
     result = build_target_store(reader, str(tmp_path / "stores"), size=(16, 16), num_workers=0, show_progress=False)
-    attrs = L.read_attrs(result.path)
+    attrs = read_attrs(result.path)
     assert attrs["complete"] and attrs["dataset_warnings"] == reader.warnings and "annotation ids 3" in reader.warnings[0]
 
 

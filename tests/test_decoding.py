@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from extract.datasets.decode import ImageSizeError, load_rgb, to_rgb
 from extract.datasets.segfolder import SegFolderDataset
 from extract.target_store import build_target_store
-from store import _layout as L
+from store import read_attrs
 from store.errors import BadImageError, DatasetError
 
 VALUES16 = np.array([0, 1000, 32768, 65280, 65535, 257, 128, 129], dtype=np.uint16)
@@ -263,7 +263,7 @@ def test_target_store_refuses_label_of_another_size(tmp_path: Path) -> None:
     with pytest.raises(ImageSizeError, match=re.escape(str(tmp_path / "data" / "labels" / "train" / "a.png"))):
         build_target_store(reader, str(tmp_path / "stores"), size=(16, 16), num_workers=0, show_progress=False)
     paths = list((tmp_path / "stores").rglob("*.zarr"))
-    assert all(not (L.read_attrs(p) or {}).get("complete") for p in paths)
+    assert all(not (read_attrs(p) or {}).get("complete") for p in paths)
 
     # From a worker process, torch re-raises it as text: the CLI finds the one line in it.
     from pipelines.cli import _worker_error

@@ -19,11 +19,11 @@ from extract.datasets import create_dataset
 from extract.jobs import run_extract
 from extract.runner import extract_features
 from pipelines.cli import app
-from probe.results import append_result, read_results
+from store.results import append_result, read_results
 from probe.train import ProbeConfig, train_probe
 from store import open_features, read_lease, verify_store
 from store.errors import StoreError
-from store.lease import StoreLease, lease_path
+from store.lease import StoreLease, lease_location
 from store.spec import FeatureSpec, LayerSpec
 from store.writer import ArrayDef, StoreWriter, remove_store
 
@@ -78,7 +78,7 @@ def test_two_processes_share_one_store(tmp_path):
     assert "waiting for pid" in waiter_err and "extracting this store" in waiter_err
     path = results[0]["path"]
     assert verify_store(path).ok
-    assert not os.path.exists(lease_path(path))
+    assert not os.path.exists(lease_location(path))
     np.testing.assert_array_equal(open_features(path).read_all(), open_features(ref.path).read_all())
     assert len(list((root / "features").rglob("*.zarr"))) == 1
 
@@ -95,7 +95,7 @@ def test_stale_lease_of_a_dead_writer_is_taken_over(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="simulated"):
         extract_features("test_vit", reader, str(root), **_kw(), on_shard=crash)
     path = ref.path.replace(str(tmp_path / "ref"), str(root))
-    assert not os.path.exists(lease_path(path))  # released on the way out
+    assert not os.path.exists(lease_location(path))  # released on the way out
     # a writer on this host that died (kill -9) without releasing: its pid is gone
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -109,7 +109,7 @@ def test_stale_lease_of_a_dead_writer_is_taken_over(tmp_path, capsys):
     assert "took over the stale lease" in capsys.readouterr().err
     assert not again.reused and sorted(written) == missing  # only the missing shards
     np.testing.assert_array_equal(open_features(path).read_all(), open_features(ref.path).read_all())
-    assert not os.path.exists(lease_path(path))
+    assert not os.path.exists(lease_location(path))
 
 
 def _tiny_writer(tmp_path: Path, **kw) -> StoreWriter:
@@ -168,9 +168,9 @@ def test_stores_rm_is_safe(tmp_path, monkeypatch):
     real_rmtree = writer_mod.shutil.rmtree
 
     def spy(path, *a, **k):  # the completion mark is gone before any data
-        from store import _layout as L
+        from store import read_attrs
 
-        seen["complete"] = L.read_attrs(path)["complete"]
+        seen["complete"] = read_attrs(path)["complete"]
         seen["moved_away"] = not os.path.exists(w.path)
         return real_rmtree(path, *a, **k)
 
@@ -181,7 +181,7 @@ def test_stores_rm_is_safe(tmp_path, monkeypatch):
     r = _invoke("stores", "rm", w.path, "--yes")
     assert r.exit_code == 0, r.output
     assert seen == {"complete": False, "moved_away": True}
-    assert not os.path.exists(w.path) and not os.path.exists(lease_path(w.path))
+    assert not os.path.exists(w.path) and not os.path.exists(lease_location(w.path))
     assert not list(tmp_path.glob(".s.zarr*"))
 
 
@@ -247,7 +247,7 @@ def test_sigterm_during_extract_releases_the_lease_and_resumes(tmp_path):
     re-run to finish."""
     import signal
 
-    from store import _layout as L
+    from store import read_attrs
 
     root = tmp_path / "root"
     args = ["extract", "--backbone", "test_vit", "--dataset", "shapes", "--split", "val", "--weights", "random",
@@ -274,7 +274,7 @@ def test_sigterm_during_extract_releases_the_lease_and_resumes(tmp_path):
     assert lines[0].startswith("interrupted (SIGTERM):") and "re-run the same command to resume" in lines[0]
     assert not list(root.rglob("*.lease*")), "the lease was left behind"
     (path,) = root.rglob("*.zarr")
-    assert L.read_attrs(str(path))["complete"] is False
+    assert read_attrs(str(path))["complete"] is False
     done = open_features(path, allow_incomplete=True).shard_done()
     assert not done.all()
 
@@ -282,4 +282,4 @@ def test_sigterm_during_extract_releases_the_lease_and_resumes(tmp_path):
     assert result.exit_code == 0, result.output
     missing = sum(min(16, 600 - 16 * int(s)) for s in np.flatnonzero(~done))
     assert f"wrote {missing} images" in result.output
-    assert L.read_attrs(str(path))["complete"] is True and verify_store(path).ok
+    assert read_attrs(str(path))["complete"] is True and verify_store(path).ok

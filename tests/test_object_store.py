@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,55 +15,14 @@ pytest.importorskip("moto")
 
 from extract.jobs import run_extract  # noqa: E402
 from pipelines.cli import app  # noqa: E402
-from probe.results import read_results  # noqa: E402
+from store.results import read_results  # noqa: E402
 from store import open_features, open_targets, verify_store  # noqa: E402
 from store.catalogue import find_eval_features, list_stores, store_root_of  # noqa: E402
 from store.lease import StoreLease  # noqa: E402
 
+from conftest import S3_BUCKET as BUCKET  # noqa: E402
+
 runner = CliRunner()
-BUCKET = "lab"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    port = _free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    cmd = [str(moto)] if moto.exists() else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.2)
-        import s3fs
-
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
-        yield fs
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _extract(root, split, n):
@@ -148,7 +102,7 @@ def test_probe_from_s3_writes_nothing_there(s3, stores, tmp_path):
 
 
 def test_results_and_rm_on_s3(s3, stores, tmp_path):
-    from probe.results import append_result, result_counts
+    from store.results import append_result, result_counts
 
     key = open_features(stores["val"]).key
     append_result(stores["url"], {"task": "semseg", "train_store": key})

@@ -16,7 +16,7 @@ import torch
 from extract.jobs import run_extract
 from probe.adapter import count_parameters
 from probe.predict import load_adapter, predict
-from probe.results import read_results
+from store.results import read_results
 from probe.train import ProbeConfig, train_probe
 from store.errors import MaxaError, StoreError
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from extract.jobs import run_extract
 from pipelines.report import load_reference, write_report
-from probe.results import append_result
+from store.results import append_result
 from probe.train import ProbeConfig, train_probe
 
 pytestmark = pytest.mark.slow

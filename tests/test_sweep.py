@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.sweep import plan_from_file, run_sweep
 from pipelines.sweep_plan import SweepFileError, load_sweep, parse_sweep
-from probe.results import read_results
+from store.results import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "sweeps" / "smoke.toml"

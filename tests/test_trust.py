@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,7 +23,7 @@ from pipelines.cli import app
 from pipelines.upgrade import upgrade_store
 from probe.predict import predict
 from probe.train import ProbeConfig, train_probe
-from store import _layout as L
+from store import read_attrs
 from store.errors import MaxaError, StoreError, StoreMismatchError
 from store.reader import open_features, open_targets
 from store.spec import FORMAT_VERSION, FeatureSpec, content_key
@@ -121,17 +122,17 @@ def test_same_data_at_another_path_is_the_same_store(two_datasets):
 
 # -- 2. format version ---------------------------------------------------------------------------------
 def _set_meta(path: str, **changes) -> dict:
-    group = L.open_group(path, "r+")
-    meta = dict(group.attrs[L.ATTR])
+    group = zarr.open_group(str(path), mode="r+")
+    meta = dict(group.attrs["maxa"])
     meta.update(changes)
-    group.attrs[L.ATTR] = meta
+    group.attrs["maxa"] = meta
     return meta
 
 
 def _as_format_1(path: str) -> None:
     """Rewrite a store's attributes as maxa format 1 wrote them (no dataset identity, no top-level format)."""
-    group = L.open_group(path, "r+")
-    meta = dict(group.attrs[L.ATTR])
+    group = zarr.open_group(str(path), mode="r+")
+    meta = dict(group.attrs["maxa"])
     spec = dict(meta["spec"])
     spec.pop("dataset_id")
     spec["format_version"] = 1
@@ -144,7 +145,7 @@ def _as_format_1(path: str) -> None:
     else:
         meta["key"] = content_key({"kind": "targets", **spec})
     meta["spec"] = spec
-    group.attrs[L.ATTR] = meta
+    group.attrs["maxa"] = meta
 
 
 @pytest.fixture()
@@ -178,7 +179,7 @@ def test_upgrade_brings_a_format_1_store_to_the_current_key(small_pair, tmp_path
     for p in (old_features, old_targets):
         _as_format_1(p)
     # format 1 named the store after its format-1 key
-    key1 = L.read_attrs(old_features)["key"]
+    key1 = read_attrs(old_features)["key"]
     named_1 = str(Path(old_features).with_name(f"segfolder-train-{key1}.zarr"))
     shutil.move(old_features, named_1)
     result = runner.invoke(app, ["stores", "upgrade", named_1, "--root", str(small_pair["data"])])
