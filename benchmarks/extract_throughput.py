@@ -27,7 +27,7 @@ import argparse
 import json
 import os
 
-# What `maxa extract` runs with (pipelines/cli.py:_passive_openmp): must precede the torch import.
+# What `maxa extract` runs with (pipelines/cli/run.py:_passive_openmp): must precede the torch import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import resource

@@ -11,16 +11,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipelines.report_shared import DEFAULT_FEATURE_IMAGES, Figure, primary_metric
+
 __all__ = ["score_vs_speed", "score_vs_plearn", "feature_pca", "prediction_resolutions", "PREDICTION_SIZES"]
 
 PREDICTION_SIZES = (56, 112, 224, 448)
 HEAD_COLOURS = {"maxa": "tab:blue", "linear": "tab:orange", "cnn": "tab:green"}
-
-
-def _figure_cls():
-    from pipelines.report import Figure
-
-    return Figure
 
 
 def _pyplot():
@@ -47,9 +43,7 @@ def _image_png(img: Image.Image) -> bytes:
 
 def _primary(records: list[dict[str, Any]]) -> tuple[str, bool]:
     r = records[0]
-    from pipelines.report import TASK_METRICS
-
-    return r.get("primary_metric") or TASK_METRICS[r["task"]][-1], bool(r.get("higher_is_better", True))
+    return primary_metric(r), bool(r.get("higher_is_better", True))
 
 
 def _groups(records, keyf):
@@ -76,7 +70,6 @@ def _subplots(n: int):
 
 def score_vs_speed(records, speed):
     """Primary metric per (task, dataset) against the backbone's inference time relative to ViT-B/16."""
-    Figure = _figure_cls()
     if not speed:
         return [], ["no speed records (task 'speed', from `maxa bench speed`): the score-vs-speed plot is skipped."]
     rel: dict[str, float] = {}
@@ -118,7 +111,6 @@ def score_vs_speed(records, speed):
 
 def score_vs_plearn(records, speed=None):
     """Primary metric per (task, dataset) against learnable parameters; one point per backbone/variant/head."""
-    Figure = _figure_cls()
     recs = [r for r in records if r.get("p_learn") is not None]
     groups = _groups(recs, lambda r: (r["task"], r["dataset"]))
     if not groups:
@@ -228,8 +220,7 @@ def _eval_store_paths(roots: list[str], records: list[dict[str, Any]]) -> dict[s
     return {b: r[-1] for b, r in sorted(found.items())}
 
 
-def feature_pca(roots: list[str], records: list[dict[str, Any]], max_images: int = 4):
-    Figure = _figure_cls()
+def feature_pca(roots: list[str], records: list[dict[str, Any]], max_images: int = DEFAULT_FEATURE_IMAGES):
     figures, notes = [], []
     if max_images < 1:
         return [], []
@@ -260,7 +251,6 @@ def prediction_resolutions(records: list[dict[str, Any]], sizes=PREDICTION_SIZES
 
     from probe.predict import colourise, predict
 
-    Figure = _figure_cls()
     figures, notes = [], []
     for task in ("semseg", "boundaries", "instances", "distance", "depth"):
         cands = []

@@ -6,6 +6,9 @@ import base64
 from html import escape
 from typing import Any
 
+from pipelines.report_shared import FIGURE_SECTIONS
+from pipelines.report_tables import DUPLICATES_CAPTION
+
 __all__ = ["render_html"]
 
 CSS = """
@@ -41,7 +44,7 @@ def _data_uri(png: bytes) -> str:
 
 
 def _table(t) -> str:
-    first = "Variant" if t.key == "table4" else "Backbone"
+    first = t.label_header
     groups: list[tuple[str, int]] = []
     for c in t.columns:
         if groups and groups[-1][0] == c.group:
@@ -75,6 +78,11 @@ def _simple(header: list[str], body: list[list[str]], table_id: str) -> str:
     return f'<div class="scroll"><table id="{table_id}">' + "\n".join(rows) + "</table></div>"
 
 
+def _duplicates(header: list[str], body: list[list[str]]) -> str:
+    return (f'<h2 id="duplicates">Duplicates</h2>\n<p class="caption">{escape(DUPLICATES_CAPTION)}</p>\n'
+            + _simple(header, body, "duplicates-table"))
+
+
 def _figures(figures, section: str) -> str:
     sel = [f for f in figures if f.section == section]
     parts = []
@@ -88,7 +96,9 @@ def _figures(figures, section: str) -> str:
     return "\n".join(parts)
 
 
-def render_html(meta: dict[str, Any], notes: list[str], tables, figures, speed, all_records) -> str:
+def render_html(meta: dict[str, Any], notes: list[str], tables, figures, speed, all_records, duplicates=None) -> str:
+    """The whole page; ``speed`` and ``duplicates`` (``(header, body)`` like ``all_records``) only when
+    they have rows."""
     roots = ", ".join(meta["roots"])
     body = ["<h1>maxa report</h1>",
             f'<p class="meta">Generated {escape(meta["generated"])} from {escape(roots)}: {meta["n_records"]} probe '
@@ -98,12 +108,13 @@ def render_html(meta: dict[str, Any], notes: list[str], tables, figures, speed, 
     if notes:
         body += ["<h2>Notes</h2>", '<ul class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>"]
     body += ["<h2>Tables</h2>"] + [_table(t) for t in tables]
-    for section, title in (("plots", "Plots"), ("pca", "Feature PCA (first three components as RGB)"),
-                           ("predictions", "Predictions at several output resolutions")):
+    for section, title in FIGURE_SECTIONS:
         if any(f.section == section for f in figures):
             body += [f'<h2 id="{section}">{escape(title)}</h2>', _figures(figures, section)]
     if speed[1]:
         body += ["<h2>Speed</h2>", _simple(*speed, "speed")]
+    if duplicates and duplicates[1]:
+        body.append(_duplicates(*duplicates))
     body += ["<h2>All records</h2>", _simple(*all_records, "all-records")]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>maxa report</title>\n"
             f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")

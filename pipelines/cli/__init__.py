@@ -1,0 +1,38 @@
+"""The ``maxa`` command line: thin typer commands over library functions.
+
+Bad input (``MaxaError``) prints one line naming the problem and the fix, and exits 2; set
+``MAXA_DEBUG=1`` for the traceback.
+
+This module builds the typer apps and registers the commands, in the order ``maxa --help`` lists
+them; the commands live in :mod:`.listings`, :mod:`.run` and :mod:`.stores`, the failure handling
+in :mod:`.errors`, shared options in :mod:`.options` and the output formats in :mod:`.render`.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from pipelines.cli.errors import _worker_error, clean_errors  # noqa: F401 - tests import _worker_error from here
+from pipelines.cli.listings import backbones, datasets
+from pipelines.cli.run import bench_speed, extract, predict, probe, quickstart, report, sweep
+from pipelines.cli.stores import stores_info, stores_ls, stores_rm, stores_upgrade, stores_verify
+
+__all__ = ["app", "main", "clean_errors"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Dense evaluation of frozen vision backbones with masked cross-attention adapters.")
+stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature and target stores.")
+app.add_typer(stores_app, name="stores")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: backbone and adapter inference speed (paper §4.5).")
+app.add_typer(bench_app, name="bench")
+
+for _command in (backbones, datasets, extract, probe, predict, report, sweep, quickstart):
+    app.command()(_command)
+for _name, _command in (("ls", stores_ls), ("info", stores_info), ("verify", stores_verify),
+                        ("upgrade", stores_upgrade), ("rm", stores_rm)):
+    stores_app.command(_name)(_command)
+bench_app.command("speed")(bench_speed)
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()

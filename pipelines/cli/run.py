@@ -1,0 +1,268 @@
+"""The commands that run work: ``extract``, ``probe``, ``predict``, ``report``, ``bench speed``,
+``sweep`` and ``quickstart``; each parses its options and hands them to the library function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.markup import escape as rich_escape
+
+from pipelines.cli.errors import clean_errors
+from pipelines.cli.options import (DEFAULT_DEVICE, DEFAULT_STORE_ROOT, Compression, Head, StorageOptionList, Weights,
+                                   _parse_layers, _storage_options)
+from pipelines.cli.render import _results_table, _speed_table, err, out
+from pipelines.cli.stores import stores_ls
+from pipelines.report_shared import DEFAULT_FEATURE_IMAGES
+from store.errors import MaxaError
+
+
+def _passive_openmp() -> None:
+    """Let idle OpenMP threads sleep instead of spinning (before torch loads, unless set).
+
+    On a CPU the forward pass fills every core and the decode workers must slot in between its
+    parallel regions; spinning threads take those gaps. Measured on 2 cores (ViT-S/16): the
+    pipeline/bare ratio rose from 0.91 to 0.95. Probing keeps the default (spinning is ~13 %
+    faster for the adapter's many small ops)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@contextmanager
+def _dataset_warnings_as_lines() -> Iterator[None]:
+    """While extracting: a reader's oddities (``DatasetWarning``, e.g. annotations of unknown images)
+    as one yellow ``warning:`` line each, once; other warnings as usual."""
+    import warnings
+
+    from extract.datasets.base import DatasetWarning
+
+    shown: set[str] = set()
+    show_other = warnings.showwarning
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if not issubclass(category, DatasetWarning):
+            return show_other(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split())
+        if text not in shown:
+            shown.add(text)
+            err.print(f"[bold yellow]warning:[/] {rich_escape(text)}", soft_wrap=True, highlight=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DatasetWarning)
+        warnings.showwarning = show_warning
+        yield
+
+
+# -- extract --------------------------------------------------------------------------------------
+@clean_errors
+def extract(
+    backbone: Annotated[str, typer.Option(help="Registry name (see `maxa backbones`) or timm:NAME.")],
+    dataset: Annotated[str, typer.Option(help="Dataset reader: coco, voc, cocostuff, nyuv2, segfolder, shapes.")],
+    split: Annotated[str, typer.Option(help="Dataset split.")] = "val",
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root directory (not needed for shapes).")] = None,
+    store_root: Annotated[str, typer.Option(help="Where stores live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
+    weights: Annotated[str, typer.Option(help="pretrained (timm hub / HF cache), random, or a checkpoint PATH.")] = "pretrained",
+    layers: Annotated[Optional[str], typer.Option(help="Comma-separated layer indices (default: the entry's).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = DEFAULT_DEVICE,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decode workers (default: up to 4).")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(min=1, help="Images per shard (default: ~256 MB).")] = None,
+    compression: Annotated[Compression, typer.Option(help="Feature compression.")] = Compression.none,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record undecodable images and go on.")] = False,
+    targets: Annotated[bool, typer.Option(help="Also build the split's target store.")] = True,
+    target_size: Annotated[int, typer.Option(min=8, help="Target (output) resolution, square.")] = 224,
+    num_classes: Annotated[Optional[int], typer.Option(help="segfolder: number of classes.")] = None,
+    ignore_index: Annotated[Optional[int], typer.Option(help="segfolder: label value to ignore.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
+    num_images: Annotated[Optional[int], typer.Option(help="shapes: images in the split.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Run a frozen backbone once over a dataset split into a feature store (and its targets).
+
+    Two people asking for the same extraction share one store: the second waits for the first
+    (its lease beside the store), then reuses the finished store."""
+    _passive_openmp()
+    from extract.jobs import run_extract
+
+    options = {"num_classes": num_classes, "ignore_index": ignore_index, "seed": seed, "num_images": num_images}
+    with _dataset_warnings_as_lines():
+        result = run_extract(
+            backbone=backbone, dataset=dataset, split=split, root=root, store_root=store_root,
+            dataset_options={k: v for k, v in options.items() if v is not None}, weights=weights,
+            layers=_parse_layers(layers), batch_size=batch_size, device=device, limit=limit,
+            num_workers=workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
+            targets=targets, target_size=(target_size, target_size), show_progress=progress,
+            storage_options=_storage_options(storage_option),
+        )
+    f = result.features
+    if f.reused:
+        out.print(f"features: [green]complete store found[/] {f.path}")
+    else:
+        out.print(f"features: wrote {f.images_written} images in {f.seconds:.1f} s "
+                  f"({f.images_per_second:.1f} img/s) → {f.path}")
+    if f.bad_images:
+        out.print(f"[yellow]{len(f.bad_images)} undecodable image(s) recorded as bad[/]: {', '.join(f.bad_images[:5])}")
+    if result.targets is not None:
+        t = result.targets
+        state = "complete store found" if t.reused else f"built {t.images_written} images"
+        out.print(f"targets:  {state} → {t.path}")
+
+
+@clean_errors
+def probe(
+    store: Annotated[str, typer.Option(help="Training feature store (….zarr, a path or s3://… URL).")],
+    task: Annotated[str, typer.Option(help="boundaries, distance, instances, semseg or depth.")],
+    eval_store: Annotated[Optional[str], typer.Option(help="Eval feature store (default: same backbone+dataset, val/test split).")] = None,
+    variant: Annotated[str, typer.Option(help="base, d16, no-sigma, shared-sigma, single-layer, paper-budget.")] = "base",
+    head: Annotated[Head, typer.Option(help="Readout: the MAXA adapter or a baseline head.")] = Head.maxa,
+    seed: Annotated[int, typer.Option(help="Seed: initialisation, validation split, shuffling.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap (early stopping on validation loss).")] = 30,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without improvement before stopping.")] = 5,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the task's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = DEFAULT_DEVICE,
+    targets: Annotated[Optional[str], typer.Option(help="Training target store (default: found by image ids).")] = None,
+    eval_targets: Annotated[Optional[str], typer.Option(help="Eval target store (default: found by image ids).")] = None,
+    results_root: Annotated[Optional[str], typer.Option(help="Where runs and results go (default: the store root); "
+                                                        "use your own with read-only access to a shared root.")] = None,
+    min_large: Annotated[Optional[int], typer.Option(help="instances: eval images need this many large objects (3).")] = None,
+    progress: Annotated[bool, typer.Option(help="Print per-epoch progress.")] = True,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Train the MAXA adapter (or a baseline head) on a store and evaluate it; record the result."""
+    from probe.train import ProbeConfig, train_probe
+
+    options = {"min_large": min_large} if min_large is not None else {}
+    config = ProbeConfig(task=task, variant=variant, head=head.value, seed=seed, batch_size=batch_size,
+                         max_epochs=max_epochs, patience=patience, lr=lr, task_options=options)
+    result = train_probe(str(store), config, eval_features=str(eval_store) if eval_store else None,
+                         targets=str(targets) if targets else None,
+                         eval_targets=str(eval_targets) if eval_targets else None,
+                         results_root=str(results_root) if results_root else None, device=device,
+                         show_progress=progress, storage_options=_storage_options(storage_option))
+    out.print(_results_table([result.record], "probe result"))
+    out.print(f"adapter: {result.run_dir}\nresult:  {result.result_path}", highlight=False)
+
+
+@clean_errors
+def predict(
+    adapter: Annotated[str, typer.Option(help="Run directory written by `maxa probe` (a path or s3://… URL).")],
+    store: Annotated[str, typer.Option(help="Feature store holding the image (a path or s3://… URL).")],
+    index: Annotated[int, typer.Option(help="Image index in the store.")] = 0,
+    size: Annotated[int, typer.Option(min=8, help="Output resolution (any; the adapter takes positions).")] = 224,
+    out_path: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("pred.png"),
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Render a trained adapter's prediction for one stored image at any output size."""
+    from probe.predict import colourise, predict as run_predict
+
+    raw, meta = run_predict(adapter, store, index, (size, size), storage_options=_storage_options(storage_option))
+    colourise(raw, meta["task"]).save(out_path)
+    out.print(f"wrote {out_path} ({size}x{size}, task {meta['task']})")
+
+
+# -- report ---------------------------------------------------------------------------------------
+@clean_errors
+def report(
+    roots: Annotated[list[Path], typer.Argument(help="Store root(s) whose results/ to report.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for results.md, index.html and img/.")] = Path("maxa-report"),
+    max_feature_images: Annotated[int, typer.Option(min=0, help="Images per backbone in the feature PCA figure.")] = DEFAULT_FEATURE_IMAGES,
+) -> None:
+    """Paper-style tables (with the paper's numbers and Δ), plots, feature PCA and predictions as Markdown + HTML."""
+    from pipelines.report import write_report
+
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:
+        raise MaxaError(f"store root {', '.join(missing)} does not exist; pass the --store-root you extracted into.")
+    paths = write_report([str(r) for r in roots], str(out_dir), max_feature_images=max_feature_images)
+    for note in paths.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    out.print(f"wrote {paths.markdown}\nwrote {paths.html} ({len(paths.images)} images in {out_dir / 'img'})",
+              highlight=False)
+
+
+# -- bench ----------------------------------------------------------------------------------------
+@clean_errors
+def bench_speed(
+    backbones: Annotated[str, typer.Option(help="Comma-separated registry names or timm:NAME, e.g. dinov2_b14,siglip_384.")],
+    reference: Annotated[str, typer.Option(help="Reference backbone (ViT-B/16 at 224), always timed in the same run.")] = "imagenet_b16",
+    batches: Annotated[int, typer.Option(min=1, help="Timed batches (paper: 10); shrink for large models on a CPU.")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (paper: 8).")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = DEFAULT_DEVICE,
+    store_root: Annotated[Optional[Path], typer.Option(help="Also append one task='speed' record per backbone to ROOT/results.")] = None,
+    weights: Annotated[Weights, typer.Option(help="random (default: runtime does not depend on the weights, nothing "
+                                                  "to download) or pretrained.")] = Weights.random,
+    task_dim: Annotated[int, typer.Option(min=1, help="Adapter output channels D_out for its timing (1 = depth, boundaries).")] = 1,
+    warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed warm-up batches (default: 1 on CPU, 2 on CUDA).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of a table.")] = False,
+) -> None:
+    """Time backbones (and the MAXA adapter on their features) relative to ViT-B/16 at 224, as paper Fig. 6/8."""
+    from pipelines.bench import speed_benchmark, write_speed_records
+
+    rows = speed_benchmark(backbones.split(","), reference=reference, batches=batches, batch_size=batch_size,
+                           device=device, weights=weights.value, task_dim=task_dim, warmup=warmup,
+                           log=lambda m: err.print(m, highlight=False))
+    paths = write_speed_records(store_root, rows) if store_root is not None else []
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+    else:
+        out.print(_speed_table(rows))
+    drift = rows[0]["reference_drift"]
+    if not 0.83 <= drift <= 1.2:
+        err.print(f"[yellow]note:[/] the reference ran {drift:.2f}x as long the second time (timed first and last): "
+                  "the machine's speed changed during the run (other load?), so the ratios are noisy.",
+                  highlight=False, soft_wrap=True)
+    if paths:
+        err.print(f"wrote {len(paths)} speed record(s) under {store_root / 'results'}", highlight=False)
+
+
+# -- sweep ----------------------------------------------------------------------------------------
+@clean_errors
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep TOML file (see sweeps/paper.toml, sweeps/smoke.toml).")],
+    store_root: Annotated[str, typer.Option(help="Where stores and results live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="LocalCluster workers (default: one per GPU, else a few CPU workers); 0 runs in this process.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler, e.g. tcp://head:8786.")] = None,
+    data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="NAME=PATH", help="Override a [datasets.NAME] root (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (what would be extracted, probed, skipped) and stop.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Run a sweep file: every store extracted once, then every probe, on dask; finished work is skipped."""
+    from pipelines.sweep import format_plan, plan_from_file, run_sweep
+
+    plan = plan_from_file(sweep_file, store_root, data_roots=data_root, storage_options=_storage_options(storage_option))
+    if dry_run:
+        out.print(format_plan(plan))
+    summary = run_sweep(plan, workers=workers, scheduler=scheduler, dry_run=dry_run, show_progress=progress)
+    out.print(summary.describe(), highlight=False)
+    for line in summary.failure_lines():
+        err.print(f"[bold red]failed:[/] {rich_escape(line)}", soft_wrap=True, highlight=False)
+    if summary.failures and not dry_run:
+        raise typer.Exit(1)
+
+
+# -- quick start ----------------------------------------------------------------------------------
+@clean_errors
+def quickstart(
+    store_root: Annotated[Path, typer.Option(help="Where stores, adapters and results go.")] = Path(DEFAULT_STORE_ROOT),
+    backbone: Annotated[str, typer.Option(help="Backbone (random init).")] = "test_vit",
+    max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap per task.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = DEFAULT_DEVICE,
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+) -> None:
+    """The built-in default job, offline: extract `shapes` with a tiny random backbone, then train and
+    evaluate the MAXA adapter on every task from the stores, and print the results."""
+    from pipelines.quickstart import run_quickstart
+
+    result = run_quickstart(store_root, backbone=backbone, max_epochs=max_epochs, device=device,
+                            show_progress=progress, log=lambda m: err.print(m, highlight=False))
+    stores_ls(store_root, as_json=False)
+    out.print(_results_table(result.records, "MAXA on shapes (metrics on the val split; trivial = constant/majority predictor)"))

@@ -1,0 +1,186 @@
+"""``maxa stores``: list, inspect, verify, upgrade and delete feature and target stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from pipelines.cli.errors import clean_errors
+from pipelines.cli.options import DEFAULT_STORE_ROOT, JsonFlag, StorageOptionList, _storage_options
+from pipelines.cli.render import _human_bytes, out
+from store.errors import MaxaError
+
+
+def _require_store(path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+    """One line naming the fix when ``path`` is missing, a store root, or not a maxa store at all."""
+    from store import _layout as L
+    from store.catalogue import list_stores
+    from store.errors import StoreError
+
+    path = str(path)
+    if L.read_attrs(path, storage_options) is not None:
+        return
+    if not L.exists(path, storage_options):
+        raise StoreError(f"no store at {path}; list stores with `maxa stores ls ROOT` and give one of their paths.")
+    if L.isdir(path, storage_options) and list_stores(path, with_size=False, storage_options=storage_options):
+        raise StoreError(f"{path} is a store root, not a store; list its stores with `maxa stores ls {path}` "
+                         "and give one of their ….zarr paths.")
+    raise StoreError(f"{path} is not a maxa store (no 'maxa' attributes in its zarr.json); give a ….zarr path "
+                     "listed by `maxa stores ls ROOT`.")
+
+
+@clean_errors
+def stores_ls(
+    root: Annotated[str, typer.Argument(help="Store root: a folder or s3://bucket/prefix.")] = DEFAULT_STORE_ROOT,
+    as_json: JsonFlag = False,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Every store under ROOT: backbone, dataset, split, images, grid, size, complete?, results
+    recorded under ROOT that used it, and who is writing it (lease)."""
+    from probe.results import result_counts
+    from store import _layout as L
+    from store.catalogue import list_stores
+    from store.lease import read_lease
+    from store.spec import FORMAT_VERSION
+
+    root = str(root)
+    so = _storage_options(storage_option)
+    if not L.is_remote(root) and Path(root).exists() and not Path(root).is_dir():
+        raise MaxaError(f"store root {root} is a file, not a folder; give the folder that holds features/ and targets/.")
+    if not L.isdir(root, so):
+        raise MaxaError(f"store root {root} does not exist; extract something first (`maxa extract …`) "
+                        "or give the root you extracted into.")
+    rows = list_stores(root, storage_options=so)
+    counts = result_counts(root, storage_options=so)
+    for r in rows:
+        r["results"] = counts.get(str(r["key"]), 0)
+        lease = None if r["complete"] else read_lease(r["path"], so)
+        r["writer"] = lease.describe() if lease is not None else None
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"stores under {root}")
+    for col in ("kind", "backbone", "dataset", "split", "images", "bad", "grid / targets", "size", "complete", "results",
+                "path"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        state = "yes" if r["complete"] else ("[yellow]writing[/]" if r["writer"] else "[red]no[/]")
+        fmt = r["format"]
+        if fmt != FORMAT_VERSION:
+            older = isinstance(fmt, int) and fmt < FORMAT_VERSION
+            state = f"[red]format {fmt}[/] ({'maxa stores upgrade' if older else 'not readable by this maxa'})"
+        bad = f"[yellow]{r['bad_images']}[/]" if r["bad_images"] else "0"
+        table.add_row(r["kind"], str(r["backbone"]), str(r["dataset"]), str(r["split"]), str(r["images"]), bad,
+                      r["grid"], _human_bytes(r.get("bytes")), state, str(r["results"]), L.relative(r["path"], root))
+    out.print(table if rows else f"no stores under {root}")
+
+
+@clean_errors
+def stores_info(
+    path: Annotated[str, typer.Argument(help="A store (….zarr, a path or s3://… URL).")],
+    as_json: JsonFlag = False,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """A store's spec, provenance and state (and its writer's lease, if one holds it)."""
+    from store.lease import read_lease
+    from store.reader import open_store
+
+    so = _storage_options(storage_option)
+    _require_store(path, so)
+    s = open_store(str(path), allow_incomplete=True, storage_options=so)
+    spec = s.spec.to_dict()
+    for layer in spec.get("layers", []):
+        layer.pop("token_centres", None)  # recorded in the store; too long to print
+    lease = read_lease(str(path), so)
+    info = {"path": str(path), "kind": s.kind, "key": s.key, "complete": s.complete, "images": len(s),
+            "shard_size": s.shard_size, "shards_done": int(s.shard_done().sum()),
+            "num_shards": int(s.meta["num_shards"]), "bad_images": int(len(s.bad)),
+            "bytes": s.nbytes_stored(), "compression": s.meta.get("compression"),
+            "writer": lease.describe() if lease is not None else None,
+            "spec": spec, "provenance": s.provenance}
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    for k, v in info.items():
+        if isinstance(v, dict):
+            out.print(f"[bold]{k}[/]:")
+            for kk, vv in v.items():
+                out.print(f"  {kk}: {vv}", highlight=False, soft_wrap=True)
+        else:
+            out.print(f"[bold]{k}[/]: {_human_bytes(v) if k == 'bytes' else v}", highlight=False)
+
+
+@clean_errors
+def stores_verify(
+    path: Annotated[str, typer.Argument(help="A store (….zarr, a path or s3://… URL).")],
+    as_json: JsonFlag = False,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Re-read every chunk: checksums, completeness, shard flags. Exit 1 if anything is wrong."""
+    from store.verify import verify_store
+
+    so = _storage_options(storage_option)
+    _require_store(path, so)
+    report = verify_store(str(path), storage_options=so)
+    if as_json:
+        out.print_json(json.dumps(report.to_dict(), default=str))
+    else:
+        status = "[green]OK[/]" if report.ok else "[red]PROBLEMS[/]"
+        out.print(f"{status} {report.path}: {report.kind}, {report.num_images} images, "
+                  f"{report.shards_done}/{report.num_shards} shards done, {report.arrays_checked} arrays, "
+                  f"{report.chunks_read} chunks read, {report.bad_images} image(s) recorded as bad", highlight=False)
+        if report.bad_images:
+            out.print(f"  note: {report.bad_images} image(s) could not be decoded at extraction (stored as zeros; "
+                      "probes exclude them): " + ", ".join(report.bad_image_ids[:5])
+                      + (" …" if report.bad_images > 5 else ""), highlight=False)
+        for p in report.problems:
+            out.print(f"  - {p}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@clean_errors
+def stores_upgrade(
+    path: Annotated[str, typer.Argument(help="A store written by an older maxa (….zarr, a path or s3://… URL).")],
+    root: Annotated[Optional[Path], typer.Option(help="Root of the dataset the store was extracted from (not needed for shapes).")] = None,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Bring a store from an older maxa to the current format: reads the dataset at --root to record
+    its identity (checking it holds the store's images), then moves the store to its new key's path.
+    The features and targets are not touched."""
+    from pipelines.upgrade import upgrade_store
+
+    so = _storage_options(storage_option)
+    _require_store(path, so)
+    new_path = upgrade_store(path, root, storage_options=so)
+    out.print(f"upgraded {path}" + (f" → {new_path}" if new_path != str(path) else " (already current)"), highlight=False)
+
+
+@clean_errors
+def stores_rm(
+    path: Annotated[str, typer.Argument(help="The store to delete (….zarr, a path or s3://… URL).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Delete even while a live writer holds the store's lease.")] = False,
+    storage_option: StorageOptionList = None,
+) -> None:
+    """Delete one store: refuses anything that is not a maxa store, and a store being written
+    (unless --force). The completion mark goes first, so readers never see a half-deleted store
+    as complete."""
+    from store.writer import check_removable, remove_store
+
+    so = _storage_options(storage_option)
+    path = str(path)
+    meta = check_removable(path, force=force, storage_options=so)
+    spec = meta.get("spec", {})
+    what = (f"{meta.get('kind')} store {spec.get('backbone', '')} {spec.get('dataset')}/{spec.get('split')} "
+            f"({meta.get('num_images')} images, {'complete' if meta.get('complete') else 'incomplete'})")
+    if not yes and not typer.confirm(f"delete {what} at {path}?", default=False):
+        out.print("nothing deleted")
+        raise typer.Exit(1)
+    remove_store(path, force=force, storage_options=so)
+    out.print(f"deleted {path}", highlight=False)
