@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from typer.exceptions import TyperException
 
-from store.errors import MaxaError
+from runtime import settings
+from runtime.errors import MaxaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Dense evaluation of frozen vision backbones with masked cross-attention adapters.")
@@ -33,7 +34,7 @@ app.add_typer(bench_app, name="bench")
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-DEFAULT_STORE_ROOT = os.environ.get("MAXA_STORE_ROOT", "maxa-stores")
+DEFAULT_STORE_ROOT = settings.store_root()  # typer option defaults are fixed when the commands are defined
 
 
 class Weights(StrEnum):
@@ -139,7 +140,7 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 tail = _INTERRUPTIBLE.get(fn.__name__, "re-run the same command.")
                 err.print(f"[yellow]interrupted[/] ({signal_name}): {tail}", soft_wrap=True, highlight=False)
                 raise typer.Exit(143 if sigterm.received else 130) from None
-            if not isinstance(e, Exception) or os.environ.get("MAXA_DEBUG"):
+            if not isinstance(e, Exception) or settings.debug():
                 raise
             if isinstance(e, MaxaError):
                 _error_line(str(e))
@@ -383,7 +384,7 @@ def _require_store(path: str | Path, storage_options: dict[str, Any] | None = No
     """One line naming the fix when ``path`` is missing, a store root, or not a maxa store at all."""
     from store import _layout as L
     from store.catalogue import list_stores
-    from store.errors import StoreError
+    from runtime.errors import StoreError
 
     path = str(path)
     if L.read_attrs(path, storage_options) is not None:

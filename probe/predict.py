@@ -14,7 +14,7 @@ from PIL import Image
 from probe.adapter import AdapterConfig
 from probe.heads import build_head
 from probe.results import read_run_file
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 from store.reader import FeatureStore, open_features
 
 __all__ = ["load_adapter", "predict", "colourise", "check_adapter_fits"]

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store import _layout as L
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 
 __all__ = ["RESULTS_DIR", "append_result", "check_results_root", "read_results", "result_counts", "write_run_files", "finished_runs",
            "run_identity"]

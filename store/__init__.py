@@ -5,7 +5,7 @@ the layout.
 """
 
 from store.catalogue import feature_store_path, list_stores, store_root_of, store_summary, target_store_path
-from store.errors import MaxaError, StoreError, StoreMismatchError
+from runtime.errors import MaxaError, StoreError, StoreMismatchError
 from store.lease import LeaseInfo, read_lease
 from store.reader import FeatureStore, TargetStore, check_aligned, open_features, open_store, open_targets
 from store.spec import FORMAT_VERSION, FeatureSpec, LayerSpec, TargetSpec, content_key

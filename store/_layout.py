@@ -30,7 +30,7 @@ from typing import Any
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from store.errors import StoreError
+from runtime.errors import StoreError
 from store.spec import FORMAT_VERSION, store_format
 
 ATTR = "maxa"

@@ -39,30 +39,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from runtime import settings
 from store import _layout as L
-from store.errors import StoreBusyError, StoreError
+from runtime.errors import StoreBusyError
 
 __all__ = ["LeaseInfo", "StoreLease", "acquire_lease", "lease_path", "read_lease", "wait_settings"]
 
-DEFAULT_STALE_AFTER = 300.0
 DEFAULT_HEARTBEAT = 30.0
-DEFAULT_POLL = 2.0
-
-
-def _env_float(name: str, default: float | None) -> float | None:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise StoreError(f"${name}={value!r} is not a number of seconds.") from None
 
 
 def wait_settings() -> tuple[float | None, float]:
     """How long to wait for another live writer (``$MAXA_LEASE_WAIT_S``, default: as long as it is
     alive) and how often to look again (``$MAXA_LEASE_POLL_S``, default 2 s)."""
-    return _env_float("MAXA_LEASE_WAIT_S", None), float(_env_float("MAXA_LEASE_POLL_S", DEFAULT_POLL))
+    return settings.lease_wait_s(), settings.lease_poll_s()
 
 
 def lease_path(store_path: str) -> str:
@@ -219,7 +208,7 @@ class StoreLease:
         self.url = lease_path(self.store_path)
         self._b = _Backend(self.url, storage_options)
         self.path = self._b.path
-        self.stale_after = stale_after if stale_after is not None else _env_float("MAXA_LEASE_STALE_S", DEFAULT_STALE_AFTER)
+        self.stale_after = stale_after if stale_after is not None else settings.lease_stale_s()
         self.heartbeat_every = heartbeat_every or min(DEFAULT_HEARTBEAT, max(0.5, self.stale_after / 4))
         self.info = LeaseInfo(owner={"host": socket.gethostname(), "pid": os.getpid(), "uuid": uuid.uuid4().hex},
                               heartbeat=time.time(), started=_now(),

@@ -30,8 +30,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zarr
 
+from runtime import settings
 from store import _layout as L
-from store.errors import StoreError
+from runtime.errors import StoreError
 from store.lease import StoreLease, acquire_lease, lease_path, read_lease
 from store.spec import FORMAT_VERSION
 
@@ -393,8 +394,6 @@ def check_removable(path: str, *, force: bool = False, storage_options: dict[str
         raise StoreError(f"{path} is not a maxa store (no 'maxa' attributes in its zarr.json); refusing to remove it.")
     lease = read_lease(path, storage_options)
     if lease is not None and not force:
-        from store.lease import DEFAULT_STALE_AFTER, _env_float
-
-        if lease.stale_reason(_env_float("MAXA_LEASE_STALE_S", DEFAULT_STALE_AFTER)) is None:
+        if lease.stale_reason(settings.lease_stale_s()) is None:
             raise StoreError(f"{path} is being written by {lease.describe()}; wait for it, or pass --force.")
     return meta
