@@ -18,7 +18,7 @@ import timm
 import torch
 from torch.overrides import TorchFunctionMode
 
-from store.errors import UnknownNameError
+from runtime.errors import UnknownNameError
 
 __all__ = [
     "CheckpointRecipe",

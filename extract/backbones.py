@@ -28,7 +28,7 @@ from extract.backbone_registry import (
 )
 from extract.checkpoints import create_pretrained, file_digest, load_weights_file
 from extract.sam2_neck import SAM2_BPLUS_CHECKPOINT_URL, SAM2_BPLUS_FPN, pretrained_unavailable_message
-from store.errors import WeightsUnavailableError
+from runtime.errors import WeightsUnavailableError
 
 __all__ = [
     "BackboneEntry",

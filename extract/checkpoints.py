@@ -26,7 +26,7 @@ import timm
 import torch
 
 from extract.backbone_registry import BackboneEntry, CheckpointRecipe
-from store.errors import WeightsUnavailableError
+from runtime.errors import WeightsUnavailableError
 
 __all__ = [
     "KEY_MAPS",

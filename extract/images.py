@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from extract.datasets.base import DatasetReader
-from store.errors import BadImageError
+from runtime.errors import BadImageError
 
 __all__ = ["BackboneImages", "PIL_FILTERS", "collate_images"]
 

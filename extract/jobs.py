@@ -10,10 +10,10 @@ from typing import Any
 from extract.backbone_registry import entry_geometry, get_backbone_entry
 from extract.backbones import load_backbone
 from extract.datasets.base import create_dataset
-from extract.devices import resolve_device
+from runtime.devices import resolve_device
 from extract.runner import ExtractResult, extract_features
 from extract.target_store import TargetBuildResult, build_target_store
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 
 __all__ = ["ExtractJobResult", "run_extract"]
 

@@ -20,14 +20,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from extract.backbones import LoadedBackbone, load_backbone
-from extract.devices import resolve_device
+from runtime.devices import resolve_device
 from extract.datasets.base import DatasetReader, image_ids_hash
 from extract.images import BackboneImages, collate_images
 from extract.progress import ProgressReporter
-from extract.provenance import provenance
+from runtime.provenance import provenance
 from store import _layout as L
 from store.catalogue import feature_store_path
-from store.errors import BadImageError, MaxaError, StoreError
+from runtime.errors import BadImageError, MaxaError, StoreError
 from store.reader import open_features
 from store.spec import FeatureSpec, LayerSpec
 from store.writer import ArrayDef, StoreWriter

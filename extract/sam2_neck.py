@@ -46,7 +46,7 @@ from timm.models import register_model
 from timm.models import hieradet_sam2
 from torch import nn
 
-from store.errors import WeightsUnavailableError
+from runtime.errors import WeightsUnavailableError
 
 __all__ = [
     "FpnNeck",

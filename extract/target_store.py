@@ -16,11 +16,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from extract.datasets.base import DatasetReader, image_ids_hash
 from extract.progress import ProgressReporter
-from extract.provenance import provenance
+from runtime.provenance import provenance
 from extract.targets import TARGET_OUTPUTS, build_targets
 from extract.targets import TargetConfig
 from store.catalogue import target_store_path
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 from store.spec import TargetSpec
 from store.writer import ArrayDef, StoreWriter
 

@@ -49,7 +49,7 @@ from PIL import Image
 from scipy import ndimage
 
 from extract.datasets.base import TARGET_KINDS, Annotation
-from store.errors import DatasetError, MaxaError
+from runtime.errors import DatasetError, MaxaError
 
 __all__ = ["TargetConfig", "TargetConfigError", "build_targets", "TARGET_OUTPUTS", "TARGETS_VERSION"]
 

@@ -36,12 +36,12 @@ from typing import Any, Callable
 import torch
 
 from extract.backbones import LoadedBackbone, get_backbone_entry, load_backbone
-from extract.devices import resolve_device
-from extract.provenance import tool_version
+from runtime.devices import resolve_device
+from runtime.provenance import tool_version
 from probe.adapter import MaxaAdapter, count_parameters
 from probe.results import append_result
 from probe.variants import variant_config
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 
 __all__ = ["DEFAULT_REFERENCE", "ADAPTER_OUT_SIZE", "speed_benchmark", "speed_record", "write_speed_records",
            "device_name"]

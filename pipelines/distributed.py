@@ -20,6 +20,8 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from runtime import settings
+
 __all__ = [
     "extract_shards_task",
     "build_targets_task",
@@ -32,8 +34,6 @@ __all__ = [
 _LOCK = threading.Lock()
 _BACKBONES: "OrderedDict[tuple[Any, ...], Any]" = OrderedDict()
 _READERS: "OrderedDict[Any, Any]" = OrderedDict()
-#: Backbones kept per worker process (big ones: keep one; a sweep submits shards backbone by backbone).
-MAX_BACKBONES = int(os.environ.get("MAXA_WORKER_BACKBONES", "1"))
 _SETUP_DONE = False
 
 
@@ -43,11 +43,11 @@ def _setup_process() -> None:
     if _SETUP_DONE:
         return
     _SETUP_DONE = True
-    threads = os.environ.get("MAXA_WORKER_THREADS")
+    threads = settings.worker_threads()
     if threads:
         import torch
 
-        torch.set_num_threads(max(1, int(threads)))
+        torch.set_num_threads(max(1, threads))
 
 
 def _worker_index() -> int | None:
@@ -84,7 +84,7 @@ def worker_backbone(name: str, weights: str, layers: tuple[int, ...] | None, dev
         if key in _BACKBONES:
             _BACKBONES.move_to_end(key)
             return _BACKBONES[key]
-        while len(_BACKBONES) >= max(1, MAX_BACKBONES):
+        while len(_BACKBONES) >= max(1, settings.worker_backbones()):
             _BACKBONES.popitem(last=False)
             gc.collect()
             try:
@@ -194,7 +194,7 @@ def start_local_cluster(workers: int | None = None) -> Any:
 
     n = workers or default_workers()
     threads = max(1, (os.cpu_count() or 1) // n)
-    env = {"MAXA_WORKER_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    env = {settings.WORKER_THREADS_VAR: str(threads), "OMP_NUM_THREADS": str(threads)}
     with dask.config.set({"distributed.worker.daemon": False}):
         return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                             env=env, silence_logs=40)

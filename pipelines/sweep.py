@@ -34,7 +34,7 @@ from pipelines.sweep_plan import (
     load_sweep,
     plan_sweep,
 )
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 
 __all__ = ["SweepSummary", "Failure", "run_sweep", "format_plan", "plan_from_file"]
 
@@ -302,7 +302,7 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
              on_event: Callable[[str, str], None] | None) -> None:
     from extract.runner import finalize_feature_store, open_feature_store
     from pipelines.distributed import build_targets_task, extract_shards_task, probe_task
-    from store.errors import StoreBusyError
+    from runtime.errors import StoreBusyError
     from store.lease import wait_settings
 
     root, so = plan.store_root, plan.storage_options

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 
 __all__ = [
     "SweepFileError",

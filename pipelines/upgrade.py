@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from store.errors import StoreError
+from runtime.errors import StoreError
 from store.location import Location
 from store.upgrade import upgrade_store as _upgrade
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from runtime import settings
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "maxa_kernels.cpp"
 HEAD_DIMS = (2, 4, 8)
@@ -37,7 +38,7 @@ def extension() -> Any:
     if _tried:
         return _ext
     _tried = True
-    if os.environ.get("MAXA_CPU_KERNELS", "1") == "0":
+    if not settings.cpu_kernels():
         return None
     try:
         # torch.utils.cpp_extension warns at import that there is no CUDA toolkit: irrelevant here

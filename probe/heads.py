@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.adapter import AdapterConfig, MaxaAdapter, sinusoidal_encoding, tokens_to_grid
-from store.errors import UnknownNameError
+from runtime.errors import UnknownNameError
 
 __all__ = ["LinearHead", "CnnHead", "build_head", "HEADS"]
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from probe.adapter import AdapterConfig
 from probe.heads import build_head
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 from store.location import Location
 from store.reader import FeatureStore, open_features
 from store.results import read_run_file

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.devices import resolve_device
-from extract.provenance import tool_version
+from runtime.devices import resolve_device
+from runtime.provenance import tool_version
 from probe import fused
 from probe.adapter import AdapterConfig, count_parameters
 from probe.data import ProbeData
@@ -33,7 +33,7 @@ from probe.tasks.instances import global_instance_ids
 from probe.variants import VARIANTS, variant_config
 from store._layout import join, safe_name
 from store.catalogue import find_eval_features, find_target_store, store_root_of
-from store.errors import MaxaError, StoreError
+from runtime.errors import MaxaError, StoreError
 from store.reader import (FeatureStore, TargetStore, check_aligned, check_eval_pair, check_target_definitions,
                           open_features, open_targets)
 from store.spec import content_key

@@ -27,7 +27,7 @@ from typing import TextIO
 import torch
 
 from probe.adapter import AdapterConfig, MaxaAdapter, count_parameters
-from store.errors import UnknownNameError
+from runtime.errors import UnknownNameError
 
 __all__ = ["VARIANTS", "variant_config", "parameter_table", "PAPER_BACKBONES", "TASK_OUTPUTS"]
 

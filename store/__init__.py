@@ -6,7 +6,7 @@ through :class:`store.location.Location` (a local folder or an fsspec URL with i
 """
 
 from store.catalogue import feature_store_path, list_stores, store_root_of, store_summary, target_store_path
-from store.errors import MaxaError, StoreError, StoreMismatchError
+from runtime.errors import MaxaError, StoreError, StoreMismatchError
 from store._layout import read_attrs
 from store.lease import LeaseInfo, read_lease
 from store.location import Location, as_location

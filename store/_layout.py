@@ -27,7 +27,7 @@ from typing import Any
 
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from store.errors import StoreError
+from runtime.errors import StoreError
 from store.location import Location, as_location
 from store.spec import FORMAT_VERSION, store_format
 

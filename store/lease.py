@@ -39,37 +39,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from runtime import settings
 from store import _layout as L
-from store.errors import StoreBusyError, StoreError
+from runtime.errors import StoreBusyError
 from store.location import Location, as_location
 
-__all__ = ["LeaseInfo", "StoreLease", "acquire_lease", "lease_location", "read_lease", "remove_lease", "stale_after_setting",
-           "wait_settings"]
+__all__ = ["LeaseInfo", "StoreLease", "acquire_lease", "lease_location", "read_lease", "remove_lease", "wait_settings"]
 
-DEFAULT_STALE_AFTER = 300.0
 DEFAULT_HEARTBEAT = 30.0
-DEFAULT_POLL = 2.0
-
-
-def _env_float(name: str, default: float | None) -> float | None:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise StoreError(f"${name}={value!r} is not a number of seconds.") from None
 
 
 def wait_settings() -> tuple[float | None, float]:
     """How long to wait for another live writer (``$MAXA_LEASE_WAIT_S``, default: as long as it is
     alive) and how often to look again (``$MAXA_LEASE_POLL_S``, default 2 s)."""
-    return _env_float("MAXA_LEASE_WAIT_S", None), float(_env_float("MAXA_LEASE_POLL_S", DEFAULT_POLL))
-
-
-def stale_after_setting() -> float:
-    """Seconds without a heartbeat after which a lease is stale (``$MAXA_LEASE_STALE_S``, default 300)."""
-    return float(_env_float("MAXA_LEASE_STALE_S", DEFAULT_STALE_AFTER))
+    return settings.lease_wait_s(), settings.lease_poll_s()
 
 
 def lease_location(store: str | Location) -> Location:
@@ -163,7 +146,7 @@ class StoreLease:
         self._store = as_location(store)
         self.store_path = str(store)
         self.location = lease_location(self._store)
-        self.stale_after = stale_after if stale_after is not None else stale_after_setting()
+        self.stale_after = stale_after if stale_after is not None else settings.lease_stale_s()
         self.heartbeat_every = heartbeat_every or min(DEFAULT_HEARTBEAT, max(0.5, self.stale_after / 4))
         self.info = LeaseInfo(owner={"host": socket.gethostname(), "pid": os.getpid(), "uuid": uuid.uuid4().hex},
                               heartbeat=time.time(), started=_now(),

@@ -18,7 +18,7 @@ from zarr.core.sync import sync
 
 from store import _layout as L
 from store.location import Location, as_location
-from store.errors import MaxaError, StoreError, StoreMismatchError
+from runtime.errors import MaxaError, StoreError, StoreMismatchError
 from store.spec import FeatureSpec, TargetSpec
 
 __all__ = ["FeatureStore", "TargetStore", "open_features", "open_targets", "open_store", "check_aligned",

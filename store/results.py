@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store import _layout as L
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 from store.location import Location, as_location
 
 __all__ = ["append_result", "check_results_root", "read_results", "result_counts", "run_location",

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from store import _layout as L
 from store.catalogue import feature_store_path, target_store_path
-from store.errors import StoreError
+from runtime.errors import StoreError
 from store.location import Location, as_location
 from store.spec import FORMAT_VERSION, FeatureSpec, TargetSpec, store_format
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from store import _layout as L
 from store.location import Location, as_location
-from store.errors import StoreError
+from runtime.errors import StoreError
 from store.reader import _reason, describe_damage, find_damaged
 
 __all__ = ["VerifyReport", "verify_store"]

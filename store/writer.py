@@ -27,9 +27,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zarr
 
+from runtime import settings
 from store import _layout as L
-from store.errors import StoreError
-from store.lease import StoreLease, acquire_lease, read_lease, remove_lease, stale_after_setting
+from runtime.errors import StoreError
+from store.lease import StoreLease, acquire_lease, read_lease, remove_lease
 from store.location import Location, as_location
 from store.spec import FORMAT_VERSION, FeatureSpec
 
@@ -360,6 +361,6 @@ def check_removable(path: str | Path | Location, *, force: bool = False) -> dict
     if meta is None:
         raise StoreError(f"{path} is not a maxa store (no 'maxa' attributes in its zarr.json); refusing to remove it.")
     lease = read_lease(path)
-    if lease is not None and not force and lease.stale_reason(stale_after_setting()) is None:
+    if lease is not None and not force and lease.stale_reason(settings.lease_stale_s()) is None:
         raise StoreError(f"{path} is being written by {lease.describe()}; wait for it, or pass --force.")
     return meta

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from probe.adapter import (
 )
 from probe.heads import CnnHead, LinearHead, build_head
 from probe.variants import PAPER_BACKBONES, TASK_OUTPUTS, VARIANTS, parameter_table, variant_config
-from store.errors import UnknownNameError
+from runtime import settings
+from runtime.errors import UnknownNameError
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper"
 
@@ -137,7 +137,7 @@ def test_cpu_kernels_build_where_there_is_a_compiler():
 
     if not _compiler():
         pytest.skip("no C++ compiler on PATH: the adapter uses PyTorch's kernels (tested below)")
-    if os.environ.get("MAXA_CPU_KERNELS") == "0":
+    if not settings.cpu_kernels():
         pytest.skip("MAXA_CPU_KERNELS=0 turns the kernels off")
     assert fused.extension() is not None
     assert fused.usable(torch.zeros(1, 8, 3, 4)) and not fused.usable(torch.zeros(1, 8, 3, 4, dtype=torch.float64))

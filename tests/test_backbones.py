@@ -21,7 +21,7 @@ from extract.backbones import (
     load_backbone,
 )
 from extract.checkpoints import hf_clip_to_timm, timm_to_hf_clip
-from store.errors import UnknownNameError, WeightsUnavailableError
+from runtime.errors import UnknownNameError, WeightsUnavailableError
 
 PAPER_CSV = Path(__file__).resolve().parents[2] / "shared" / "paper" / "reference_results.csv"
 

@@ -25,7 +25,7 @@ from extract.datasets.cocostuff import COCOSTUFF_CLASSES, CocoStuffDataset, labe
 from extract.datasets.nyuv2 import NYUv2Dataset
 from extract.datasets.segfolder import SegFolderDataset
 from extract.datasets.voc import VOCDataset
-from store.errors import BadImageError, DatasetError
+from runtime.errors import BadImageError, DatasetError
 
 # pycocotools' mask decoding trips a numpy 2 DeprecationWarning inside the library itself.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -24,7 +24,7 @@ from extract.datasets.decode import ImageSizeError, load_rgb, to_rgb
 from extract.datasets.segfolder import SegFolderDataset
 from extract.target_store import build_target_store
 from store import read_attrs
-from store.errors import BadImageError, DatasetError
+from runtime.errors import BadImageError, DatasetError
 
 VALUES16 = np.array([0, 1000, 32768, 65280, 65535, 257, 128, 129], dtype=np.uint16)
 

@@ -20,7 +20,7 @@ from extract.datasets import create_dataset
 from extract.jobs import run_extract
 from extract.runner import extract_features
 from store import open_features, open_targets, verify_store
-from store.errors import BadImageError
+from runtime.errors import BadImageError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -22,7 +22,7 @@ from pipelines.cli import app
 from store.results import append_result, read_results
 from probe.train import ProbeConfig, train_probe
 from store import open_features, read_lease, verify_store
-from store.errors import StoreError
+from runtime.errors import StoreError
 from store.lease import StoreLease, lease_location
 from store.spec import FeatureSpec, LayerSpec
 from store.writer import ArrayDef, StoreWriter, remove_store

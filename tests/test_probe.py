@@ -18,7 +18,7 @@ from probe.adapter import count_parameters
 from probe.predict import load_adapter, predict
 from store.results import read_results
 from probe.train import ProbeConfig, train_probe
-from store.errors import MaxaError, StoreError
+from runtime.errors import MaxaError, StoreError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import make_synthetic_root  # noqa: E402

@@ -19,7 +19,7 @@ from extract.backbones import backbone_table, get_backbone_entry, load_backbone
 from extract.checkpoints import load_weights_file
 from extract.sam2_neck import SAM2_BPLUS_CHECKPOINT_URL, SAM2_BPLUS_FPN, FpnNeck, Sam2ImageEncoder
 from probe.variants import PAPER_BACKBONES
-from store.errors import WeightsUnavailableError
+from runtime.errors import WeightsUnavailableError
 
 SIZE = 128  # a full 1024-px forward is slow on CPU; 128 px gives an 8x8 stride-16 grid
 

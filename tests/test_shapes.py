@@ -11,7 +11,7 @@ from PIL import Image
 
 from extract.datasets import create_dataset, dataset_names, get_dataset_class
 from extract.datasets.shapes import SHAPE_CLASSES, ShapesDataset, large_area_for, render_shapes
-from store.errors import DatasetError
+from runtime.errors import DatasetError
 
 
 def _ann_bytes(ann) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 from extract.datasets.base import TARGET_KINDS, Annotation
 from extract.datasets.shapes import ShapesDataset
 from extract.targets import TARGET_OUTPUTS, TargetConfig, TargetConfigError, build_targets
-from store.errors import DatasetError
+from runtime.errors import DatasetError
 
 ALL = list(TARGET_KINDS)
 

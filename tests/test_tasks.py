@@ -11,7 +11,7 @@ import torch
 from probe.tasks import TargetInfo, create_task, get_task, target_kind, task_names, tasks_for_targets
 from probe.tasks.base import as_tensor_batch
 from probe.tasks.instances import global_instance_ids, large_counts
-from store.errors import UnknownNameError
+from runtime.errors import UnknownNameError
 
 H = W = 16
 

@@ -24,7 +24,7 @@ from pipelines.upgrade import upgrade_store
 from probe.predict import predict
 from probe.train import ProbeConfig, train_probe
 from store import read_attrs
-from store.errors import MaxaError, StoreError, StoreMismatchError
+from runtime.errors import MaxaError, StoreError, StoreMismatchError
 from store.reader import open_features, open_targets
 from store.spec import FORMAT_VERSION, FeatureSpec, content_key
 from store.verify import verify_store

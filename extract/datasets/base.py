@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from extract.datasets.decode import ImageSizeError, load_rgb, needs_transpose
-from store.errors import DatasetError, UnknownNameError
+from runtime.errors import DatasetError, UnknownNameError
 
 __all__ = [
     "TARGET_KINDS",

@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 
 from extract.datasets.base import Annotation, DatasetReader, register_dataset
 from extract.datasets.coco_json import load_coco_json
-from store.errors import DatasetError
+from runtime.errors import DatasetError
 
 __all__ = ["COCODataset", "segmentation_to_mask"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.errors import DatasetError
+from runtime.errors import DatasetError
 
 __all__ = ["CocoIndex", "load_coco_json"]
 

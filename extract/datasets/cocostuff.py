@@ -18,7 +18,7 @@ import numpy as np
 from extract.datasets.base import Annotation, DatasetReader, files_digest, register_dataset
 from extract.datasets.decode import header_size
 from extract.datasets.segfolder import read_index_png
-from store.errors import DatasetError
+from runtime.errors import DatasetError
 
 __all__ = ["COCOSTUFF_CLASSES", "COCOSTUFF_UNUSED_IDS", "CocoStuffDataset", "label_lut"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from store.errors import BadImageError, DatasetError
+from runtime.errors import BadImageError, DatasetError
 
 __all__ = ["ImageSizeError", "exif_orientation", "header_size", "load_rgb", "needs_transpose", "to_rgb"]
 

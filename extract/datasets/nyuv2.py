@@ -27,7 +27,7 @@ from PIL import Image
 from extract.datasets.base import Annotation, DatasetReader, file_digest, files_digest, register_dataset
 from extract.datasets.decode import header_size
 from extract.datasets.segfolder import read_index_png
-from store.errors import BadImageError, DatasetError
+from runtime.errors import BadImageError, DatasetError
 
 __all__ = ["NYUv2Dataset"]
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from extract.datasets.base import Annotation, DatasetReader, files_digest, register_dataset
 from extract.datasets.decode import header_size
-from store.errors import BadImageError, DatasetError
+from runtime.errors import BadImageError, DatasetError
 
 __all__ = ["LabelValueError", "SegFolderDataset", "read_index_png"]
 

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from extract.datasets.base import Annotation, DatasetReader, register_dataset
-from store.errors import DatasetError
+from runtime.errors import DatasetError
 
 __all__ = ["ShapesDataset", "SHAPE_CLASSES", "render_shapes"]
 

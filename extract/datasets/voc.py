@@ -20,7 +20,7 @@ import numpy as np
 from extract.datasets.base import Annotation, DatasetReader, names_digest, register_dataset
 from extract.datasets.decode import header_size
 from extract.datasets.segfolder import read_index_png
-from store.errors import BadImageError, DatasetError
+from runtime.errors import BadImageError, DatasetError
 
 __all__ = ["VOC_CLASSES", "VOCDataset"]
 

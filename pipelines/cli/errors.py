@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from typing import Any, Callable
 
 import typer
@@ -16,7 +15,8 @@ from rich.markup import escape as rich_escape
 from typer.exceptions import TyperException
 
 from pipelines.cli.render import err
-from store.errors import MaxaError
+from runtime import settings
+from runtime.errors import MaxaError
 
 #: Long-running commands: SIGTERM (``kill``, a batch scheduler's stop) is handled like Ctrl-C, so
 #: the same cleanup runs (leases released, writer pools drained); what a re-run finds of each.
@@ -111,7 +111,7 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 tail = _INTERRUPTIBLE.get(fn.__name__, "re-run the same command.")
                 err.print(f"[yellow]interrupted[/] ({signal_name}): {tail}", soft_wrap=True, highlight=False)
                 raise typer.Exit(143 if sigterm.received else 130) from None
-            if not isinstance(e, Exception) or os.environ.get("MAXA_DEBUG"):
+            if not isinstance(e, Exception) or settings.debug():
                 raise
             if isinstance(e, MaxaError):
                 _error_line(str(e))

@@ -4,16 +4,17 @@ the parsers of the options typer cannot convert itself (``--layers``, ``--storag
 from __future__ import annotations
 
 import json
-import os
 from enum import StrEnum
 from typing import Annotated, Any, Optional
 
 import typer
 
-from store.errors import MaxaError
+from runtime import settings
+
+from runtime.errors import MaxaError
 
 #: ``--store-root`` (and ``stores ls ROOT``) when not given.
-DEFAULT_STORE_ROOT = os.environ.get("MAXA_STORE_ROOT", "maxa-stores")
+DEFAULT_STORE_ROOT = settings.store_root()  # typer option defaults are fixed when the commands are defined
 #: The ``--device`` default of every command that runs a model.
 DEFAULT_DEVICE = "auto"
 

@@ -19,7 +19,7 @@ from pipelines.cli.options import (DEFAULT_DEVICE, DEFAULT_STORE_ROOT, Compressi
 from pipelines.cli.render import _results_table, _speed_table, err, out
 from pipelines.cli.stores import stores_ls
 from pipelines.report_shared import DEFAULT_FEATURE_IMAGES
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 
 
 def _passive_openmp() -> None:

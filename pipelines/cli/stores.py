@@ -11,14 +11,14 @@ import typer
 from pipelines.cli.errors import clean_errors
 from pipelines.cli.options import DEFAULT_STORE_ROOT, JsonFlag, StorageOptionList, _storage_options
 from pipelines.cli.render import _human_bytes, out
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 
 
 def _require_store(path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
     """One line naming the fix when ``path`` is missing, a store root, or not a maxa store at all."""
     from store import _layout as L
     from store.catalogue import list_stores
-    from store.errors import StoreError
+    from runtime.errors import StoreError
 
     path = str(path)
     if L.read_attrs(path, storage_options) is not None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from store.errors import UnknownNameError
+from runtime.errors import UnknownNameError
 
 __all__ = [
     "TargetInfo",

@@ -1,10 +1,10 @@
-"""Choosing a torch device from a user's ``--device`` (shared by extraction and probing; torch only)."""
+"""Choosing a torch device from a user's ``--device`` (shared by extraction, probing and benchmarks; torch only)."""
 
 from __future__ import annotations
 
 import torch
 
-from store.errors import MaxaError
+from runtime.errors import MaxaError
 
 __all__ = ["resolve_device"]
 

@@ -1,4 +1,4 @@
-"""Provenance recorded in every store: tool and library versions, host, date, command."""
+"""Provenance recorded in every store and result: tool and library versions, host, date, command."""
 
 from __future__ import annotations
 
