@@ -7,6 +7,7 @@ resized the same way. Normalisation uses the backbone's own mean and std.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,7 +18,21 @@ from torch.utils.data import Dataset
 from extract.datasets.base import DatasetReader
 from runtime.errors import BadImageError
 
-__all__ = ["BackboneImages", "PIL_FILTERS", "collate_images"]
+__all__ = ["BackboneImages", "PIL_FILTERS", "collate_images", "default_decode_workers"]
+
+#: Most DataLoader decode workers a task starts unless told: beyond a few, the forward pass or the
+#: writes bound the rate, and each worker is a process holding its own copy of the reader.
+MAX_DECODE_WORKERS = 4
+
+
+def default_decode_workers(processes: int = 1, *, at_least: int = 0) -> int:
+    """DataLoader decode workers for one of ``processes`` tasks sharing this machine's cores.
+
+    A task's share of the cores less one for its own main thread, at most :data:`MAX_DECODE_WORKERS`
+    and at least ``at_least``. An extraction alone on the machine takes ``processes=1``; a sweep's
+    dask worker takes ``processes=2`` (it shares the cores with other dask workers, so takes half).
+    """
+    return max(at_least, min(MAX_DECODE_WORKERS, (os.cpu_count() or 2) // processes - 1))
 
 PIL_FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from extract.backbones import LoadedBackbone, load_backbone
 from runtime.devices import resolve_device
 from extract.datasets.base import DatasetReader, image_ids_hash
-from extract.images import BackboneImages, collate_images
+from extract.images import BackboneImages, collate_images, default_decode_workers
 from extract.progress import ProgressReporter
 from runtime.provenance import provenance
 from store import _layout as L
@@ -38,6 +38,7 @@ __all__ = ["ExtractResult", "extract_features", "feature_spec_for", "default_sha
 FP16_MAX = 65504.0
 #: Target bytes per shard: big enough for efficient I/O, small enough to buffer.
 SHARD_BYTES = 256 * 2**20
+DEFAULT_BATCH_SIZE = 32  # images per forward pass where a caller gives none
 
 
 @dataclass
@@ -279,15 +280,12 @@ def _batches(writer: StoreWriter, shards: list[int], batch_size: int) -> list[li
     return out
 
 
-def _default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
-
-
 def _run_shards(model, reader, writer, shards, spec, dev, batch_size, num_workers, skip_bad,
                 show_progress, on_shard, result) -> None:
     # workers decode and resize to uint8; normalisation happens here, on the device (bitwise the same)
     images = BackboneImages(reader, spec.input_size, spec.mean, spec.std, spec.interpolation, normalize=False)
-    workers = _default_workers() if num_workers is None else num_workers
+    # at least one (targets may take none): decoding overlaps the forward pass on this thread
+    workers = default_decode_workers(at_least=1) if num_workers is None else num_workers
     loader = DataLoader(
         images,
         batch_sampler=_batches(writer, shards, batch_size),

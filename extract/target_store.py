@@ -6,7 +6,6 @@ written shard by shard with the same crash-safe writer as feature stores.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from extract.datasets.base import DatasetReader, image_ids_hash
+from extract.images import default_decode_workers
 from extract.progress import ProgressReporter
 from runtime.provenance import provenance
 from extract.targets import TARGET_OUTPUTS, build_targets
@@ -142,7 +142,7 @@ def build_target_store(
         t0 = time.perf_counter()
         missing = writer.missing_shards()
         indices = [i for s in missing for i in range(*writer.shard_range(s))]
-        workers = max(0, min(4, (os.cpu_count() or 2) - 1)) if num_workers is None else num_workers
+        workers = default_decode_workers() if num_workers is None else num_workers
         loader = DataLoader(
             _TargetItems(reader, config, kinds), sampler=indices, batch_size=None, num_workers=workers,
             prefetch_factor=8 if workers else None,

@@ -117,22 +117,24 @@ def _decode_workers(requested: int | None) -> int:
     """DataLoader workers: none inside a daemonic process (it cannot have children)."""
     if multiprocessing.current_process().daemon:
         return 0
-    return requested if requested is not None else max(0, min(4, (os.cpu_count() or 2) // 2 - 1))
+    from extract.images import default_decode_workers
+
+    return requested if requested is not None else default_decode_workers(processes=2)
 
 
 def extract_shards_task(backbone: str, weights: str, layers: tuple[int, ...] | None, ref: Any, store_root: str,
                         shards: tuple[int, ...], settings: tuple[tuple[str, Any], ...],
                         storage_options: dict[str, Any] | None = None) -> tuple[tuple[int, ...], int, tuple[str, ...], int]:
     """Write ``shards`` of the coordinated feature store; returns ``(shards, images, bad images, clipped)``."""
-    from extract.runner import extract_features
+    from extract.runner import DEFAULT_BATCH_SIZE, extract_features
 
     _setup_process()
     s = dict(settings)
     device = worker_device(s.get("device", "auto"))
     model = worker_backbone(backbone, weights, layers, device)
     result = extract_features(
-        model, _reader(ref), store_root, weights=weights, layers=layers, batch_size=int(s.get("batch_size", 32)),
-        device=device, limit=ref.limit, num_workers=_decode_workers(s.get("num_workers")),
+        model, _reader(ref), store_root, weights=weights, layers=layers,
+        batch_size=int(s.get("batch_size", DEFAULT_BATCH_SIZE)), device=device, limit=ref.limit, num_workers=_decode_workers(s.get("num_workers")),
         shard_size=s.get("shard_size"), compression=s.get("compression", "none"), skip_bad=bool(s.get("skip_bad", False)),
         show_progress=False, storage_options=storage_options, shards=list(shards), coordinated=True,
     )
@@ -175,7 +177,11 @@ def probe_task(train: str, eval_: str, train_targets: str, eval_targets: str, co
 
 # -- clusters -------------------------------------------------------------------------------------
 def default_workers() -> int:
-    """One worker per GPU, else a few CPU workers (half the cores, 1 to 4)."""
+    """One worker per GPU, else a few CPU workers (half the cores, 1 to 4).
+
+    A count of dask worker processes, not of DataLoader decode workers: each of these processes
+    starts ``extract.images.default_decode_workers(processes=2)`` of its own, hence its own formula.
+    """
     try:
         import torch
 

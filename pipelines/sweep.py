@@ -1,7 +1,8 @@
 """``maxa sweep``: run a sweep file's extractions and probes on dask, skipping what is already done.
 
-Planning (:mod:`pipelines.sweep_plan`) gives a job graph: target stores and feature stores (each once,
-train and eval splits), then probes that need two feature stores and two target stores. Execution
+Planning (:mod:`pipelines.sweep_plan`, of a file read by :mod:`pipelines.sweep_file`) gives a job
+graph: target stores and feature stores (each once, train and eval splits), then probes that need two
+feature stores and two target stores. Execution (:class:`_Execution`, each job's :class:`JobState`)
 submits what is ready and follows completions:
 
 * a **target store** is one task (``build_target_store`` in a worker, under its own lease);
@@ -21,19 +22,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.sweep_plan import (
+from pipelines.sweep_executors import DaskExecutor, InlineExecutor, SweepProgress
+from pipelines.sweep_file import load_sweep
+from pipelines.sweep_jobs import (
+    FAILED,
+    SKIP,
+    TODO,
     FeatureJob,
     ProbeJob,
     SweepFile,
     SweepPlan,
     TargetJob,
-    _first_line,
-    load_sweep,
-    plan_sweep,
+    first_line,
 )
+from pipelines.sweep_plan import plan_sweep
 from runtime.errors import MaxaError
 
 __all__ = ["SweepSummary", "Failure", "run_sweep", "format_plan", "plan_from_file"]
@@ -91,157 +97,6 @@ def plan_from_file(path: str | Path, store_root: str | Path, *, data_roots: Any 
     return plan_sweep(load_sweep(path, data_roots), store_root, storage_options=storage_options)
 
 
-# -- executors ------------------------------------------------------------------------------------
-class _InlineFuture:
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self._result: Any = None
-        self._error: BaseException | None = None
-        try:
-            self._result = fn(*args)
-        except Exception as e:  # noqa: BLE001 - reported like a dask task error
-            self._error = e
-
-    def exception(self) -> BaseException | None:
-        return self._error
-
-    @property
-    def status(self) -> str:
-        return "error" if self._error is not None else "finished"
-
-    def result(self) -> Any:
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def cancel(self) -> None:
-        pass
-
-
-class _Inline:
-    """Runs each task at once in this process (``workers=0``): debugging, and machines without dask."""
-
-    def __init__(self) -> None:
-        self._done: list[_InlineFuture] = []
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **_kw: Any) -> _InlineFuture:
-        f = _InlineFuture(fn, args)
-        self._done.append(f)
-        return f
-
-    def next_done(self, timeout: float | None = None) -> _InlineFuture | None:
-        """The next finished task; ``None`` when there is none (after sleeping ``timeout`` s, if given)."""
-        if self._done:
-            return self._done.pop(0)
-        if timeout:
-            time.sleep(timeout)
-        return None
-
-    def close(self) -> None:
-        pass
-
-
-class _Dask:
-    def __init__(self, workers: int | None, scheduler: str | None) -> None:
-        from distributed import Client
-
-        from pipelines.distributed import start_local_cluster
-
-        self.cluster = None
-        if scheduler:
-            self.client = Client(scheduler, set_as_default=False)
-        else:
-            self.cluster = start_local_cluster(workers)
-            self.client = Client(self.cluster, set_as_default=False)
-        self._pending: list[Any] = []
-
-    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0, key: str = "task") -> Any:
-        import uuid
-
-        f = self.client.submit(fn, *args, priority=priority, pure=False, key=f"{key}-{uuid.uuid4().hex[:8]}")
-        self._pending.append(f)
-        return f
-
-    def next_done(self, timeout: float | None = None) -> Any:
-        """The next finished task; ``None`` when nothing is pending or ``timeout`` s pass first."""
-        from distributed import wait
-
-        if not self._pending:
-            if timeout:
-                time.sleep(timeout)
-            return None
-        done = [f for f in self._pending if f.done()]
-        if not done:
-            with self.client.as_current():
-                try:
-                    wait(self._pending, timeout=timeout, return_when="FIRST_COMPLETED")
-                except TimeoutError:
-                    return None
-            done = [f for f in self._pending if f.done()]
-        f = done[0]
-        self._pending.remove(f)
-        return f
-
-    def close(self) -> None:
-        try:
-            self.client.close()
-        finally:
-            if self.cluster is not None:
-                self.cluster.close()
-
-
-# -- progress -------------------------------------------------------------------------------------
-class _Progress:
-    def __init__(self, plan: SweepPlan, enabled: bool) -> None:
-        self.enabled = enabled
-        self.counts = {k: {"planned": 0, "done": 0, "skipped": 0, "failed": 0} for k in ("targets", "features", "probes")}
-        for kind, jobs in (("targets", plan.targets.values()), ("features", plan.features.values()), ("probes", plan.probes)):
-            for j in jobs:
-                self.counts[kind]["planned"] += 1
-                if j.status == "skip":
-                    self.counts[kind]["skipped"] += 1
-                elif j.status == "failed":
-                    self.counts[kind]["failed"] += 1
-        self.total_shards = sum(len(f.missing_shards) for f in plan.features.values() if f.status == "todo")
-        self._progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=Console(stderr=True), transient=False)
-            self._tasks = {k: self._progress.add_task(self._text(k), total=self.counts[k]["planned"],
-                                                      completed=self.counts[k]["skipped"] + self.counts[k]["failed"])
-                           for k in self.counts}
-            self._shards = self._progress.add_task("feature shards", total=max(self.total_shards, 0))
-
-    def _text(self, kind: str) -> str:
-        c = self.counts[kind]
-        return (f"{kind:<9} planned {c['planned']:>4} · done {c['done']:>4} · skipped {c['skipped']:>4} · "
-                f"failed {c['failed']:>3}")
-
-    def __enter__(self) -> "_Progress":
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def job(self, kind: str, outcome: str) -> None:
-        self.counts[kind][outcome] += 1
-        if self._progress is not None:
-            self._progress.update(self._tasks[kind], description=self._text(kind), advance=1)
-
-    def shard(self, n: int = 1) -> None:
-        if self._progress is not None:
-            self._progress.update(self._shards, advance=n)
-
-    def note(self, message: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(message, highlight=False, markup=False)
-
-
 # -- the coordinator ------------------------------------------------------------------------------
 def run_sweep(
     path_or_plan: str | Path | SweepPlan | SweepFile,
@@ -278,220 +133,273 @@ def run_sweep(
         sweep = path_or_plan if isinstance(path_or_plan, SweepFile) else load_sweep(path_or_plan, data_roots)
         plan = plan_sweep(sweep, store_root, storage_options=storage_options)
     summary = SweepSummary(plan=plan, dry_run=dry_run)
-    for jobs in (plan.targets.values(), plan.features.values(), plan.probes):
-        for j in jobs:
-            if j.status == "skip":
-                summary.skipped += 1
-            elif j.status == "failed":
-                summary.failures.append(Failure(j.id, j.error))
-    todo = [j for j in (*plan.targets.values(), *plan.features.values(), *plan.probes) if j.status == "todo"]
+    for j in plan.jobs():
+        if j.status == SKIP:
+            summary.skipped += 1
+        elif j.status == FAILED:
+            summary.failures.append(Failure(j.id, j.error))
+    todo = [j for j in plan.jobs() if j.status == TODO]
     if dry_run or not todo:
         summary.seconds = time.perf_counter() - t0
         return summary
-    executor: Any = _Inline() if workers == 0 and not scheduler else _Dask(workers, scheduler)
+    executor: Any = InlineExecutor() if workers == 0 and not scheduler else DaskExecutor(workers, scheduler)
     try:
-        with _Progress(plan, show_progress) as progress:
-            _execute(plan, executor, summary, progress, on_event)
+        with SweepProgress(plan, show_progress) as progress:
+            _Execution(plan, executor, summary, progress, on_event).run()
     finally:
         executor.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progress,
-             on_event: Callable[[str, str], None] | None) -> None:
-    from extract.runner import finalize_feature_store, open_feature_store
-    from pipelines.distributed import build_targets_task, extract_shards_task, probe_task
-    from runtime.errors import StoreBusyError
-    from store.lease import wait_settings
+class JobState(Enum):
+    """Where a job is while a sweep runs (a plan's ``skip`` starts as OK, ``failed`` as FAILED)."""
 
-    root, so = plan.store_root, plan.storage_options
-    settings = tuple(sorted((k, v) for k, v in plan.sweep.extract.items()))
-    state: dict[str, str] = {}  # job id -> ok | failed | running
-    for j in (*plan.targets.values(), *plan.features.values(), *plan.probes):
-        state[j.id] = {"skip": "ok", "failed": "failed", "todo": "pending"}[j.status]
-    futures: dict[Any, tuple[str, Any]] = {}  # future -> (kind, job id / shard info)
-    writers: dict[str, Any] = {}  # feature job id -> coordinator's StoreWriter (holds the lease)
-    shard_left: dict[str, set[int]] = {}
-    shard_acc: dict[str, dict[str, Any]] = {}
-    order = {j.id: i for i, j in enumerate(plan.features.values())}
-    # Feature stores another live coordinator (another sweep, a `maxa extract`) is writing: job id ->
-    # (when we first found it busy, when to look again). Its probes wait; the store is reused once it
-    # is complete, or taken over if that writer's lease goes stale.
-    waiting: dict[str, tuple[float, float]] = {}
-    max_wait, poll = wait_settings()
+    PENDING = "pending"  # to run once its dependencies are OK
+    RUNNING = "running"  # submitted (a feature store: its shards are)
+    WAITING = "waiting"  # a feature store another live writer holds: looked at again later
+    OK = "ok"  # done in this run, or found done
+    FAILED = "failed"
 
-    def event(name: str, jid: str) -> None:
-        if on_event is not None:
-            on_event(name, jid)
 
-    def fail(kind: str, job: Any, reason: str) -> None:
-        state[job.id] = "failed"
-        summary.failures.append(Failure(job.id, reason))
-        progress.job(kind, "failed")
-        event("failed", job.id)
+_START_STATE = {TODO: JobState.PENDING, SKIP: JobState.OK, FAILED: JobState.FAILED}
 
-    def finish(kind: str, job: Any) -> None:
-        state[job.id] = "ok"
-        progress.job(kind, "done")
-        event("done", job.id)
+# what a submitted task is, as the coordinator's future map records it
+_SHARD, _TARGETS, _PROBE = "shard", "targets", "probe"
 
-    def start_targets(job: TargetJob) -> None:
-        state[job.id] = "running"
-        f = ex.submit(build_targets_task, job.split, root, job.size, settings, so, priority=10,
-                      key=f"targets-{job.split.dataset}-{job.split.split}")
-        futures[f] = ("targets", job.id)
 
-    def start_features(job: FeatureJob) -> None:
-        state[job.id] = "running"
+class _Execution:
+    """The coordinator: submits every job once what it needs is OK, and follows completions."""
+
+    def __init__(self, plan: SweepPlan, ex: Any, summary: SweepSummary, progress: SweepProgress,
+                 on_event: Callable[[str, str], None] | None) -> None:
+        from store.lease import wait_settings
+
+        self.plan, self.ex, self.summary, self.progress, self.on_event = plan, ex, summary, progress, on_event
+        self.root, self.so = plan.store_root, plan.storage_options
+        self.settings = tuple(sorted((k, v) for k, v in plan.sweep.extract.items()))
+        self.state: dict[str, JobState] = {j.id: _START_STATE[j.status] for j in plan.jobs()}
+        self.futures: dict[Any, tuple[str, Any]] = {}  # future -> (_SHARD/_TARGETS/_PROBE, job id / (job id, shard))
+        self.writers: dict[str, Any] = {}  # feature job id -> coordinator's StoreWriter (holds the lease)
+        self.shard_left: dict[str, set[int]] = {}
+        self.shard_acc: dict[str, dict[str, Any]] = {}
+        self.order = {j.id: i for i, j in enumerate(plan.features.values())}
+        # Feature stores another live coordinator (another sweep, a `maxa extract`) is writing: job id ->
+        # (when we first found it busy, when to look again). Its probes wait; the store is reused once it
+        # is complete, or taken over if that writer's lease goes stale.
+        self.waiting: dict[str, tuple[float, float]] = {}
+        self.max_wait, self.poll = wait_settings()
+        self.handlers = {_SHARD: self.shard_done, _TARGETS: self.targets_done, _PROBE: self.probe_done}
+
+    # -- outcomes ---------------------------------------------------------------------------------
+    def event(self, name: str, jid: str) -> None:
+        if self.on_event is not None:
+            self.on_event(name, jid)
+
+    def fail(self, kind: str, job: Any, reason: str) -> None:
+        self.state[job.id] = JobState.FAILED
+        self.summary.failures.append(Failure(job.id, reason))
+        self.progress.job(kind, "failed")
+        self.event("failed", job.id)
+
+    def finish(self, kind: str, job: Any) -> None:
+        self.state[job.id] = JobState.OK
+        self.progress.job(kind, "done")
+        self.event("done", job.id)
+
+    # -- starting jobs ----------------------------------------------------------------------------
+    def start_targets(self, job: TargetJob) -> None:
+        from pipelines.distributed import build_targets_task
+
+        self.state[job.id] = JobState.RUNNING
+        f = self.ex.submit(build_targets_task, job.split, self.root, job.size, self.settings, self.so, priority=10,
+                           key=f"targets-{job.split.dataset}-{job.split.split}")
+        self.futures[f] = (_TARGETS, job.id)
+
+    def start_features(self, job: FeatureJob) -> None:
+        """Open the store (taking its lease), then submit a task per missing shard."""
+        from runtime.errors import StoreBusyError
+
+        self.state[job.id] = JobState.RUNNING
         try:
-            writer = open_feature_store(
-                job.planned_backbone, job.reader, root, limit=job.split.limit,
-                shard_size=plan.sweep.extract.get("shard_size"), compression=plan.sweep.extract.get("compression", "none"),
-                device=str(plan.sweep.extract.get("device", "auto")), batch_size=int(plan.sweep.extract.get("batch_size", 32)),
-                storage_options=so, wait_timeout=0,
-            )
+            writer = self._open_store(job)
         except StoreBusyError as e:  # another live writer: look again later, unless we waited long enough
-            first = waiting.get(job.id, (time.monotonic(), 0.0))[0]
-            if max_wait is not None and time.monotonic() - first > max_wait:
-                waiting.pop(job.id, None)
-                fail("features", job, f"waited {max_wait:.0f} s ($MAXA_LEASE_WAIT_S) for {e.holder}, which is still "
-                                      f"writing {job.path}")
-                return
-            if job.id not in waiting:
-                progress.note(f"{job.id}: {e.holder} is writing this store; its probes start once it is complete")
-                event("waiting", job.id)
-            state[job.id] = "waiting"
-            waiting[job.id] = (first, time.monotonic() + poll)
+            self._store_busy(job, e)
             return
         except Exception as e:  # noqa: BLE001
-            waiting.pop(job.id, None)
-            fail("features", job, _first_line(e))
+            self.waiting.pop(job.id, None)
+            self.fail("features", job, first_line(e))
             return
-        waiting.pop(job.id, None)
+        self.waiting.pop(job.id, None)
         if writer.complete:  # someone else finished it meanwhile
-            summary.skipped += 1
-            finish("features", job)
+            self.summary.skipped += 1
+            self.finish("features", job)
             return
-        writers[job.id] = writer  # registered first: the sweep releases every registered lease however it ends
+        self.writers[job.id] = writer  # registered first: the sweep releases every registered lease however it ends
         missing = writer.missing_shards()
-        shard_left[job.id] = set(missing)
-        shard_acc[job.id] = {"bad": [], "clipped": 0, "images": 0}
+        self.shard_left[job.id] = set(missing)
+        self.shard_acc[job.id] = {"bad": [], "clipped": 0, "images": 0}
         if not missing:
-            complete_features(job)
+            self.complete_features(job)
             return
-        for s in missing:
-            f = ex.submit(extract_shards_task, job.backbone, job.weights, job.layers, job.split, root, (s,), settings, so,
-                          priority=-order[job.id], key=f"extract-{job.backbone.replace(':', '_')}-{job.split.dataset}-"
-                                                       f"{job.split.split}-shard{s}")
-            futures[f] = ("shard", (job.id, s))
+        self._submit_shards(job, missing)
 
-    def complete_features(job: FeatureJob) -> None:
-        writer = writers.pop(job.id)
-        acc = shard_acc.pop(job.id)
+    def _open_store(self, job: FeatureJob) -> Any:
+        from extract.runner import DEFAULT_BATCH_SIZE, open_feature_store
+
+        extract = self.plan.sweep.extract
+        return open_feature_store(
+            job.planned_backbone, job.reader, self.root, limit=job.split.limit,
+            shard_size=extract.get("shard_size"), compression=extract.get("compression", "none"),
+            device=str(extract.get("device", "auto")), batch_size=int(extract.get("batch_size", DEFAULT_BATCH_SIZE)),
+            storage_options=self.so, wait_timeout=0,
+        )
+
+    def _store_busy(self, job: FeatureJob, e: Any) -> None:
+        first = self.waiting.get(job.id, (time.monotonic(), 0.0))[0]
+        if self.max_wait is not None and time.monotonic() - first > self.max_wait:
+            self.waiting.pop(job.id, None)
+            self.fail("features", job, f"waited {self.max_wait:.0f} s ($MAXA_LEASE_WAIT_S) for {e.holder}, which is "
+                                       f"still writing {job.path}")
+            return
+        if job.id not in self.waiting:
+            self.progress.note(f"{job.id}: {e.holder} is writing this store; its probes start once it is complete")
+            self.event("waiting", job.id)
+        self.state[job.id] = JobState.WAITING
+        self.waiting[job.id] = (first, time.monotonic() + self.poll)
+
+    def _submit_shards(self, job: FeatureJob, shards: list[int]) -> None:
+        from pipelines.distributed import extract_shards_task
+
+        for s in shards:
+            f = self.ex.submit(extract_shards_task, job.backbone, job.weights, job.layers, job.split, self.root, (s,),
+                               self.settings, self.so, priority=-self.order[job.id],
+                               key=f"extract-{job.backbone.replace(':', '_')}-{job.split.dataset}-"
+                                   f"{job.split.split}-shard{s}")
+            self.futures[f] = (_SHARD, (job.id, s))
+
+    def complete_features(self, job: FeatureJob) -> None:
+        from extract.runner import finalize_feature_store
+
+        writer = self.writers.pop(job.id)
+        acc = self.shard_acc.pop(job.id)
         try:
             finalize_feature_store(writer, bad_images=acc["bad"], clipped_values=acc["clipped"])
         except Exception as e:  # noqa: BLE001
             writer.close()
-            fail("features", job, _first_line(e))
+            self.fail("features", job, first_line(e))
             return
-        summary.extractions += 1
-        finish("features", job)
+        self.summary.extractions += 1
+        self.finish("features", job)
 
-    def start_probe(job: ProbeJob) -> None:
-        state[job.id] = "running"
+    def start_probe(self, job: ProbeJob) -> None:
+        from pipelines.distributed import probe_task
+
+        self.state[job.id] = JobState.RUNNING
+        plan = self.plan
         f_tr, f_ev = plan.features[job.train], plan.features[job.eval]
         t_tr, t_ev = plan.targets[job.train_targets], plan.targets[job.eval_targets]
         identity = (f_tr.key, f_ev.key, job.spec.task, job.spec.variant, job.spec.head, job.spec.seed)
         device = str(job.spec.settings_dict().get("device", "auto"))
-        f = ex.submit(probe_task, f_tr.path, f_ev.path, t_tr.path, t_ev.path, job.config, identity, root, device, so,
-                      priority=100, key=f"probe-{job.spec.task}-{job.spec.variant}-{job.spec.head}-s{job.spec.seed}")
-        futures[f] = ("probe", job.id)
+        f = self.ex.submit(probe_task, f_tr.path, f_ev.path, t_tr.path, t_ev.path, job.config, identity, self.root,
+                           device, self.so, priority=100,
+                           key=f"probe-{job.spec.task}-{job.spec.variant}-{job.spec.head}-s{job.spec.seed}")
+        self.futures[f] = (_PROBE, job.id)
 
-    def schedule() -> None:
-        for job in plan.targets.values():
-            if state[job.id] == "pending":
-                start_targets(job)
-        for job in plan.features.values():
-            if state[job.id] == "pending" or (state[job.id] == "waiting" and time.monotonic() >= waiting[job.id][1]):
-                start_features(job)
-        for job in plan.probes:
-            if state[job.id] != "pending":
+    def schedule(self) -> None:
+        """Start what can start: pending stores, busy stores due a look, probes whose stores are OK."""
+        state = self.state
+        for job in self.plan.targets.values():
+            if state[job.id] is JobState.PENDING:
+                self.start_targets(job)
+        for job in self.plan.features.values():
+            if state[job.id] is JobState.PENDING or \
+                    (state[job.id] is JobState.WAITING and time.monotonic() >= self.waiting[job.id][1]):
+                self.start_features(job)
+        for job in self.plan.probes:
+            if state[job.id] is not JobState.PENDING:
                 continue
             deps = [job.train, job.eval, job.train_targets, job.eval_targets]
-            if any(state[d] == "failed" for d in deps):
-                bad = next(d for d in deps if state[d] == "failed")
-                reason = next((f.reason for f in summary.failures if f.job == bad), "failed")
-                fail("probes", job, f"needs {bad}, which failed: {reason}")
-            elif all(state[d] == "ok" for d in deps):
-                start_probe(job)
+            bad = next((d for d in deps if state[d] is JobState.FAILED), None)
+            if bad is not None:
+                reason = next((f.reason for f in self.summary.failures if f.job == bad), "failed")
+                self.fail("probes", job, f"needs {bad}, which failed: {reason}")
+            elif all(state[d] is JobState.OK for d in deps):
+                self.start_probe(job)
 
-    try:
-        schedule()
-        while True:
-            f = ex.next_done(timeout=poll if waiting else None)
-            if f is None:
-                if not waiting:
-                    break
-                schedule()  # look at the busy stores again
-                continue
-            entry = futures.pop(f, None)
-            if entry is None:  # a cancelled shard of a store that already failed
-                continue
-            kind, info = entry
-            err = f.exception() if f.status == "error" else None
-            if f.status == "cancelled":
-                err = RuntimeError("task cancelled")
-            if kind == "shard":
-                jid, shard = info
-                job = plan.features[jid]
-                if state[jid] == "failed":
+    # -- following completions --------------------------------------------------------------------
+    def run(self) -> None:
+        """Schedule, then handle each finished task until nothing is pending or waiting."""
+        try:
+            self.schedule()
+            while True:
+                f = self.ex.next_done(timeout=self.poll if self.waiting else None)
+                if f is None:
+                    if not self.waiting:
+                        break
+                    self.schedule()  # look at the busy stores again
                     continue
-                if err is not None:
-                    for other, (k2, i2) in list(futures.items()):  # stop the store's other shards
-                        if k2 == "shard" and i2[0] == jid:
-                            other.cancel()
-                            futures.pop(other, None)
-                    writers.pop(jid).close()  # finished shards stay flagged: a re-run resumes
-                    shard_acc.pop(jid, None)
-                    fail("features", job, _first_line(err))
-                else:
-                    shards, images, bad, clipped = f.result()
-                    acc = shard_acc[jid]
-                    acc["bad"].extend(bad)
-                    acc["clipped"] += clipped
-                    summary.shards += len(shards)
-                    progress.shard(len(shards))
-                    shard_left[jid].difference_update(shards)
-                    if not shard_left[jid]:
-                        complete_features(job)
-            elif kind == "targets":
-                job = plan.targets[info]
-                if err is not None:
-                    fail("targets", job, _first_line(err))
-                else:
-                    path, reused, _n = f.result()
-                    if reused:
-                        summary.skipped += 1
-                    else:
-                        summary.extractions += 1
-                    finish("targets", job)
-            else:
-                job = next(p for p in plan.probes if p.id == info)
-                if err is not None:
-                    fail("probes", job, _first_line(err))
-                else:
-                    record = f.result()
-                    if record.pop("_reused", False):
-                        summary.skipped += 1
-                    else:
-                        summary.probes += 1
-                    summary.records.append(record)
-                    finish("probes", job)
-            schedule()
-    finally:
-        for w in writers.values():  # interrupted: release leases; finished shards are kept
-            w.close()
+                entry = self.futures.pop(f, None)
+                if entry is None:  # a cancelled shard of a store that already failed
+                    continue
+                kind, info = entry
+                err = f.exception() if f.status == "error" else None
+                if f.status == "cancelled":
+                    err = RuntimeError("task cancelled")
+                if kind == _SHARD and self.state[info[0]] is JobState.FAILED:
+                    continue  # a shard of a store that already failed
+                self.handlers[kind](f, info, err)
+                self.schedule()
+        finally:
+            for w in self.writers.values():  # interrupted: release leases; finished shards are kept
+                w.close()
+
+    def shard_done(self, f: Any, info: tuple[str, int], err: BaseException | None) -> None:
+        jid, _shard = info
+        job = self.plan.features[jid]
+        if err is not None:
+            for other, (k2, i2) in list(self.futures.items()):  # stop the store's other shards
+                if k2 == _SHARD and i2[0] == jid:
+                    other.cancel()
+                    self.futures.pop(other, None)
+            self.writers.pop(jid).close()  # finished shards stay flagged: a re-run resumes
+            self.shard_acc.pop(jid, None)
+            self.fail("features", job, first_line(err))
+            return
+        shards, images, bad, clipped = f.result()
+        acc = self.shard_acc[jid]
+        acc["bad"].extend(bad)
+        acc["clipped"] += clipped
+        self.summary.shards += len(shards)
+        self.progress.shard(len(shards))
+        self.shard_left[jid].difference_update(shards)
+        if not self.shard_left[jid]:
+            self.complete_features(job)
+
+    def targets_done(self, f: Any, jid: str, err: BaseException | None) -> None:
+        job = self.plan.targets[jid]
+        if err is not None:
+            self.fail("targets", job, first_line(err))
+            return
+        path, reused, _n = f.result()
+        if reused:
+            self.summary.skipped += 1
+        else:
+            self.summary.extractions += 1
+        self.finish("targets", job)
+
+    def probe_done(self, f: Any, jid: str, err: BaseException | None) -> None:
+        job = next(p for p in self.plan.probes if p.id == jid)
+        if err is not None:
+            self.fail("probes", job, first_line(err))
+            return
+        record = f.result()
+        if record.pop("_reused", False):
+            self.summary.skipped += 1
+        else:
+            self.summary.probes += 1
+        self.summary.records.append(record)
+        self.finish("probes", job)
 
 
 # -- the plan as text -----------------------------------------------------------------------------
@@ -502,12 +410,12 @@ def format_plan(plan: SweepPlan) -> Any:
     table = Table(title=f"sweep {plan.sweep.name} → {plan.store_root}")
     for col in ("job", "action", "detail"):
         table.add_column(col, overflow="fold")
-    labels = {"todo": "run", "skip": "skip (done)", "failed": "cannot run"}
+    labels = {TODO: "run", SKIP: "skip (done)", FAILED: "cannot run"}
     for t in plan.targets.values():
         table.add_row(t.id, labels[t.status], t.error or (t.path or ""))
     for fj in plan.features.values():
         detail = fj.error or fj.path or ""
-        if fj.status == "todo" and fj.num_shards:
+        if fj.status == TODO and fj.num_shards:
             detail = f"{len(fj.missing_shards)}/{fj.num_shards} shards to write → {detail}"
         table.add_row(fj.id, labels[fj.status], detail)
     for p in plan.probes:
