@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -68,6 +69,13 @@ def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
                 raise MaxaError(f"--storage-option {item!r}: {part} is set both as a value and as a group.")
         d[last] = value
     return options
+
+
+def _location(path: str | Path, items: list[str] | None) -> Any:
+    """``path`` (a folder or URL) with the ``--storage-option`` pairs, as one store Location."""
+    from store.location import as_location
+
+    return as_location(path, _storage_options(items))
 
 
 def _parse_layers(text: str | None) -> tuple[int, ...] | None:

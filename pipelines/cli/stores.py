@@ -4,28 +4,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from pipelines.cli.errors import clean_errors
-from pipelines.cli.options import DEFAULT_STORE_ROOT, JsonFlag, StorageOptionList, _storage_options
+from pipelines.cli.options import DEFAULT_STORE_ROOT, JsonFlag, StorageOptionList, _location
 from pipelines.cli.render import _human_bytes, out
 from runtime.errors import MaxaError
+from store.location import Location
 
 
-def _require_store(path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+def _require_store(path: Location) -> None:
     """One line naming the fix when ``path`` is missing, a store root, or not a maxa store at all."""
-    from store import _layout as L
-    from store.catalogue import list_stores
     from runtime.errors import StoreError
+    from store import read_attrs
+    from store.catalogue import list_stores
 
-    path = str(path)
-    if L.read_attrs(path, storage_options) is not None:
+    if read_attrs(path) is not None:
         return
-    if not L.exists(path, storage_options):
+    if not path.exists():
         raise StoreError(f"no store at {path}; list stores with `maxa stores ls ROOT` and give one of their paths.")
-    if L.isdir(path, storage_options) and list_stores(path, with_size=False, storage_options=storage_options):
+    if path.isdir() and list_stores(path, with_size=False):
         raise StoreError(f"{path} is a store root, not a store; list its stores with `maxa stores ls {path}` "
                          "and give one of their ….zarr paths.")
     raise StoreError(f"{path} is not a maxa store (no 'maxa' attributes in its zarr.json); give a ….zarr path "
@@ -40,24 +40,23 @@ def stores_ls(
 ) -> None:
     """Every store under ROOT: backbone, dataset, split, images, grid, size, complete?, results
     recorded under ROOT that used it, and who is writing it (lease)."""
-    from probe.results import result_counts
-    from store import _layout as L
-    from store.catalogue import list_stores
+    from store.catalogue import walk_stores, store_summary
     from store.lease import read_lease
+    from store.results import result_counts
     from store.spec import FORMAT_VERSION
 
-    root = str(root)
-    so = _storage_options(storage_option)
-    if not L.is_remote(root) and Path(root).exists() and not Path(root).is_dir():
+    loc = _location(root, storage_option)
+    if loc.isfile():
         raise MaxaError(f"store root {root} is a file, not a folder; give the folder that holds features/ and targets/.")
-    if not L.isdir(root, so):
+    if not loc.isdir():
         raise MaxaError(f"store root {root} does not exist; extract something first (`maxa extract …`) "
                         "or give the root you extracted into.")
-    rows = list_stores(root, storage_options=so)
-    counts = result_counts(root, storage_options=so)
-    for r in rows:
+    stores = list(walk_stores(loc))
+    rows = [store_summary(where, meta) for where, meta in stores]
+    counts = result_counts(loc)
+    for r, (where, _meta) in zip(rows, stores):
         r["results"] = counts.get(str(r["key"]), 0)
-        lease = None if r["complete"] else read_lease(r["path"], so)
+        lease = None if r["complete"] else read_lease(where)
         r["writer"] = lease.describe() if lease is not None else None
     if as_json:
         out.print_json(json.dumps(rows, default=str))
@@ -68,7 +67,7 @@ def stores_ls(
     for col in ("kind", "backbone", "dataset", "split", "images", "bad", "grid / targets", "size", "complete", "results",
                 "path"):
         table.add_column(col, overflow="fold")
-    for r in rows:
+    for r, (where, _meta) in zip(rows, stores):
         state = "yes" if r["complete"] else ("[yellow]writing[/]" if r["writer"] else "[red]no[/]")
         fmt = r["format"]
         if fmt != FORMAT_VERSION:
@@ -76,7 +75,7 @@ def stores_ls(
             state = f"[red]format {fmt}[/] ({'maxa stores upgrade' if older else 'not readable by this maxa'})"
         bad = f"[yellow]{r['bad_images']}[/]" if r["bad_images"] else "0"
         table.add_row(r["kind"], str(r["backbone"]), str(r["dataset"]), str(r["split"]), str(r["images"]), bad,
-                      r["grid"], _human_bytes(r.get("bytes")), state, str(r["results"]), L.relative(r["path"], root))
+                      r["grid"], _human_bytes(r.get("bytes")), state, str(r["results"]), where.relative_to(loc))
     out.print(table if rows else f"no stores under {root}")
 
 
@@ -90,13 +89,13 @@ def stores_info(
     from store.lease import read_lease
     from store.reader import open_store
 
-    so = _storage_options(storage_option)
-    _require_store(path, so)
-    s = open_store(str(path), allow_incomplete=True, storage_options=so)
+    loc = _location(path, storage_option)
+    _require_store(loc)
+    s = open_store(loc, allow_incomplete=True)
     spec = s.spec.to_dict()
     for layer in spec.get("layers", []):
         layer.pop("token_centres", None)  # recorded in the store; too long to print
-    lease = read_lease(str(path), so)
+    lease = read_lease(loc)
     info = {"path": str(path), "kind": s.kind, "key": s.key, "complete": s.complete, "images": len(s),
             "shard_size": s.shard_size, "shards_done": int(s.shard_done().sum()),
             "num_shards": int(s.meta["num_shards"]), "bad_images": int(len(s.bad)),
@@ -124,9 +123,9 @@ def stores_verify(
     """Re-read every chunk: checksums, completeness, shard flags. Exit 1 if anything is wrong."""
     from store.verify import verify_store
 
-    so = _storage_options(storage_option)
-    _require_store(path, so)
-    report = verify_store(str(path), storage_options=so)
+    loc = _location(path, storage_option)
+    _require_store(loc)
+    report = verify_store(loc)
     if as_json:
         out.print_json(json.dumps(report.to_dict(), default=str))
     else:
@@ -155,10 +154,10 @@ def stores_upgrade(
     The features and targets are not touched."""
     from pipelines.upgrade import upgrade_store
 
-    so = _storage_options(storage_option)
-    _require_store(path, so)
-    new_path = upgrade_store(path, root, storage_options=so)
-    out.print(f"upgraded {path}" + (f" → {new_path}" if new_path != str(path) else " (already current)"), highlight=False)
+    loc = _location(path, storage_option)
+    _require_store(loc)
+    new_path = upgrade_store(loc, root)
+    out.print(f"upgraded {path}" + (f" → {new_path}" if new_path != loc else " (already current)"), highlight=False)
 
 
 @clean_errors
@@ -173,14 +172,13 @@ def stores_rm(
     as complete."""
     from store.writer import check_removable, remove_store
 
-    so = _storage_options(storage_option)
-    path = str(path)
-    meta = check_removable(path, force=force, storage_options=so)
+    loc = _location(path, storage_option)
+    meta = check_removable(loc, force=force)
     spec = meta.get("spec", {})
     what = (f"{meta.get('kind')} store {spec.get('backbone', '')} {spec.get('dataset')}/{spec.get('split')} "
             f"({meta.get('num_images')} images, {'complete' if meta.get('complete') else 'incomplete'})")
     if not yes and not typer.confirm(f"delete {what} at {path}?", default=False):
         out.print("nothing deleted")
         raise typer.Exit(1)
-    remove_store(path, force=force, storage_options=so)
+    remove_store(loc, force=force)
     out.print(f"deleted {path}", highlight=False)
