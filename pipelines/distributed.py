@@ -122,9 +122,9 @@ def _decode_workers(requested: int | None) -> int:
     return requested if requested is not None else default_decode_workers(processes=2)
 
 
-def extract_shards_task(backbone: str, weights: str, layers: tuple[int, ...] | None, ref: Any, store_root: str,
+def extract_shards_task(backbone: str, weights: str, layers: tuple[int, ...] | None, ref: Any, store_root: Any,
                         shards: tuple[int, ...], settings: tuple[tuple[str, Any], ...],
-                        storage_options: dict[str, Any] | None = None) -> tuple[tuple[int, ...], int, tuple[str, ...], int]:
+                        ) -> tuple[tuple[int, ...], int, tuple[str, ...], int]:
     """Write ``shards`` of the coordinated feature store; returns ``(shards, images, bad images, clipped)``."""
     from extract.runner import DEFAULT_BATCH_SIZE, extract_features
 
@@ -136,42 +136,42 @@ def extract_shards_task(backbone: str, weights: str, layers: tuple[int, ...] | N
         model, _reader(ref), store_root, weights=weights, layers=layers,
         batch_size=int(s.get("batch_size", DEFAULT_BATCH_SIZE)), device=device, limit=ref.limit, num_workers=_decode_workers(s.get("num_workers")),
         shard_size=s.get("shard_size"), compression=s.get("compression", "none"), skip_bad=bool(s.get("skip_bad", False)),
-        show_progress=False, storage_options=storage_options, shards=list(shards), coordinated=True,
+        show_progress=False, shards=list(shards), coordinated=True,
     )
     return tuple(shards), int(result.images_written), tuple(result.bad_images), int(result.clipped_values)
 
 
-def build_targets_task(ref: Any, store_root: str, size: tuple[int, int], settings: tuple[tuple[str, Any], ...],
-                       storage_options: dict[str, Any] | None = None) -> tuple[str, bool, int]:
-    """Build (or find) a split's target store; returns ``(path, reused, images written)``."""
+def build_targets_task(ref: Any, store_root: Any, size: tuple[int, int],
+                       settings: tuple[tuple[str, Any], ...]) -> tuple[str, bool, int]:
+    """Build (or find) a split's target store; returns ``(path, reused, images written)``.
+    ``store_root`` (like every path these tasks take) may be a store Location: it carries its
+    storage options to the worker."""
     from extract.target_store import build_target_store
 
     _setup_process()
     s = dict(settings)
     result = build_target_store(_reader(ref), store_root, size=tuple(size), limit=ref.limit,
-                                num_workers=_decode_workers(s.get("num_workers")), show_progress=False,
-                                storage_options=storage_options)
+                                num_workers=_decode_workers(s.get("num_workers")), show_progress=False)
     return result.path, bool(result.reused), int(result.images_written)
 
 
-def probe_task(train: str, eval_: str, train_targets: str, eval_targets: str, config: dict[str, Any],
-               identity: tuple[Any, ...], results_root: str, device: str = "auto",
-               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def probe_task(train: Any, eval_: Any, train_targets: Any, eval_targets: Any, config: dict[str, Any],
+               identity: tuple[Any, ...], results_root: Any, device: str = "auto") -> dict[str, Any]:
     """Train and evaluate one probe; returns its (small) result record.
 
     If the results table already holds a run with this ``identity`` (a worker that died after
     recording it), that record is returned instead of training again: every result exists once.
     """
-    from probe.results import read_results, run_identity
+    from store.results import read_results, run_identity
     from probe.train import ProbeConfig, train_probe
 
     _setup_process()
-    for r in read_results(results_root, storage_options=storage_options):
+    for r in read_results(results_root):
         if run_identity(r) == tuple(identity):
             return {**r, "_reused": True}
     result = train_probe(train, ProbeConfig.from_dict(config), eval_features=eval_, targets=train_targets,
                          eval_targets=eval_targets, results_root=results_root, device=worker_device(device),
-                         show_progress=False, storage_options=storage_options)
+                         show_progress=False)
     return result.record
 
 

@@ -91,37 +91,34 @@ class SweepSummary:
                 f"{len(self.failures)} failed ({self.seconds:.0f} s)")
 
 
-def plan_from_file(path: str | Path, store_root: str | Path, *, data_roots: Any = None,
-                   storage_options: dict[str, Any] | None = None) -> SweepPlan:
-    """Validate the sweep file, then plan it against ``store_root``."""
-    return plan_sweep(load_sweep(path, data_roots), store_root, storage_options=storage_options)
+def plan_from_file(path: str | Path, store_root: Any, *, data_roots: Any = None) -> SweepPlan:
+    """Validate the sweep file, then plan it against ``store_root`` (a folder, URL or store Location)."""
+    return plan_sweep(load_sweep(path, data_roots), store_root)
 
 
 # -- the coordinator ------------------------------------------------------------------------------
 def run_sweep(
     path_or_plan: str | Path | SweepPlan | SweepFile,
-    store_root: str | Path | None = None,
+    store_root: Any = None,
     *,
     workers: int | None = None,
     scheduler: str | None = None,
     data_roots: dict[str, str] | list[str] | None = None,
     dry_run: bool = False,
     show_progress: bool = False,
-    storage_options: dict[str, Any] | None = None,
     on_event: Callable[[str, str], None] | None = None,
 ) -> SweepSummary:
     """Plan and run a sweep; returns what was done, skipped and what failed (and why).
 
     Args:
         path_or_plan: a sweep TOML file, a parsed :class:`SweepFile` or a :class:`SweepPlan`.
-        store_root: where stores and results live (a plan carries its own).
+        store_root: where stores and results live: a folder, URL or store Location (a plan carries its own).
         workers: ``LocalCluster`` workers (default: one per GPU, else a few CPU workers); ``0`` runs every
             task in this process, one after another.
         scheduler: address of an existing dask scheduler (``tcp://head:8786``) instead of a local cluster.
         data_roots: ``{dataset name: root}`` (or ``NAME=PATH`` items) overriding the file's roots.
         dry_run: plan only; nothing is written.
         show_progress: a rich progress display on stderr.
-        storage_options: fsspec options for an ``s3://`` store root.
         on_event: called with ``(event, job id)`` — ``"done"``, ``"failed"`` — as jobs finish (tests use it).
     """
     t0 = time.perf_counter()
@@ -131,7 +128,7 @@ def run_sweep(
         if store_root is None:
             raise MaxaError("run_sweep needs a store root (where stores and results live).")
         sweep = path_or_plan if isinstance(path_or_plan, SweepFile) else load_sweep(path_or_plan, data_roots)
-        plan = plan_sweep(sweep, store_root, storage_options=storage_options)
+        plan = plan_sweep(sweep, store_root)
     summary = SweepSummary(plan=plan, dry_run=dry_run)
     for j in plan.jobs():
         if j.status == SKIP:
@@ -176,7 +173,7 @@ class _Execution:
         from store.lease import wait_settings
 
         self.plan, self.ex, self.summary, self.progress, self.on_event = plan, ex, summary, progress, on_event
-        self.root, self.so = plan.store_root, plan.storage_options
+        self.root = plan.store_root
         self.settings = tuple(sorted((k, v) for k, v in plan.sweep.extract.items()))
         self.state: dict[str, JobState] = {j.id: _START_STATE[j.status] for j in plan.jobs()}
         self.futures: dict[Any, tuple[str, Any]] = {}  # future -> (_SHARD/_TARGETS/_PROBE, job id / (job id, shard))
@@ -212,7 +209,7 @@ class _Execution:
         from pipelines.distributed import build_targets_task
 
         self.state[job.id] = JobState.RUNNING
-        f = self.ex.submit(build_targets_task, job.split, self.root, job.size, self.settings, self.so, priority=10,
+        f = self.ex.submit(build_targets_task, job.split, self.root, job.size, self.settings, priority=10,
                            key=f"targets-{job.split.dataset}-{job.split.split}")
         self.futures[f] = (_TARGETS, job.id)
 
@@ -252,7 +249,7 @@ class _Execution:
             job.planned_backbone, job.reader, self.root, limit=job.split.limit,
             shard_size=extract.get("shard_size"), compression=extract.get("compression", "none"),
             device=str(extract.get("device", "auto")), batch_size=int(extract.get("batch_size", DEFAULT_BATCH_SIZE)),
-            storage_options=self.so, wait_timeout=0,
+            wait_timeout=0,
         )
 
     def _store_busy(self, job: FeatureJob, e: Any) -> None:
@@ -273,7 +270,7 @@ class _Execution:
 
         for s in shards:
             f = self.ex.submit(extract_shards_task, job.backbone, job.weights, job.layers, job.split, self.root, (s,),
-                               self.settings, self.so, priority=-self.order[job.id],
+                               self.settings, priority=-self.order[job.id],
                                key=f"extract-{job.backbone.replace(':', '_')}-{job.split.dataset}-"
                                    f"{job.split.split}-shard{s}")
             self.futures[f] = (_SHARD, (job.id, s))
@@ -302,7 +299,7 @@ class _Execution:
         identity = (f_tr.key, f_ev.key, job.spec.task, job.spec.variant, job.spec.head, job.spec.seed)
         device = str(job.spec.settings_dict().get("device", "auto"))
         f = self.ex.submit(probe_task, f_tr.path, f_ev.path, t_tr.path, t_ev.path, job.config, identity, self.root,
-                           device, self.so, priority=100,
+                           device, priority=100,
                            key=f"probe-{job.spec.task}-{job.spec.variant}-{job.spec.head}-s{job.spec.seed}")
         self.futures[f] = (_PROBE, job.id)
 

@@ -169,11 +169,10 @@ class ProbeJob:
 @dataclass
 class SweepPlan:
     sweep: SweepFile
-    store_root: str
+    store_root: Any  # a store Location: the folder or URL and its storage options
     targets: dict[str, TargetJob]
     features: dict[str, FeatureJob]
     probes: list[ProbeJob]
-    storage_options: dict[str, Any] | None = None
 
     def jobs(self) -> tuple[Any, ...]:
         """Every job: target stores, feature stores, then probes."""

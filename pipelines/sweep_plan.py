@@ -73,22 +73,22 @@ def make_reader(ref: SplitRef) -> Any:
     return create_dataset(ref.reader, ref.root, ref.split, **ref.options_dict())
 
 
-# -- what the store root holds (the store internals planning reads) --------------------------------
-def _stored_attrs(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A store's attributes (``key``, ``complete``, ``num_shards``, ...); empty or ``None`` where there is none."""
-    from store import _layout as L
+# -- what the store root holds ---------------------------------------------------------------------
+def _stored_attrs(path: Any) -> dict[str, Any] | None:
+    """A store's attributes (``key``, ``complete``, ``num_shards``, ...); ``None`` where there is none."""
+    from store import read_attrs
 
-    return L.read_attrs(path, storage_options)
+    return read_attrs(path)
 
 
-def _unfinished_shards(path: str, storage_options: dict[str, Any] | None) -> list[int]:
+def _unfinished_shards(path: Any) -> list[int]:
     """The shards of an incomplete feature store not yet flagged done."""
     import numpy as np
 
-    from store import _layout as L
+    from store import open_features
 
-    done = np.asarray(L.open_group(path, "r", storage_options)[L.SHARD_DONE][:])
-    return [int(s) for s in np.flatnonzero(done == 0)]
+    done = open_features(path, allow_incomplete=True).shard_done()
+    return [int(s) for s in np.flatnonzero(~done)]
 
 
 # -- the planner ----------------------------------------------------------------------------------
@@ -96,8 +96,8 @@ class _Planner:
     """Makes each target and feature job once, caching readers and model-less backbones (and why
     one could not be had: the jobs needing it fail with that reason, the rest plan normally)."""
 
-    def __init__(self, sweep: SweepFile, root: str, storage_options: dict[str, Any] | None) -> None:
-        self.sweep, self.root, self.so = sweep, root, storage_options
+    def __init__(self, sweep: SweepFile, root: Any) -> None:
+        self.sweep, self.root = sweep, root
         self.size = int(sweep.extract.get("target_size", 224))
         self.readers: dict[SplitRef, Any] = {}
         self.reader_errors: dict[SplitRef, str] = {}
@@ -141,7 +141,7 @@ class _Planner:
         else:
             spec = target_spec_for(reader, self.image_ids(ref), TargetConfig(size=(size, size)))
             job.path = target_store_path(self.root, spec)
-            meta = _stored_attrs(job.path, self.so)
+            meta = _stored_attrs(job.path)
             if meta and meta.get("complete") and meta.get("key") == spec.key:
                 job.status = SKIP
         return jid
@@ -178,19 +178,18 @@ class _Planner:
         """Shards to write (all, or a partial store's unfinished ones); ``skip`` for a complete store."""
         from extract.runner import check_reusable, default_shard_size
 
-        meta = _stored_attrs(job.path, self.so)
+        meta = _stored_attrs(job.path)
         if meta and meta.get("key") == spec.key:
             job.num_shards = int(meta["num_shards"])
             if meta.get("complete"):
                 job.status = SKIP
                 if meta.get("num_bad"):
                     try:
-                        check_reusable(job.path, reader, skip_bad=bool(self.sweep.extract.get("skip_bad", False)),
-                                       storage_options=self.so)
+                        check_reusable(job.path, reader, skip_bad=bool(self.sweep.extract.get("skip_bad", False)))
                     except Exception as e:  # noqa: BLE001 - reported as this job's failure
                         job.status, job.error = FAILED, first_line(e)
             else:
-                job.missing_shards = _unfinished_shards(job.path, self.so)
+                job.missing_shards = _unfinished_shards(job.path)
         else:
             shard = int(self.sweep.extract.get("shard_size") or default_shard_size(spec.layers))
             job.num_shards = -(-num_images // shard)
@@ -226,17 +225,19 @@ def _skip_unneeded_stores(probes: list[ProbeJob], targets: dict[str, TargetJob],
             tj.status = SKIP
 
 
-def plan_sweep(sweep: SweepFile, store_root: str | Path, *, storage_options: dict[str, Any] | None = None) -> SweepPlan:
+def plan_sweep(sweep: SweepFile, store_root: Any) -> SweepPlan:
     """Every store and probe ``sweep`` needs, each once, marked ``skip`` where ``store_root`` holds it.
 
     Nothing is written. A dataset split that cannot be read or a backbone whose weights cannot be had
     marks its jobs (and the probes needing them) ``failed`` with the reason; the rest plan normally.
+    ``store_root`` is a folder, a URL or a :class:`store.Location` (which carries storage options).
     """
-    from probe.results import finished_runs
+    from store import as_location
+    from store.results import finished_runs
 
-    root = str(store_root)
-    planner = _Planner(sweep, root, storage_options)
-    finished = finished_runs(root, storage_options=storage_options)
+    root = as_location(store_root)
+    planner = _Planner(sweep, root)
+    finished = finished_runs(root)
     probes: list[ProbeJob] = []
     seen: set[tuple[Any, ...]] = set()
     for ps in sweep.probes:
@@ -247,5 +248,4 @@ def plan_sweep(sweep: SweepFile, store_root: str | Path, *, storage_options: dic
         seen.add(ident)
         probes.append(job)
     _skip_unneeded_stores(probes, planner.targets, planner.features)
-    return SweepPlan(sweep=sweep, store_root=root, targets=planner.targets, features=planner.features, probes=probes,
-                     storage_options=storage_options)
+    return SweepPlan(sweep=sweep, store_root=root, targets=planner.targets, features=planner.features, probes=probes)

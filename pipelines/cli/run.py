@@ -15,7 +15,7 @@ from rich.markup import escape as rich_escape
 
 from pipelines.cli.errors import clean_errors
 from pipelines.cli.options import (DEFAULT_DEVICE, DEFAULT_STORE_ROOT, Compression, Head, StorageOptionList, Weights,
-                                   _parse_layers, _storage_options)
+                                   _location, _parse_layers)
 from pipelines.cli.render import _results_table, _speed_table, err, out
 from pipelines.cli.stores import stores_ls
 from pipelines.report_shared import DEFAULT_FEATURE_IMAGES
@@ -94,12 +94,11 @@ def extract(
     options = {"num_classes": num_classes, "ignore_index": ignore_index, "seed": seed, "num_images": num_images}
     with _dataset_warnings_as_lines():
         result = run_extract(
-            backbone=backbone, dataset=dataset, split=split, root=root, store_root=store_root,
+            backbone=backbone, dataset=dataset, split=split, root=root, store_root=_location(store_root, storage_option),
             dataset_options={k: v for k, v in options.items() if v is not None}, weights=weights,
             layers=_parse_layers(layers), batch_size=batch_size, device=device, limit=limit,
             num_workers=workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
             targets=targets, target_size=(target_size, target_size), show_progress=progress,
-            storage_options=_storage_options(storage_option),
         )
     f = result.features
     if f.reused:
@@ -142,11 +141,12 @@ def probe(
     options = {"min_large": min_large} if min_large is not None else {}
     config = ProbeConfig(task=task, variant=variant, head=head.value, seed=seed, batch_size=batch_size,
                          max_epochs=max_epochs, patience=patience, lr=lr, task_options=options)
-    result = train_probe(str(store), config, eval_features=str(eval_store) if eval_store else None,
-                         targets=str(targets) if targets else None,
-                         eval_targets=str(eval_targets) if eval_targets else None,
-                         results_root=str(results_root) if results_root else None, device=device,
-                         show_progress=progress, storage_options=_storage_options(storage_option))
+    def where(path: Optional[str]) -> Any:
+        return _location(path, storage_option) if path else None
+
+    result = train_probe(where(store), config, eval_features=where(eval_store), targets=where(targets),
+                         eval_targets=where(eval_targets), results_root=where(results_root), device=device,
+                         show_progress=progress)
     out.print(_results_table([result.record], "probe result"))
     out.print(f"adapter: {result.run_dir}\nresult:  {result.result_path}", highlight=False)
 
@@ -163,7 +163,7 @@ def predict(
     """Render a trained adapter's prediction for one stored image at any output size."""
     from probe.predict import colourise, predict as run_predict
 
-    raw, meta = run_predict(adapter, store, index, (size, size), storage_options=_storage_options(storage_option))
+    raw, meta = run_predict(_location(adapter, storage_option), _location(store, storage_option), index, (size, size))
     colourise(raw, meta["task"]).save(out_path)
     out.print(f"wrote {out_path} ({size}x{size}, task {meta['task']})")
 
@@ -238,7 +238,7 @@ def sweep(
     """Run a sweep file: every store extracted once, then every probe, on dask; finished work is skipped."""
     from pipelines.sweep import format_plan, plan_from_file, run_sweep
 
-    plan = plan_from_file(sweep_file, store_root, data_roots=data_root, storage_options=_storage_options(storage_option))
+    plan = plan_from_file(sweep_file, _location(store_root, storage_option), data_roots=data_root)
     if dry_run:
         out.print(format_plan(plan))
     summary = run_sweep(plan, workers=workers, scheduler=scheduler, dry_run=dry_run, show_progress=progress)
