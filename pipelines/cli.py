@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from typer.exceptions import TyperException
 
+from extract.config import DEFAULT_BATCH_SIZE
+from store._layout import COMPRESSIONS
 from store.errors import MaxaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -41,9 +43,7 @@ class Weights(StrEnum):
     random = "random"
 
 
-class Compression(StrEnum):
-    none = "none"
-    zstd = "zstd"
+Compression = StrEnum("Compression", {name: name for name in COMPRESSIONS})
 
 
 #: Long-running commands: SIGTERM (``kill``, a batch scheduler's stop) is handled like Ctrl-C, so
@@ -314,7 +314,7 @@ def extract(
     store_root: Annotated[str, typer.Option(help="Where stores live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
     weights: Annotated[str, typer.Option(help="pretrained (timm hub / HF cache), random, or a checkpoint PATH.")] = "pretrained",
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated layer indices (default: the entry's).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = DEFAULT_BATCH_SIZE,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Decode workers (default: up to 4).")] = None,
@@ -557,12 +557,6 @@ def stores_rm(
 
 
 # -- probe ----------------------------------------------------------------------------------------
-class Head(StrEnum):
-    maxa = "maxa"
-    linear = "linear"
-    cnn = "cnn"
-
-
 def _results_table(records: list[dict[str, Any]], title: str):
     from rich.table import Table
 
@@ -584,7 +578,7 @@ def probe(
     task: Annotated[str, typer.Option(help="boundaries, distance, instances, semseg or depth.")],
     eval_store: Annotated[Optional[str], typer.Option(help="Eval feature store (default: same backbone+dataset, val/test split).")] = None,
     variant: Annotated[str, typer.Option(help="base, d16, no-sigma, shared-sigma, single-layer, paper-budget.")] = "base",
-    head: Annotated[Head, typer.Option(help="Readout: the MAXA adapter or a baseline head.")] = Head.maxa,
+    head: Annotated[str, typer.Option(help="Readout: maxa (the MAXA adapter) or a baseline head (linear, cnn).")] = "maxa",
     seed: Annotated[int, typer.Option(help="Seed: initialisation, validation split, shuffling.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap (early stopping on validation loss).")] = 30,
@@ -603,7 +597,7 @@ def probe(
     from probe.train import ProbeConfig, train_probe
 
     options = {"min_large": min_large} if min_large is not None else {}
-    config = ProbeConfig(task=task, variant=variant, head=head.value, seed=seed, batch_size=batch_size,
+    config = ProbeConfig(task=task, variant=variant, head=head, seed=seed, batch_size=batch_size,
                          max_epochs=max_epochs, patience=patience, lr=lr, task_options=options)
     result = train_probe(str(store), config, eval_features=str(eval_store) if eval_store else None,
                          targets=str(targets) if targets else None,

@@ -300,7 +300,7 @@ def run_sweep(
 
 def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progress,
              on_event: Callable[[str, str], None] | None) -> None:
-    from extract.runner import finalize_feature_store, open_feature_store
+    from extract.runner import ExtractConfig, finalize_feature_store, open_feature_store
     from pipelines.distributed import build_targets_task, extract_shards_task, probe_task
     from store.errors import StoreBusyError
     from store.lease import wait_settings
@@ -345,12 +345,8 @@ def _execute(plan: SweepPlan, ex: Any, summary: SweepSummary, progress: _Progres
     def start_features(job: FeatureJob) -> None:
         state[job.id] = "running"
         try:
-            writer = open_feature_store(
-                job.planned_backbone, job.reader, root, limit=job.split.limit,
-                shard_size=plan.sweep.extract.get("shard_size"), compression=plan.sweep.extract.get("compression", "none"),
-                device=str(plan.sweep.extract.get("device", "auto")), batch_size=int(plan.sweep.extract.get("batch_size", 32)),
-                storage_options=so, wait_timeout=0,
-            )
+            config = ExtractConfig.from_dict({**plan.sweep.extract, "limit": job.split.limit, "wait_timeout": 0})
+            writer = open_feature_store(job.planned_backbone, job.reader, root, config, storage_options=so)
         except StoreBusyError as e:  # another live writer: look again later, unless we waited long enough
             first = waiting.get(job.id, (time.monotonic(), 0.0))[0]
             if max_wait is not None and time.monotonic() - first > max_wait:

@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from store._layout import COMPRESSIONS
 from store.errors import MaxaError
 
 __all__ = [
@@ -312,8 +313,9 @@ def _check_types(chk: _Checker, d: dict[str, Any], table: tuple[Any, ...], what:
             raise chk.fail(table, k, None, f"{what} {k} must be a positive number, got {v!r}.")
         if k == "device" and not isinstance(v, str):
             raise chk.fail(table, k, None, f"{what} device must be a string such as \"auto\", \"cpu\" or \"cuda\".")
-        if k == "compression" and v not in ("none", "zstd"):
-            raise chk.fail(table, k, v, f"{what} compression must be \"none\" or \"zstd\", got {v!r}.")
+        if k == "compression" and v not in COMPRESSIONS:
+            names = " or ".join(f'"{c}"' for c in COMPRESSIONS)
+            raise chk.fail(table, k, v, f"{what} compression must be {names}, got {v!r}.")
         if k == "skip_bad" and not isinstance(v, bool):
             raise chk.fail(table, k, None, f"{what} skip_bad must be true or false.")
         if k in ("options", "task_options") and not isinstance(v, dict):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +19,9 @@ from probe.adapter import (
     sinusoidal_encoding,
 )
 from probe.heads import CnnHead, LinearHead, build_head
-from probe.variants import PAPER_BACKBONES, TASK_OUTPUTS, VARIANTS, parameter_table, variant_config
+from probe.variants import PAPER_BACKBONES, TASK_OUTPUTS, VARIANTS, parameter_table, reference_csv, variant_config
 from store.errors import UnknownNameError
 
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper"
 
 
 def grid_pos(h: int, w: int) -> torch.Tensor:
@@ -301,12 +300,10 @@ def test_count_parameters_learnable_only():
     assert count_parameters(m) == total - 8
 
 
-@pytest.mark.skipif(not (PAPER / "reference_results.csv").exists(), reason="paper reference table not available")
 def test_paper_budget_matches_every_reference_row():
-    with open(PAPER / "reference_results.csv", newline="") as fh:
-        reference = list(csv.DictReader(fh))
+    reference = list(csv.DictReader(io.StringIO(reference_csv().read_text(encoding="utf-8"))))
     assert {r["backbone"] for r in reference} <= set(PAPER_BACKBONES)
-    rows = parameter_table(PAPER / "reference_results.csv", file=None)
+    rows = parameter_table(file=None)
     checked = 0
     for r in rows:
         if r["backbone"] not in PAPER_BACKBONES:  # extra, documented non-matching row (timm's SAM2 trunk)

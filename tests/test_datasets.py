@@ -27,17 +27,12 @@ from extract.datasets.segfolder import SegFolderDataset
 from extract.datasets.voc import VOCDataset
 from store.errors import BadImageError, DatasetError
 
+from shared_data import shared_data
+
 # pycocotools' mask decoding trips a numpy 2 DeprecationWarning inside the library itself.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _shared(name: str) -> Path:
-    path = DATA / name
-    if not path.is_dir():
-        pytest.skip(f"real sample data {path} not found (expected ../shared/data beside the repository)")
-    return path
+_shared = shared_data
 
 
 # -- writers of tiny datasets in their real formats ----------------------------------------------
