@@ -49,7 +49,8 @@ import torch  # noqa: E402
 from extract.backbones import LoadedBackbone, load_backbone  # noqa: E402
 from extract.datasets.base import DatasetReader, create_dataset  # noqa: E402
 from extract.images import BackboneImages  # noqa: E402
-from extract.runner import _batches, default_shard_size, extract_features, feature_spec_for  # noqa: E402
+from extract.runner import (DEFAULT_BATCH_SIZE, ExtractConfig, _batches, default_shard_size, extract_features,  # noqa: E402
+                           feature_spec_for)
 from store import _layout as L  # noqa: E402
 from store import open_features  # noqa: E402
 from store.writer import ArrayDef, StoreWriter  # noqa: E402
@@ -154,9 +155,9 @@ def _sync(device) -> None:
 
 def pipeline(backbone, reader, n, args, root: Path, *, compression: str, progress: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
-    res = extract_features(backbone, reader, str(root), weights=args.weights, batch_size=args.batch_size,
-                           device=args.device, limit=n, num_workers=args.workers, compression=compression,
-                           show_progress=progress)
+    config = ExtractConfig(weights=args.weights, batch_size=args.batch_size, device=args.device, limit=n,
+                           num_workers=args.workers, compression=compression)
+    res = extract_features(backbone, reader, str(root), config, show_progress=progress)
     wall = time.perf_counter() - t0
     assert not res.reused and res.images_written == n, (res.reused, res.images_written)
     return {"wall_s": wall, "runner_s": res.seconds, "path": res.path}
@@ -170,7 +171,7 @@ def compression_figures(model, reader, n, feats: dict[str, np.ndarray], repeats:
     arrays = [ArrayDef(f"{L.FEATURES}/{l.name}", (*l.grid, l.channels), "float16", ("y", "x", "c"))
               for l in spec.layers]
     out: dict[str, Any] = {"raw_fp16_bytes_per_image": raw}
-    for comp in ("none", "zstd"):
+    for comp in L.COMPRESSIONS:
         times, size = [], 0
         for _ in range(repeats):
             tmp = Path(tempfile.mkdtemp(prefix="maxa-bench-w-"))
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--split", default="train")
     p.add_argument("--repeat", type=int, default=1, help="repeat the split's image list this many times")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (after --repeat)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the runner's)")
     p.add_argument("--rounds", type=int, default=2, help="bare/pipeline alternations")
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(f"{'compression':<12}{'bytes/img':>11}{'x raw':>8}{'write s':>9}{'write MB/s':>12}   "
           f"(raw fp16 {comp['raw_fp16_bytes_per_image']:,} B/img)")
-    for c in ("none", "zstd"):
+    for c in L.COMPRESSIONS:
         d = comp[c]
         print(f"{c:<12}{d['bytes_per_image']:11,.0f}{d['ratio_vs_raw']:8.3f}{d['write_s_median']:9.3f}"
               f"{d['write_MB_per_s']:12.1f}")

@@ -9,6 +9,7 @@ from typing import Any
 
 from extract.backbone_registry import entry_geometry, get_backbone_entry
 from extract.backbones import load_backbone
+from extract.config import ExtractConfig
 from extract.datasets.base import create_dataset
 from runtime.devices import resolve_device
 from extract.runner import ExtractResult, extract_features
@@ -32,47 +33,40 @@ def run_extract(
     store_root: str | Path,
     root: str | Path | None = None,
     dataset_options: dict[str, Any] | None = None,
-    weights: str = "pretrained",
-    layers: tuple[int, ...] | None = None,
-    batch_size: int = 32,
-    device: str = "auto",
-    limit: int | None = None,
-    num_workers: int | None = None,
-    shard_size: int | None = None,
-    compression: str = "none",
-    skip_bad: bool = False,
+    config: ExtractConfig | None = None,
     targets: bool = True,
     target_size: tuple[int, int] = (224, 224),
     show_progress: bool = True,
     storage_options: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> ExtractJobResult:
     """Extract ``backbone`` features of ``dataset``/``split`` and (by default) build its targets.
+
+    The extraction settings are ``config`` (default: ``ExtractConfig()``) with any of its fields
+    given as keywords in ``settings`` replaced (``weights="random", batch_size=4``).
 
     The target store is backbone-independent: it is built once per dataset split and size and
     found again by every later extraction of the same split. ``store_root`` may be a URL
     (``s3://bucket/prefix``) with fsspec ``storage_options``.
     """
+    config = dataclasses.replace(config or ExtractConfig(), **settings)
     # Everything that can be refused is checked before any store is written: the store root, the
     # backbone name, layers, device and weights, then the dataset root.
     store_root = str(store_root) if "://" in str(store_root) else Path(store_root)
     if isinstance(store_root, Path) and store_root.exists() and not store_root.is_dir():
         raise MaxaError(f"--store-root {store_root} is a file, not a folder; choose a folder for the stores.")
-    _check_layers(backbone, layers)
-    dev = resolve_device(device)
+    _check_layers(backbone, config.layers)
+    dev = resolve_device(config.device)
     reader = create_dataset(dataset, root, split, **(dataset_options or {}))
-    model = load_backbone(backbone, weights=weights, device=str(dev), layers=layers)
+    model = load_backbone(backbone, weights=config.weights, device=str(dev), layers=config.layers)
     target_result = None
     if targets and reader.targets:
         target_result = build_target_store(
-            reader, str(store_root), size=target_size, limit=limit, num_workers=num_workers,
+            reader, str(store_root), size=target_size, limit=config.limit, num_workers=config.num_workers,
             show_progress=show_progress, storage_options=storage_options,
         )
-    feature_result = extract_features(
-        model, reader, str(store_root), weights=weights, layers=layers, batch_size=batch_size,
-        device=device, limit=limit, num_workers=num_workers, shard_size=shard_size,
-        compression=compression, skip_bad=skip_bad, show_progress=show_progress,
-        storage_options=storage_options,
-    )
+    feature_result = extract_features(model, reader, str(store_root), config, show_progress=show_progress,
+                                      storage_options=storage_options)
     return ExtractJobResult(features=feature_result, targets=target_result)
 
 

@@ -20,32 +20,32 @@ import torch
 from torch.utils.data import DataLoader
 
 from extract.backbones import LoadedBackbone, load_backbone
+from extract.config import DEFAULT_BATCH_SIZE, ExtractConfig
 from runtime.devices import resolve_device
 from extract.datasets.base import DatasetReader, image_ids_hash
 from extract.images import BackboneImages, collate_images, default_decode_workers
 from extract.progress import ProgressReporter
 from runtime.provenance import provenance
-from store import _layout as L
+from store.location import Location
 from store.catalogue import feature_store_path
 from runtime.errors import BadImageError, MaxaError, StoreError
 from store.reader import open_features
 from store.spec import FeatureSpec, LayerSpec
-from store.writer import ArrayDef, StoreWriter
+from store.writer import StoreWriter, feature_array_name, feature_arrays
 
-__all__ = ["ExtractResult", "extract_features", "feature_spec_for", "default_shard_size", "resolve_device",
+__all__ = ["DEFAULT_BATCH_SIZE", "ExtractConfig", "ExtractResult", "extract_features", "feature_spec_for", "default_shard_size", "resolve_device",
            "open_feature_store", "finalize_feature_store", "check_reusable"]
 
 FP16_MAX = 65504.0
 #: Target bytes per shard: big enough for efficient I/O, small enough to buffer.
 SHARD_BYTES = 256 * 2**20
-DEFAULT_BATCH_SIZE = 32  # images per forward pass where a caller gives none
 
 
 @dataclass
 class ExtractResult:
     """What an extraction produced or found."""
 
-    path: str
+    path: Location  # prints as the path or URL; carries the storage options
     spec: FeatureSpec
     reused: bool
     images_written: int = 0
@@ -97,21 +97,11 @@ def feature_spec_for(backbone: LoadedBackbone, reader: DatasetReader, image_ids:
 def extract_features(
     backbone: str | LoadedBackbone,
     reader: DatasetReader,
-    store_root: str,
+    store_root: str | Location,
+    config: ExtractConfig | None = None,
     *,
-    weights: str = "pretrained",
-    layers: tuple[int, ...] | None = None,
-    batch_size: int = 32,
-    device: str = "auto",
-    limit: int | None = None,
-    num_workers: int | None = None,
-    shard_size: int | None = None,
-    compression: str = "none",
-    skip_bad: bool = False,
     show_progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
-    storage_options: dict[str, Any] | None = None,
-    wait_timeout: float | None = None,
     shards: list[int] | None = None,
     finalize: bool = True,
     coordinated: bool = False,
@@ -124,23 +114,14 @@ def extract_features(
     lease and writes only the missing shards); see ``store.lease``.
 
     Args:
-        backbone: registry name or an already loaded backbone.
+        backbone: registry name (loaded with ``config.weights`` and ``config.layers``) or an
+            already loaded backbone.
         reader: the dataset split.
-        store_root: root directory of stores, or a URL (``s3://bucket/prefix``).
-        weights: ``"pretrained"``, ``"random"`` or a checkpoint path.
-        layers: layer indices (``None``: the backbone entry's layers).
-        batch_size: images per forward pass.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        limit: only the first ``limit`` images.
-        num_workers: DataLoader decode workers (default: up to 4, fewer on small machines).
-        shard_size: images per shard (default: ~256 MB of features).
-        compression: ``"none"`` or ``"zstd"``.
-        skip_bad: record undecodable images (zeros, flagged ``bad``) instead of stopping.
+        store_root: root directory of stores, a URL (``s3://bucket/prefix``) or a store Location
+            (which carries fsspec storage options: endpoint, credentials, ...).
+        config: the extraction settings (default: ``ExtractConfig()``).
         show_progress: draw a progress bar.
         on_shard: called with each shard index once it is on disk (tests use it).
-        storage_options: fsspec options for a URL ``store_root`` (endpoint, key, secret, ...).
-        wait_timeout: seconds to wait for another live writer of the same store (default: while
-            its lease is live).
         shards: write only these shard indices (those already flagged done are skipped); default:
             every missing shard.
         finalize: mark the store complete once no shard is missing (default). ``False`` leaves
@@ -150,47 +131,55 @@ def extract_features(
             without claiming the lease (so the worker never waits on its coordinator), only
             ``shards`` are written, and the store is never finalized here.
     """
-    dev = resolve_device(device)
+    config = config or ExtractConfig()
+    dev = resolve_device(config.device)
     if isinstance(backbone, LoadedBackbone):
         model = backbone
     else:
-        model = load_backbone(backbone, weights=weights, device=str(dev), layers=layers)
-    image_ids = list(reader.image_ids[:limit] if limit is not None else reader.image_ids)
-    if not image_ids:
-        raise MaxaError(f"dataset {reader.name!r} split {reader.split!r} has no images to extract.")
+        model = load_backbone(backbone, weights=config.weights, device=str(dev), layers=config.layers)
+    image_ids = _image_ids(reader, config.limit)
     spec = feature_spec_for(model, reader, image_ids)
     path = feature_store_path(store_root, spec)
-    writer = _feature_writer(spec, path, image_ids, shard_size=shard_size, compression=compression,
-                             device=str(dev), batch_size=batch_size, storage_options=storage_options,
-                             wait_timeout=wait_timeout)
+    writer = _feature_writer(spec, path, image_ids, config, device=str(dev))
     if coordinated:
         writer.attach()
     else:
         writer.open()
     with writer:  # releases the store's lease however this ends (a coordinated writer holds none)
         if writer.complete:
-            check_reusable(path, reader, skip_bad=skip_bad, storage_options=storage_options)
+            check_reusable(path, reader, skip_bad=config.skip_bad)
             return ExtractResult(path=path, spec=spec, reused=True)
-        missing = writer.missing_shards()
-        if shards is not None:
-            wanted = {int(s) for s in shards}
-            bad = sorted(s for s in wanted if not 0 <= s < writer.num_shards)
-            if bad:
-                raise ValueError(f"{path} has shards 0..{writer.num_shards - 1}; asked for {bad}")
-            missing = [s for s in missing if s in wanted]
+        missing = _wanted_shards(writer, path, shards)
         result = ExtractResult(path=path, spec=spec, reused=False)
         start_time = time.perf_counter()
         if missing:
-            _run_shards(model, reader, writer, missing, spec, dev, batch_size, num_workers, skip_bad,
-                        show_progress, on_shard, result)
+            _run_shards(model, reader, writer, missing, spec, dev, config, show_progress, on_shard, result)
         if finalize and not coordinated and not writer.missing_shards():
             writer.finalize(bad_images=result.bad_images, clipped_values=result.clipped_values)
     result.seconds = time.perf_counter() - start_time
     return result
 
 
-def check_reusable(path: str, reader: DatasetReader, *, skip_bad: bool,
-                   storage_options: dict[str, Any] | None = None) -> None:
+def _image_ids(reader: DatasetReader, limit: int | None) -> list[str]:
+    image_ids = list(reader.image_ids[:limit] if limit is not None else reader.image_ids)
+    if not image_ids:
+        raise MaxaError(f"dataset {reader.name!r} split {reader.split!r} has no images to extract.")
+    return image_ids
+
+
+def _wanted_shards(writer: StoreWriter, path: Location, shards: list[int] | None) -> list[int]:
+    """The missing shards, only those of ``shards`` if given (an index out of range is an error)."""
+    missing = writer.missing_shards()
+    if shards is None:
+        return missing
+    wanted = {int(s) for s in shards}
+    bad = sorted(s for s in wanted if not 0 <= s < writer.num_shards)
+    if bad:
+        raise ValueError(f"{path} has shards 0..{writer.num_shards - 1}; asked for {bad}")
+    return [s for s in missing if s in wanted]
+
+
+def check_reusable(path: str | Location, reader: DatasetReader, *, skip_bad: bool) -> None:
     """Refuse to reuse a complete feature store whose recorded bad images no longer tell the truth.
 
     A store extracted with ``--skip-bad`` holds zeros for the images it could not decode. Reusing
@@ -198,7 +187,7 @@ def check_reusable(path: str, reader: DatasetReader, *, skip_bad: bool,
     after a repair the store would silently keep the zeros. Only the recorded images are decoded
     again, so this costs nothing for a store without bad images.
     """
-    bad = open_features(path, storage_options=storage_options).bad
+    bad = open_features(path).bad
     if bad.size == 0:
         return
     first = reader.image_ids[int(bad[0])]
@@ -219,34 +208,21 @@ def check_reusable(path: str, reader: DatasetReader, *, skip_bad: bool,
         )
 
 
-def _feature_writer(spec: FeatureSpec, path: str, image_ids: list[str], *, shard_size: int | None,
-                    compression: str, device: str, batch_size: int, storage_options: dict[str, Any] | None,
-                    wait_timeout: float | None) -> StoreWriter:
-    arrays = [
-        ArrayDef(f"{L.FEATURES}/{l.name}", (*l.grid, l.channels), "float16", ("y", "x", "c"),
-                 attrs={"token_centres": [list(map(list, row)) for row in l.token_centres]})
-        for l in spec.layers
-    ]
+def _feature_writer(spec: FeatureSpec, path: Location, image_ids: list[str], config: ExtractConfig, *,
+                    device: str) -> StoreWriter:
     return StoreWriter(
-        path, kind="features", key=spec.key, spec=spec.to_dict(), arrays=arrays, image_ids=image_ids,
-        shard_size=shard_size or default_shard_size(spec.layers), compression=compression,
-        provenance=provenance(device=device, batch_size=batch_size),
-        storage_options=storage_options, wait_timeout=wait_timeout,
+        path, kind="features", key=spec.key, spec=spec.to_dict(), arrays=feature_arrays(spec), image_ids=image_ids,
+        shard_size=config.shard_size or default_shard_size(spec.layers), compression=config.compression,
+        provenance=provenance(device=device, batch_size=config.batch_size),
+        wait_timeout=config.wait_timeout,
     )
 
 
 def open_feature_store(
     backbone: LoadedBackbone,
     reader: DatasetReader,
-    store_root: str,
-    *,
-    limit: int | None = None,
-    shard_size: int | None = None,
-    compression: str = "none",
-    device: str = "auto",
-    batch_size: int = 32,
-    storage_options: dict[str, Any] | None = None,
-    wait_timeout: float | None = None,
+    store_root: str | Location,
+    config: ExtractConfig | None = None,
 ) -> StoreWriter:
     """The coordinator's side of a distributed extraction: create (or find) the store and hold its lease.
 
@@ -256,13 +232,10 @@ def open_feature_store(
     with :func:`finalize_feature_store` (or ``writer.close()`` to leave the store for a re-run).
     A complete store comes back with ``writer.complete`` set and no lease held.
     """
-    image_ids = list(reader.image_ids[:limit] if limit is not None else reader.image_ids)
-    if not image_ids:
-        raise MaxaError(f"dataset {reader.name!r} split {reader.split!r} has no images to extract.")
+    config = config or ExtractConfig()
+    image_ids = _image_ids(reader, config.limit)
     spec = feature_spec_for(backbone, reader, image_ids)
-    writer = _feature_writer(spec, feature_store_path(store_root, spec), image_ids, shard_size=shard_size,
-                             compression=compression, device=device, batch_size=batch_size,
-                             storage_options=storage_options, wait_timeout=wait_timeout)
+    writer = _feature_writer(spec, feature_store_path(store_root, spec), image_ids, config, device=config.device)
     return writer.open()
 
 
@@ -280,15 +253,14 @@ def _batches(writer: StoreWriter, shards: list[int], batch_size: int) -> list[li
     return out
 
 
-def _run_shards(model, reader, writer, shards, spec, dev, batch_size, num_workers, skip_bad,
-                show_progress, on_shard, result) -> None:
+def _run_shards(model, reader, writer, shards, spec, dev, config, show_progress, on_shard, result) -> None:
     # workers decode and resize to uint8; normalisation happens here, on the device (bitwise the same)
     images = BackboneImages(reader, spec.input_size, spec.mean, spec.std, spec.interpolation, normalize=False)
     # at least one (targets may take none): decoding overlaps the forward pass on this thread
-    workers = default_decode_workers(at_least=1) if num_workers is None else num_workers
+    workers = default_decode_workers(at_least=1) if config.num_workers is None else config.num_workers
     loader = DataLoader(
         images,
-        batch_sampler=_batches(writer, shards, batch_size),
+        batch_sampler=_batches(writer, shards, config.batch_size),
         num_workers=workers,
         collate_fn=collate_images,
         pin_memory=dev.type == "cuda",
@@ -318,7 +290,7 @@ def _run_shards(model, reader, writer, shards, spec, dev, batch_size, num_worker
                 for k, msg in enumerate(batch["bad"]):
                     if msg:
                         path, _, reason = msg.partition("\t")
-                        if not skip_bad:
+                        if not config.skip_bad:
                             raise BadImageError(path, reason)
                         result.bad_images.append(path)
                 pixels = images.normalize(batch["pixels"].to(dev, non_blocking=True))
@@ -328,13 +300,13 @@ def _run_shards(model, reader, writer, shards, spec, dev, batch_size, num_worker
                 start, stop = shard_of[shard]
                 if shard not in buffers:
                     buffers[shard] = {
-                        f"{L.FEATURES}/{l.name}": np.zeros((stop - start, *l.grid, l.channels), np.float16)
+                        feature_array_name(l.name): np.zeros((stop - start, *l.grid, l.channels), np.float16)
                         for l in spec.layers
                     }
                     bad_flags[shard] = np.zeros(stop - start, np.uint8)
                 rows = slice(int(idx[0]) - start, int(idx[-1]) + 1 - start)  # batches are consecutive images
                 for l in spec.layers:
-                    result.clipped_values += _store_fp16(feats[l.name], buffers[shard][f"{L.FEATURES}/{l.name}"][rows])
+                    result.clipped_values += _store_fp16(feats[l.name], buffers[shard][feature_array_name(l.name)][rows])
                 for k, msg in enumerate(batch["bad"]):
                     if msg:
                         bad_flags[shard][idx[k] - start] = 1

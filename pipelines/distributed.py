@@ -126,18 +126,16 @@ def extract_shards_task(backbone: str, weights: str, layers: tuple[int, ...] | N
                         shards: tuple[int, ...], settings: tuple[tuple[str, Any], ...],
                         ) -> tuple[tuple[int, ...], int, tuple[str, ...], int]:
     """Write ``shards`` of the coordinated feature store; returns ``(shards, images, bad images, clipped)``."""
-    from extract.runner import DEFAULT_BATCH_SIZE, extract_features
+    from extract.runner import ExtractConfig, extract_features
 
     _setup_process()
     s = dict(settings)
     device = worker_device(s.get("device", "auto"))
     model = worker_backbone(backbone, weights, layers, device)
-    result = extract_features(
-        model, _reader(ref), store_root, weights=weights, layers=layers,
-        batch_size=int(s.get("batch_size", DEFAULT_BATCH_SIZE)), device=device, limit=ref.limit, num_workers=_decode_workers(s.get("num_workers")),
-        shard_size=s.get("shard_size"), compression=s.get("compression", "none"), skip_bad=bool(s.get("skip_bad", False)),
-        show_progress=False, shards=list(shards), coordinated=True,
-    )
+    config = ExtractConfig.from_dict({**s, "weights": weights, "layers": layers, "device": device, "limit": ref.limit,
+                                      "num_workers": _decode_workers(s.get("num_workers"))})
+    result = extract_features(model, _reader(ref), store_root, config, show_progress=False, shards=list(shards),
+                              coordinated=True)
     return tuple(shards), int(result.images_written), tuple(result.bad_images), int(result.clipped_values)
 
 

@@ -39,7 +39,7 @@ VARIANT_ORDER = ("base", "d16", "no-sigma", "shared-sigma", "single-layer", "pap
 
 # -- the paper's numbers --------------------------------------------------------------------------
 def _read_csv(name: str) -> list[dict[str, str]]:
-    text = resources.files("pipelines").joinpath("data", name).read_text(encoding="utf-8")
+    text = resources.files("probe").joinpath("paper", name).read_text(encoding="utf-8")
     return list(csv.DictReader(io.StringIO(text)))
 
 

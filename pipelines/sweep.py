@@ -242,15 +242,10 @@ class _Execution:
         self._submit_shards(job, missing)
 
     def _open_store(self, job: FeatureJob) -> Any:
-        from extract.runner import DEFAULT_BATCH_SIZE, open_feature_store
+        from extract.runner import ExtractConfig, open_feature_store
 
-        extract = self.plan.sweep.extract
-        return open_feature_store(
-            job.planned_backbone, job.reader, self.root, limit=job.split.limit,
-            shard_size=extract.get("shard_size"), compression=extract.get("compression", "none"),
-            device=str(extract.get("device", "auto")), batch_size=int(extract.get("batch_size", DEFAULT_BATCH_SIZE)),
-            wait_timeout=0,
-        )
+        config = ExtractConfig.from_dict({**self.plan.sweep.extract, "limit": job.split.limit, "wait_timeout": 0})
+        return open_feature_store(job.planned_backbone, job.reader, self.root, config)
 
     def _store_busy(self, job: FeatureJob, e: Any) -> None:
         first = self.waiting.get(job.id, (time.monotonic(), 0.0))[0]

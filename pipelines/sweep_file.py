@@ -62,6 +62,7 @@ from typing import Any, Callable
 from pipelines.sweep_jobs import DatasetDef, ProbeSpec, SplitRef, SweepFile, freeze
 from pipelines.toml_lines import TomlLines
 from runtime.errors import MaxaError
+from store import COMPRESSIONS
 
 __all__ = ["SweepFileError", "load_sweep", "parse_sweep", "parse_data_roots"]
 
@@ -92,7 +93,8 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "lr": (_positive_number, "{what} {key} must be a positive number, got {value!r}.", False),
     "val_fraction": (_positive_number, "{what} {key} must be a positive number, got {value!r}.", False),
     "device": (lambda v: isinstance(v, str), '{what} device must be a string such as "auto", "cpu" or "cuda".', False),
-    "compression": (lambda v: v in ("none", "zstd"), '{what} compression must be "none" or "zstd", got {value!r}.', True),
+    "compression": (lambda v: v in COMPRESSIONS,
+                    "{what} compression must be " + " or ".join(f'"{c}"' for c in COMPRESSIONS) + ", got {value!r}.", True),
     "skip_bad": (lambda v: isinstance(v, bool), "{what} skip_bad must be true or false.", False),
     "options": (lambda v: isinstance(v, dict), "{what} {key} must be a table, e.g. {key} = {{ ... }}.", False),
     "task_options": (lambda v: isinstance(v, dict), "{what} {key} must be a table, e.g. {key} = {{ ... }}.", False),

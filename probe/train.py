@@ -26,10 +26,9 @@ from runtime.provenance import tool_version
 from probe import fused
 from probe.adapter import AdapterConfig, count_parameters
 from probe.data import ProbeData
-from probe.heads import build_head
+from probe.heads import HEADS, build_head
 from probe.results import append_result, check_results_root, write_run_files
-from probe.tasks import TargetInfo, Task, create_task
-from probe.tasks.instances import global_instance_ids
+from probe.tasks import Task, TrainingTargets, create_task, get_task
 from probe.variants import VARIANTS, variant_config
 from store._layout import join, safe_name
 from store.catalogue import find_eval_features, find_target_store, store_root_of
@@ -40,11 +39,8 @@ from store.spec import content_key
 
 __all__ = ["ProbeConfig", "ProbeResult", "train_probe", "build_model", "HEADS", "MAX_CNN_CHANNELS"]
 
-HEADS = ("maxa", "linear", "cnn")
 #: D_CNN = max(D/4, D_out), capped at 64 — the paper's setting for COCO-Stuff's 171 classes.
 MAX_CNN_CHANNELS = 64
-#: The paper trains instance discrimination on 8,000 images (each instance its own class).
-INSTANCE_TRAIN_IMAGES = 8000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +48,7 @@ class ProbeConfig:
     """One probe run's settings (saved, resolved, beside the adapter).
 
     Attributes:
-        task: ``boundaries``, ``distance``, ``instances``, ``semseg`` or ``depth``.
+        task: a registered task (``probe.tasks.task_names()``).
         variant: adapter variant (``base``, ``d16``, ``no-sigma``, ``shared-sigma``, ``single-layer``,
             ``paper-budget``); baseline heads take ``base`` only.
         head: ``maxa`` (default), ``linear`` or ``cnn``.
@@ -62,7 +58,8 @@ class ProbeConfig:
         patience: stop after this many epochs without a lower validation loss.
         val_fraction: part of the training store held out for model selection.
         lr: learning rate; ``None`` = the task's (1e-3, 2e-3 for boundaries and depth).
-        max_train_images: cap on training images (``None``: 8,000 for instances, else all).
+        max_train_images: cap on training images (``None``: the task's ``default_max_train_images``;
+            all images for most tasks).
         task_options: task keyword options (e.g. ``{"min_large": 3}``).
     """
 
@@ -151,13 +148,31 @@ def build_model(config: ProbeConfig, task: Task, in_channels, grids) -> tuple[to
     return build_head(config.head, adapter_config), adapter_config
 
 
-def _derive(task: Task, batch: dict[str, torch.Tensor], idx: np.ndarray, offsets: np.ndarray | None) -> None:
-    """Add fields a task derives from stored arrays (instances: global training instance ids)."""
-    if "instance_global" in task.needs and offsets is not None and "instances" in batch:
-        batch["instance_global"] = global_instance_ids(
-            batch["instances"], torch.from_numpy(offsets[idx]).to(batch["instances"].device),
-            batch.get("foreground"), batch.get("instance_ignore"),
-        )
+@dataclass
+class _Stores:
+    """The four stores of one probe run, checked against each other."""
+
+    train_fs: FeatureStore
+    train_ts: TargetStore
+    eval_fs: FeatureStore
+    eval_ts: TargetStore
+    root: str  # the training store's root
+    eval_features: str  # the eval feature store as given or found
+
+
+@dataclass
+class _Data:
+    """The task and the three image sets it trains, selects and is scored on."""
+
+    task: Task
+    training: TrainingTargets
+    stored: list[str]
+    fit: ProbeData
+    val: ProbeData
+    evaluation: ProbeData
+    train_bad: int
+    eval_bad: int
+    out_size: tuple[int, int]  # the targets' resolution: the adapter's output size
 
 
 def train_probe(
@@ -195,6 +210,26 @@ def train_probe(
     t_start = time.perf_counter()
     dev = resolve_device(device)
     torch.manual_seed(config.seed)
+    stores = _open_stores(features, eval_features, targets, eval_targets, storage_options)
+    out_root = str(results_root or stores.root)
+    check_results_root(out_root, storage_options=storage_options)
+    say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))
+    data = _prepare_data(config, stores, dev, in_memory, say)
+    trainer = _Trainer(config, data, dev)
+    fitted = trainer.fit(say if show_progress else None)
+
+    # evaluation on the eval store
+    t_eval = time.perf_counter()
+    metrics = trainer.score(data.task, data.evaluation)
+    trivial = data.task.trivial_metrics(data.fit.numpy_batches(data.stored), data.evaluation.numpy_batches(data.stored))
+    fitted["eval_s"] = time.perf_counter() - t_eval
+    return _save(config, stores, data, trainer, fitted, metrics, trivial, features=features, out_root=out_root,
+                 dev=dev, t_start=t_start, storage_options=storage_options)
+
+
+def _open_stores(features: str, eval_features: str | None, targets: str | None, eval_targets: str | None,
+                 storage_options: dict[str, Any] | None) -> _Stores:
+    """The training and eval feature and target stores, refused unless they belong together."""
     train_fs, train_ts = _open_pair(features, targets, storage_options)
     root = store_root_of(features, storage_options)
     if eval_features is None:
@@ -210,34 +245,23 @@ def train_probe(
     check_aligned(train_fs, train_ts)
     check_aligned(eval_fs, eval_ts)
     check_target_definitions(train_ts, eval_ts)
-    out_root = str(results_root or root)
-    check_results_root(out_root, storage_options=storage_options)
-    say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))
+    return _Stores(train_fs, train_ts, eval_fs, eval_ts, root, eval_features)
 
-    # the task, sized from the training targets
-    cap = config.max_train_images
-    if cap is None and config.task == "instances":
-        cap = INSTANCE_TRAIN_IMAGES
+
+def _prepare_data(config: ProbeConfig, stores: _Stores, dev: torch.device, in_memory: bool | None, say) -> _Data:
+    """The task, sized from the training targets, and its fit / held-out / eval image sets."""
+    train_fs, train_ts, eval_fs, eval_ts = stores.train_fs, stores.train_ts, stores.eval_fs, stores.eval_ts
+    task_class = get_task(config.task)
+    cap = config.max_train_images if config.max_train_images is not None else task_class.default_max_train_images
     n_train_total = len(train_fs) if cap is None else min(cap, len(train_fs))
     tspec = train_ts.spec
-    offsets = None
-    num_instances = None
-    if "instance_count" in train_ts.array_names:
-        counts = train_ts.read_all("instance_count")[:n_train_total].astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        num_instances = int(counts.sum())
-    info = TargetInfo(num_classes=tspec.num_classes, ignore_index=tspec.ignore_index,
-                      num_instances=num_instances, class_names=tspec.class_names)
-    task_options = dict(config.task_options)
-    if config.task == "instances":  # the dataset's own "large object" rule unless overridden
-        task_options.setdefault("large_area", tspec.large_area)
-    task = create_task(config.task, info, **task_options)
+    training = TrainingTargets.read(train_ts, n_train_total)
+    task_options = {**task_class.target_options(tspec), **config.task_options}
+    task = create_task(config.task, training.info, **task_options)
     if task.target_kind not in tspec.kinds:
         raise MaxaError(f"task {config.task!r} needs {task.target_kind!r} targets; dataset {tspec.dataset!r} "
                         f"has {', '.join(tspec.kinds)}.")
-    stored = [n for n in task.needs if n not in getattr(task, "derived", ())]
-    if "instance_global" in task.needs:
-        stored = list(dict.fromkeys([*stored, "instances", "foreground", "instance_ignore"]))
+    stored = task.stored_needs()
 
     # images recorded as undecodable hold zeros: never trained, selected or scored on
     usable, train_bad = _usable(train_fs, train_ts, n_train_total)
@@ -258,87 +282,106 @@ def train_probe(
     fit = ProbeData(train_fs, train_ts, stored, indices=fit_idx, device=dev, in_memory=in_memory)
     val = ProbeData(train_fs, train_ts, stored, indices=val_idx, device=dev, in_memory=in_memory)
     evaluation = ProbeData(eval_fs, eval_ts, stored, indices=eval_idx, device=dev, in_memory=in_memory)
-    out_size = tuple(tspec.size)
+    return _Data(task, training, stored, fit, val, evaluation, train_bad, eval_bad, tuple(tspec.size))
 
-    model, adapter_config = build_model(config, task, fit.in_channels, fit.grids)
-    model.to(dev)
-    if dev.type == "cpu":  # build or load the CPU kernels now, not inside the first epoch
-        fused.extension()
-    extra = task.extra_module()
-    if extra is not None:
-        extra.to(dev)
-    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
-    lr = config.lr if config.lr is not None else task.lr
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(config.seed)
 
-    def run_epoch(data: ProbeData, train: bool) -> float:
+class _Trainer:
+    """The model (and the task's extra module) with its optimiser: trains, selects an epoch, scores."""
+
+    def __init__(self, config: ProbeConfig, data: _Data, dev: torch.device) -> None:
+        self.config, self.data, self.task = config, data, data.task
+        self.out_size = data.out_size
+        self.model, self.adapter_config = build_model(config, self.task, data.fit.in_channels, data.fit.grids)
+        self.model.to(dev)
+        if dev.type == "cpu":  # build or load the CPU kernels now, not inside the first epoch
+            fused.extension()
+        self.extra = self.task.extra_module()
+        if self.extra is not None:
+            self.extra.to(dev)
+        params = list(self.model.parameters()) + (list(self.extra.parameters()) if self.extra is not None else [])
+        self.lr = config.lr if config.lr is not None else self.task.lr
+        self.opt = torch.optim.Adam(params, lr=self.lr)
+        self.gen = torch.Generator().manual_seed(config.seed)
+
+    def run_epoch(self, data: ProbeData, train: bool) -> float:
+        """One pass over ``data``: trains on it, or only measures its loss; the mean loss per image."""
+        model, task = self.model, self.task
         model.train(train)
         total, count = 0.0, 0
         with torch.set_grad_enabled(train):
-            for idx, feats, batch in data.batches(config.batch_size, shuffle=train, generator=gen):
-                _derive(task, batch, idx, offsets)
-                loss = task.loss(model(feats, data.token_pos, out_size), batch, extra)
+            for idx, feats, batch in data.batches(self.config.batch_size, shuffle=train, generator=self.gen):
+                task.derive(batch, idx, self.data.training)
+                loss = task.loss(model(feats, data.token_pos, self.out_size), batch, self.extra)
                 if train:
-                    opt.zero_grad(set_to_none=True)
+                    self.opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    opt.step()
+                    self.opt.step()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
         return total / max(count, 1)
 
-    def score(scorer: Task, data: ProbeData) -> dict[str, float]:
-        model.eval()
+    def score(self, scorer: Task, data: ProbeData) -> dict[str, float]:
+        self.model.eval()
         state = scorer.metric_state()
         with torch.no_grad():
-            for _idx, feats, batch in data.batches(config.batch_size):
-                scorer.update(state, model(feats, data.token_pos, out_size), batch)
+            for _idx, feats, batch in data.batches(self.config.batch_size):
+                scorer.update(state, self.model(feats, data.token_pos, self.out_size), batch)
         return scorer.compute(state)
 
-    # Model selection on the held-out part: its loss, or, for a task whose loss cannot improve on
-    # held-out images (instances: the classifier knows only training instances), its own metric.
-    selector = task.selection_task()
-    selection = "val_loss" if selector is None else f"val_{selector.primary_metric}"
-    best = (math.inf, -1, None)
-    history = []
-    t_train = time.perf_counter()
-    for epoch in range(config.max_epochs):
-        t0 = time.perf_counter()
-        train_loss = run_epoch(fit, True)
-        entry = {"epoch": epoch, "train_loss": train_loss}
-        if selector is None:
-            entry["val_loss"] = value = run_epoch(val, False)
-        else:
-            entry[selection] = score(selector, val)[selector.primary_metric]
-            value = -entry[selection] if selector.higher_is_better else entry[selection]
-            if not math.isfinite(value):  # no held-out image the metric can score
-                raise MaxaError(f"task {config.task!r}: none of the {len(val)} held-out training images can be "
-                                f"scored for model selection ({selection}); use a larger training store or a larger "
-                                "--val-fraction.")
-        entry["seconds"] = time.perf_counter() - t0
-        history.append(entry)
-        improved = value < best[0]
-        if improved:
-            best = (value, epoch, (copy.deepcopy(model.state_dict()),
-                                   copy.deepcopy(extra.state_dict()) if extra is not None else None))
-        if show_progress:
-            shown = entry[selection]
-            say(f"  {config.task} epoch {epoch + 1:>3}/{config.max_epochs}  train {train_loss:.4f}  "
-                f"{selection.replace('_', ' ')} {shown:.4f}{'  *' if improved else ''}  ({entry['seconds']:.1f} s)")
-        if epoch - best[1] >= config.patience:
-            break
-    train_seconds = time.perf_counter() - t_train
-    model.load_state_dict(best[2][0])
-    if extra is not None:
-        extra.load_state_dict(best[2][1])
+    def fit(self, say) -> dict[str, Any]:
+        """Train up to ``max_epochs`` and keep the best epoch's weights (``say``: progress lines, or None).
 
-    # evaluation on the eval store
-    t_eval = time.perf_counter()
-    metrics = score(task, evaluation)
-    trivial = task.trivial_metrics(fit.numpy_batches(stored), evaluation.numpy_batches(stored))
-    eval_seconds = time.perf_counter() - t_eval
+        Model selection on the held-out part: its loss, or, for a task whose loss cannot improve on
+        held-out images, the metric of the task's ``selection_task()``.
+        """
+        config, fit, val = self.config, self.data.fit, self.data.val
+        selector = self.task.selection_task()
+        selection = "val_loss" if selector is None else f"val_{selector.primary_metric}"
+        best = (math.inf, -1, None)
+        history = []
+        t_train = time.perf_counter()
+        for epoch in range(config.max_epochs):
+            t0 = time.perf_counter()
+            train_loss = self.run_epoch(fit, True)
+            entry = {"epoch": epoch, "train_loss": train_loss}
+            if selector is None:
+                entry["val_loss"] = value = self.run_epoch(val, False)
+            else:
+                entry[selection] = self.score(selector, val)[selector.primary_metric]
+                value = -entry[selection] if selector.higher_is_better else entry[selection]
+                if not math.isfinite(value):  # no held-out image the metric can score
+                    raise MaxaError(f"task {config.task!r}: none of the {len(val)} held-out training images can be "
+                                    f"scored for model selection ({selection}); use a larger training store or a "
+                                    "larger --val-fraction.")
+            entry["seconds"] = time.perf_counter() - t0
+            history.append(entry)
+            improved = value < best[0]
+            if improved:
+                best = (value, epoch, self._state())
+            if say is not None:
+                say(f"  {config.task} epoch {epoch + 1:>3}/{config.max_epochs}  train {train_loss:.4f}  "
+                    f"{selection.replace('_', ' ')} {entry[selection]:.4f}{'  *' if improved else ''}  "
+                    f"({entry['seconds']:.1f} s)")
+            if epoch - best[1] >= config.patience:
+                break
+        train_seconds = time.perf_counter() - t_train
+        self.model.load_state_dict(best[2][0])
+        if self.extra is not None:
+            self.extra.load_state_dict(best[2][1])
+        return {"history": history, "best_epoch": best[1], "selection": selection, "train_s": train_seconds}
 
-    # save the adapter and the record
+    def _state(self) -> tuple[dict, dict | None]:
+        return (copy.deepcopy(self.model.state_dict()),
+                copy.deepcopy(self.extra.state_dict()) if self.extra is not None else None)
+
+
+def _save(config: ProbeConfig, stores: _Stores, data: _Data, trainer: _Trainer, fitted: dict[str, Any],
+          metrics: dict[str, float], trivial: dict[str, float], *, features: str, out_root: str, dev: torch.device,
+          t_start: float, storage_options: dict[str, Any] | None) -> ProbeResult:
+    """Write the adapter and its meta under the run's folder and append the record to the results table."""
+    train_fs, train_ts, eval_fs, eval_ts = stores.train_fs, stores.train_ts, stores.eval_fs, stores.eval_ts
+    task, model, extra, tspec = data.task, trainer.model, trainer.extra, train_ts.spec
+    history, train_seconds = fitted["history"], fitted["train_s"]
     p_learn = count_parameters(model)
     run_key = content_key({"train": train_fs.key, "eval": eval_fs.key, "config": config.to_dict()})
     run_dir = join(out_root, "runs", safe_name(train_fs.spec.backbone), f"{tspec.dataset}-{config.task}-{config.variant}-{config.head}-seed{config.seed}-{run_key}")
@@ -349,25 +392,26 @@ def train_probe(
         "task": config.task, "variant": config.variant, "head": config.head, "seed": config.seed,
         "backbone": train_fs.spec.backbone, "weights": train_fs.spec.weights_id, "dataset": tspec.dataset,
         "train_split": train_fs.spec.split, "eval_split": eval_fs.spec.split,
-        "train_images": int(len(fit)), "val_images": int(len(val)), "eval_images": int(len(evaluation)),
-        "train_bad_excluded": train_bad, "eval_bad_excluded": eval_bad,
+        "train_images": int(len(data.fit)), "val_images": int(len(data.val)), "eval_images": int(len(data.evaluation)),
+        "train_bad_excluded": data.train_bad, "eval_bad_excluded": data.eval_bad,
         "dataset_id": train_fs.spec.dataset_id, "eval_dataset_id": eval_fs.spec.dataset_id,
         "eval_image_ids_hash": eval_fs.spec.image_ids_hash,
         "primary_metric": task.primary_metric, "primary_value": float(metrics.get(task.primary_metric, math.nan)),
         "higher_is_better": task.higher_is_better,
         "metrics": metrics, "trivial": trivial, "p_learn": int(p_learn),
-        "epochs": len(history), "best_epoch": int(best[1]) + 1, "selection": selection,
+        "epochs": len(history), "best_epoch": int(fitted["best_epoch"]) + 1, "selection": fitted["selection"],
         "train_store": train_fs.key, "eval_store": eval_fs.key,
         "train_targets": train_ts.key, "eval_targets": eval_ts.key,
-        "timings": {"train_s": train_seconds, "eval_s": eval_seconds, "total_s": time.perf_counter() - t_start,
+        "timings": {"train_s": train_seconds, "eval_s": fitted["eval_s"], "total_s": time.perf_counter() - t_start,
                     "epoch_s": train_seconds / max(len(history), 1)},
-        "config": {"probe": config.to_dict(), "adapter": adapter_config.to_dict(), "task_options": task.options(),
-                   "lr": lr, "device": str(dev), "in_memory": fit.in_memory},
+        "config": {"probe": config.to_dict(), "adapter": trainer.adapter_config.to_dict(),
+                   "task_options": task.options(), "lr": trainer.lr, "device": str(dev),
+                   "in_memory": data.fit.in_memory},
         "run_dir": str(run_dir), "tool_version": tool_version(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    meta = {**record, "history": history, "info": info.to_dict(), "out_size": list(out_size),
-            "train_features": str(features), "eval_features": str(eval_features),
+    meta = {**record, "history": history, "info": data.training.info.to_dict(), "out_size": list(data.out_size),
+            "train_features": str(features), "eval_features": str(stores.eval_features),
             "layers": list(train_fs.spec.layer_names), "backbone_identity": train_fs.spec.backbone_identity()}
     write_run_files(run_dir, {"adapter.pt": adapter_bytes.getvalue(),
                               "meta.json": json.dumps(meta, indent=2, default=float).encode()},

@@ -3,7 +3,8 @@
 ``variant_config(name, **kw)`` builds an :class:`AdapterConfig` from the caller's layer/task arguments
 (``in_channels``, ``grids``, ``out_channels``, optionally ``cnn_channels`` …) plus the variant's settings.
 
-``parameter_table()`` prints, for every row of the paper's ``reference_results.csv`` and every task column,
+``parameter_table()`` prints, for every row of the paper's ``reference_results.csv`` (shipped in ``probe/paper/``,
+read with :func:`reference_csv`) and every task column,
 the paper's learnable-parameter count next to this implementation's ``base`` and ``paper-budget`` counts.
 What could not be matched (documented in the table's footnotes):
 
@@ -20,7 +21,10 @@ What could not be matched (documented in the table's footnotes):
 from __future__ import annotations
 
 import csv
+import io
 import sys
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TextIO
 
@@ -92,8 +96,9 @@ TASK_OUTPUTS: dict[str, tuple[int, int | None]] = {
 }
 
 
-def reference_csv() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "paper" / "reference_results.csv"
+def reference_csv() -> Traversable:
+    """The paper's Tables 2/3 (one row per backbone, with P_learn per task), shipped as package data."""
+    return resources.files("probe").joinpath("paper", "reference_results.csv")
 
 
 def _count(name: str, channels, grids, out: int, cnn: int | None, cache: dict) -> int:
@@ -107,9 +112,8 @@ def _count(name: str, channels, grids, out: int, cnn: int | None, cache: dict) -
 
 def parameter_table(path: Path | str | None = None, file: TextIO | None = sys.stdout) -> list[dict]:
     """Rows (backbone, task, paper, base, paper_budget, ratio = paper_budget / paper); printed to ``file``."""
-    path = Path(path) if path is not None else reference_csv()
-    with open(path, newline="") as fh:
-        reference = list(csv.DictReader(fh))
+    source = Path(path) if path is not None else reference_csv()
+    reference = list(csv.DictReader(io.StringIO(source.read_text(encoding="utf-8"))))
     cache: dict = {}
     rows: list[dict] = []
     entries = [(r["backbone"], r) for r in reference] + [(k, None) for k in EXTRA_BACKBONES]

@@ -7,7 +7,7 @@ through :class:`store.location.Location` (a local folder or an fsspec URL with i
 
 from store.catalogue import feature_store_path, list_stores, store_root_of, store_summary, target_store_path
 from runtime.errors import MaxaError, StoreError, StoreMismatchError
-from store._layout import read_attrs
+from store._layout import COMPRESSIONS, read_attrs
 from store.lease import LeaseInfo, read_lease
 from store.location import Location, as_location
 from store.reader import FeatureStore, TargetStore, check_aligned, open_features, open_store, open_targets
@@ -16,6 +16,7 @@ from store.verify import VerifyReport, verify_store
 from store.writer import ArrayDef, StoreWriter, feature_array_name, feature_arrays, remove_store
 
 __all__ = [
+    "COMPRESSIONS",
     "FORMAT_VERSION",
     "ArrayDef",
     "FeatureSpec",

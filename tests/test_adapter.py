@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
-from pathlib import Path
+import os
 
 import pytest
 import torch
@@ -18,11 +19,9 @@ from probe.adapter import (
     sinusoidal_encoding,
 )
 from probe.heads import CnnHead, LinearHead, build_head
-from probe.variants import PAPER_BACKBONES, TASK_OUTPUTS, VARIANTS, parameter_table, variant_config
-from runtime import settings
+from probe.variants import PAPER_BACKBONES, TASK_OUTPUTS, VARIANTS, parameter_table, reference_csv, variant_config
 from runtime.errors import UnknownNameError
 
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper"
 
 
 def grid_pos(h: int, w: int) -> torch.Tensor:
@@ -137,7 +136,7 @@ def test_cpu_kernels_build_where_there_is_a_compiler():
 
     if not _compiler():
         pytest.skip("no C++ compiler on PATH: the adapter uses PyTorch's kernels (tested below)")
-    if not settings.cpu_kernels():
+    if os.environ.get("MAXA_CPU_KERNELS") == "0":
         pytest.skip("MAXA_CPU_KERNELS=0 turns the kernels off")
     assert fused.extension() is not None
     assert fused.usable(torch.zeros(1, 8, 3, 4)) and not fused.usable(torch.zeros(1, 8, 3, 4, dtype=torch.float64))
@@ -301,12 +300,10 @@ def test_count_parameters_learnable_only():
     assert count_parameters(m) == total - 8
 
 
-@pytest.mark.skipif(not (PAPER / "reference_results.csv").exists(), reason="paper reference table not available")
 def test_paper_budget_matches_every_reference_row():
-    with open(PAPER / "reference_results.csv", newline="") as fh:
-        reference = list(csv.DictReader(fh))
+    reference = list(csv.DictReader(io.StringIO(reference_csv().read_text(encoding="utf-8"))))
     assert {r["backbone"] for r in reference} <= set(PAPER_BACKBONES)
-    rows = parameter_table(PAPER / "reference_results.csv", file=None)
+    rows = parameter_table(file=None)
     checked = 0
     for r in rows:
         if r["backbone"] not in PAPER_BACKBONES:  # extra, documented non-matching row (timm's SAM2 trunk)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,16 +21,13 @@ from extract.backbones import (
     load_backbone,
 )
 from extract.checkpoints import hf_clip_to_timm, timm_to_hf_clip
+from probe.variants import reference_csv
 from runtime.errors import UnknownNameError, WeightsUnavailableError
 
-PAPER_CSV = Path(__file__).resolve().parents[2] / "shared" / "paper" / "reference_results.csv"
-
-
 def _paper_rows() -> dict[str, dict[str, str]]:
-    if not PAPER_CSV.exists():
-        pytest.skip(f"{PAPER_CSV} not present")
-    with open(PAPER_CSV) as fh:
-        return {r["backbone"]: r for r in csv.DictReader(fh)}
+    """The paper's Table 2 as shipped in the package (``probe/paper/``)."""
+    text = reference_csv().read_text(encoding="utf-8")
+    return {r["backbone"]: r for r in csv.DictReader(io.StringIO(text))}
 
 
 def test_table_lists_every_entry_without_weights():

@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from shared_data import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO.parent / "shared" / "data" / "camvid_small"
@@ -209,8 +210,7 @@ def test_dataset_roots(tmp_path):
 
 
 def _camvid_tree(tmp_path: Path, n: int = 4) -> Path:
-    if not CAMVID.is_dir():
-        pytest.skip(f"{CAMVID} is not here")
+    shared_data("camvid_small")
     root = tmp_path / "camvid"
     (root / "train").mkdir(parents=True)
     (root / "trainannot").mkdir()

@@ -18,12 +18,13 @@ from PIL import Image
 
 from extract.datasets import create_dataset
 from extract.jobs import run_extract
-from extract.runner import extract_features
+from extract.runner import ExtractConfig, extract_features
 from store import open_features, open_targets, verify_store
 from runtime.errors import BadImageError
 
+from shared_data import shared_data
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 
 
 def shapes(split: str = "val", n: int = 12):
@@ -62,7 +63,7 @@ def test_features_match_direct_forward(tmp_path):
 
     reader = shapes(n=3)
     bb = load_backbone("test_vit", weights="random", device="cpu")
-    res = extract_features(bb, reader, str(tmp_path), batch_size=2, num_workers=0, show_progress=False)
+    res = extract_features(bb, reader, str(tmp_path), ExtractConfig(batch_size=2, num_workers=0), show_progress=False)
     images = BackboneImages(reader, bb.input_size, bb.mean, bb.std, bb.interpolation)
     x = torch.stack([images[i]["pixels"] for i in range(3)])
     with torch.inference_mode():
@@ -71,10 +72,10 @@ def test_features_match_direct_forward(tmp_path):
 
 
 def test_worker_decoding_equals_inline(tmp_path):
-    a = extract_features("test_vit", shapes(n=6), str(tmp_path / "a"), weights="random", device="cpu",
-                         batch_size=4, num_workers=0, show_progress=False)
-    b = extract_features("test_vit", shapes(n=6), str(tmp_path / "b"), weights="random", device="cpu",
-                         batch_size=4, num_workers=2, show_progress=False)
+    a = extract_features("test_vit", shapes(n=6), str(tmp_path / "a"), ExtractConfig(weights="random", device="cpu",
+                         batch_size=4, num_workers=0), show_progress=False)
+    b = extract_features("test_vit", shapes(n=6), str(tmp_path / "b"), ExtractConfig(weights="random", device="cpu",
+                         batch_size=4, num_workers=2), show_progress=False)
     np.testing.assert_array_equal(open_features(a.path).read_all(), open_features(b.path).read_all())
 
 
@@ -82,22 +83,22 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
     from extract.datasets import create_dataset
-    from extract.runner import extract_features
+    from extract.runner import ExtractConfig, extract_features
 
     def slow(shard):
         print(shard, flush=True)
         time.sleep(0.4)
 
     reader = create_dataset("shapes", None, "val", num_images=24)
-    extract_features("test_vit", reader, sys.argv[1], weights="random", device="cpu", batch_size=2,
-                     shard_size=4, num_workers=0, show_progress=False, on_shard=slow)
+    extract_features("test_vit", reader, sys.argv[1], ExtractConfig(weights="random", device="cpu", batch_size=2,
+                     shard_size=4, num_workers=0), show_progress=False, on_shard=slow)
     """
 )
 
 
 def test_kill9_then_resume_is_bitwise_equal(tmp_path):
-    ref = extract_features("test_vit", shapes(n=24), str(tmp_path / "ref"), weights="random", device="cpu",
-                           batch_size=2, shard_size=4, num_workers=0, show_progress=False)
+    ref = extract_features("test_vit", shapes(n=24), str(tmp_path / "ref"), ExtractConfig(weights="random", device="cpu",
+                           batch_size=2, shard_size=4, num_workers=0), show_progress=False)
     script = tmp_path / "extract_slowly.py"
     script.write_text(KILL_SCRIPT)
     root = tmp_path / "killed"
@@ -112,8 +113,8 @@ def test_kill9_then_resume_is_bitwise_equal(tmp_path):
     assert 2 <= done.sum() < len(done), f"kill landed at an unexpected point: {done}"
     with pytest.raises(Exception, match="incomplete"):
         open_features(path)
-    resumed = extract_features("test_vit", shapes(n=24), str(root), weights="random", device="cpu",
-                               batch_size=2, shard_size=4, num_workers=0, show_progress=False)
+    resumed = extract_features("test_vit", shapes(n=24), str(root), ExtractConfig(weights="random", device="cpu",
+                               batch_size=2, shard_size=4, num_workers=0), show_progress=False)
     assert resumed.path == str(path) and not resumed.reused
     assert resumed.images_written == 4 * int((~done).sum()) < 24  # only the missing shards
     np.testing.assert_array_equal(open_features(path).read_all(), open_features(ref.path).read_all())
@@ -138,19 +139,18 @@ def test_corrupt_image_names_file_or_is_skipped(tmp_path):
     root = _tiny_segfolder(tmp_path, corrupt=True)
     reader = create_dataset("segfolder", root, "train", num_classes=3)
     with pytest.raises(BadImageError, match="im2.png"):
-        extract_features("test_vit", reader, str(tmp_path / "s"), weights="random", device="cpu", batch_size=2,
-                         num_workers=0, show_progress=False)
-    res = extract_features("test_vit", reader, str(tmp_path / "s"), weights="random", device="cpu", batch_size=2,
-                           num_workers=0, skip_bad=True, show_progress=False)
+        extract_features("test_vit", reader, str(tmp_path / "s"), ExtractConfig(weights="random", device="cpu", batch_size=2,
+                         num_workers=0), show_progress=False)
+    res = extract_features("test_vit", reader, str(tmp_path / "s"), ExtractConfig(weights="random", device="cpu", batch_size=2,
+                           num_workers=0, skip_bad=True), show_progress=False)
     fs = open_features(res.path)
     assert fs.bad.tolist() == [2] and res.bad_images and res.bad_images[0].endswith("im2.png")
     assert not np.any(fs[2]) and np.any(fs[1])
     assert fs.meta["num_bad"] == 1
 
 
-@pytest.mark.skipif(not (SHARED / "coco_mini").is_dir(), reason="../shared/data/coco_mini not present")
 def test_coco_mini_real_photos(tmp_path):
-    job = run_extract(backbone="test_vit", dataset="coco", root=SHARED / "coco_mini", split="val",
+    job = run_extract(backbone="test_vit", dataset="coco", root=shared_data("coco_mini"), split="val",
                       store_root=tmp_path, weights="random", device="cpu", limit=6, num_workers=0,
                       show_progress=False)
     fs, ts = open_features(job.features.path), open_targets(job.targets.path)

@@ -212,7 +212,7 @@ def main() -> None:
 
         torch.set_num_threads(THREADS)
         runs = {name: run_case(name, train[which], tmp / "results") for name, (which, *_) in sorted(CASES.items())}
-    paper_csv = Path(__file__).resolve().parents[1] / "pipelines" / "data" / "reference_results.csv"  # the paper's Table 2
+    paper_csv = Path(__file__).resolve().parents[1] / "probe" / "paper" / "reference_results.csv"  # the paper's Table 2
     old = {(r["backbone"], r["task"]): r["paper"] for r in _golden()["paper_budget"]} if GOLDEN.exists() else {}
     paper = {}
     if paper_csv.exists():

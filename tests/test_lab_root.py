@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from extract.datasets import create_dataset
 from extract.jobs import run_extract
-from extract.runner import extract_features
+from extract.runner import ExtractConfig, extract_features
 from pipelines.cli import app
 from store.results import append_result, read_results
 from probe.train import ProbeConfig, train_probe
@@ -34,7 +34,7 @@ EXTRACT_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, time
     from extract.datasets import create_dataset
-    from extract.runner import extract_features
+    from extract.runner import ExtractConfig, extract_features
 
     root, log = sys.argv[1], sys.argv[2]
 
@@ -44,15 +44,16 @@ EXTRACT_SCRIPT = textwrap.dedent(
         time.sleep(1.0)
 
     reader = create_dataset("shapes", None, "val", num_images=16)
-    r = extract_features("test_vit", reader, root, weights="random", device="cpu", batch_size=2, shard_size=4,
-                         num_workers=0, show_progress=False, on_shard=slow)
+    r = extract_features("test_vit", reader, root, ExtractConfig(weights="random", device="cpu", batch_size=2, shard_size=4,
+                         num_workers=0), show_progress=False, on_shard=slow)
     print(json.dumps({"pid": os.getpid(), "path": r.path, "reused": r.reused, "written": r.images_written}))
     """
 )
 
 
 def _kw():
-    return dict(weights="random", device="cpu", batch_size=2, shard_size=4, num_workers=0, show_progress=False)
+    config = ExtractConfig(weights="random", device="cpu", batch_size=2, shard_size=4, num_workers=0)
+    return dict(config=config, show_progress=False)
 
 
 def test_two_processes_share_one_store(tmp_path):

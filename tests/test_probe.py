@@ -21,6 +21,7 @@ from probe.train import ProbeConfig, train_probe
 from runtime.errors import MaxaError, StoreError
 
 sys.path.insert(0, str(Path(__file__).parent))
+from shared_data import shared_data  # noqa: E402
 from synthetic import make_synthetic_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,8 +131,8 @@ NO_IMAGES_NO_TIMM = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid_small not present")
 def test_probe_needs_neither_images_nor_timm(tmp_path):
+    shared_data("camvid_small")
     data = tmp_path / "camvid"
     for sub in ("train", "trainannot", "val", "valannot"):
         (data / sub).mkdir(parents=True)

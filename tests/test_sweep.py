@@ -122,7 +122,7 @@ def test_two_worker_extraction_is_bitwise_equal_to_single_process(tmp_path):
     import zarr
 
     from extract.datasets import create_dataset
-    from extract.runner import extract_features
+    from extract.runner import ExtractConfig, extract_features
     from store import open_features, verify_store
 
     sweep = _write(tmp_path, TINY.replace("shard_size = 4", "shard_size = 3") +
@@ -135,8 +135,8 @@ def test_two_worker_extraction_is_bitwise_equal_to_single_process(tmp_path):
     try:
         for split, n in (("train", 12), ("val", 6)):
             reader = create_dataset("shapes", None, split, num_images=n)
-            ref = extract_features("test_vit", reader, str(tmp_path / "single"), weights="random", device="cpu",
-                                   batch_size=4, shard_size=3, num_workers=0, show_progress=False)
+            ref = extract_features("test_vit", reader, str(tmp_path / "single"), ExtractConfig(weights="random", device="cpu",
+                                   batch_size=4, shard_size=3, num_workers=0), show_progress=False)
             job = next(f for f in summary.plan.features.values() if f.split.split == split)
             assert job.path.replace(str(tmp_path / "dist"), "") == ref.path.replace(str(tmp_path / "single"), "")
             a, b = open_features(job.path), open_features(ref.path)

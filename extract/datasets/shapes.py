@@ -155,15 +155,26 @@ def _layout(rng: np.random.Generator, size: int):
 def render_shapes(seed: int, split_index: int, index: int, size: int) -> tuple[np.ndarray, Annotation]:
     """Render image ``index`` of a split: ``(uint8 (size, size, 3) RGB, Annotation)``.
 
-    A pure function of its arguments (see the module docstring for the rules).
+    A pure function of its arguments (see the module docstring for the rules). Each step below
+    draws from the one generator in this order, so the order is part of the output.
     """
     rng = np.random.default_rng([seed, split_index, index])
     objs, masks, label, visible = _layout(rng, size)
     yy, xx = _grid(size)
-    n = len(objs)
+    img = _background(rng, xx, yy, size)
+    # Background depth: a plane receding with the image row, far at the top, near at the bottom.
+    far, near = rng.uniform(6.0, 9.0), rng.uniform(1.5, 2.5)
+    depth = (np.float32(far) + np.float32(near - far) * (yy / np.float32(size))).astype(np.float32)
+    _paint_objects(rng, img, depth, objs, masks, xx, yy, size, far, near)
+    image = _add_noise(rng, img)
+    return image, _annotation(objs, label, visible, depth, size)
 
-    # Background: a two-colour linear gradient in a random direction plus two sinusoidal gratings.
-    # Colour planes are (3, H, W) float32 while rendering (faster than broadcasting over a last axis of 3).
+
+def _background(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, size: int) -> np.ndarray:
+    """A two-colour linear gradient in a random direction plus two sinusoidal gratings.
+
+    Colour planes are (3, H, W) float32 while rendering (faster than broadcasting over a last axis of 3).
+    """
     c0, c1 = rng.uniform(0, 255, size=(2, 3))
     theta = rng.uniform(0, 2 * math.pi)
     t = (xx * np.float32(math.cos(theta)) + yy * np.float32(math.sin(theta))) / np.float32(size)
@@ -183,11 +194,13 @@ def render_shapes(seed: int, split_index: int, index: int, size: int) -> tuple[n
         plane += np.float32(c0[c])
         for wave, amp in waves:
             plane += wave * np.float32(amp[c])
+    return img
 
-    # Background depth: a plane receding with the image row, far at the top, near at the bottom.
-    far, near = rng.uniform(6.0, 9.0), rng.uniform(1.5, 2.5)
-    depth = (np.float32(far) + np.float32(near - far) * (yy / np.float32(size))).astype(np.float32)
 
+def _paint_objects(rng: np.random.Generator, img: np.ndarray, depth: np.ndarray, objs: list[dict[str, Any]],
+                   masks: list[np.ndarray], xx: np.ndarray, yy: np.ndarray, size: int, far: float,
+                   near: float) -> None:
+    """Paint each object's colour and depth into ``img`` and ``depth`` (in place), back to front."""
     bg_mean = img.reshape(3, -1).mean(axis=1)
     for obj, full_mask in zip(objs, masks):
         box = _bbox(obj, size)
@@ -222,13 +235,21 @@ def render_shapes(seed: int, split_index: int, index: int, size: int) -> tuple[n
         scale = min(target, covered_min * rng.uniform(0.75, 0.95)) / float(rel.max())
         patch[m] = rel * np.float32(scale)
 
-    # Pixel noise: uniform integers in [-8, 7] (std ≈ 4.6) from raw generator bytes (fast).
+
+def _add_noise(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Pixel noise, uniform integers in [-8, 7] (std ≈ 4.6) from raw generator bytes (fast); the
+    (H, W, 3) uint8 image."""
     noise = np.frombuffer(rng.bytes(img.size), dtype=np.uint8).reshape(img.shape) >> 4
     img += noise
     img += np.float32(0.5 - 8.0)  # centre the noise, and round to nearest below
     np.clip(img, 0, 255, out=img)
-    image = np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0))
+    return np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0))
 
+
+def _annotation(objs: list[dict[str, Any]], label: np.ndarray, visible: np.ndarray, depth: np.ndarray,
+                size: int) -> Annotation:
+    """Instances (those with enough visible pixels; the rest ignored), classes and depth of a layout."""
+    n = len(objs)
     keep = [k for k in range(n) if visible[k] >= _MIN_VISIBLE_PIXELS]
     classes = np.array([objs[k]["kind"] for k in range(n)], dtype=np.int64)
     lut = np.zeros(n + 1, dtype=np.uint8)
@@ -240,7 +261,7 @@ def render_shapes(seed: int, split_index: int, index: int, size: int) -> tuple[n
         ignore = np.isin(label, np.array(dropped) + 1)
         semantic[ignore] = 255
     inst = np.stack([label == k + 1 for k in keep]) if keep else np.zeros((0, size, size), dtype=bool)
-    ann = Annotation(
+    return Annotation(
         size=(size, size),
         instance_masks=inst,
         instance_classes=classes[keep],
@@ -250,7 +271,6 @@ def render_shapes(seed: int, split_index: int, index: int, size: int) -> tuple[n
         semantic=semantic,
         depth=depth,
     )
-    return image, ann
 
 
 @register_dataset

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from runtime import settings
+from store import COMPRESSIONS
 
 from runtime.errors import MaxaError
 
@@ -25,15 +26,8 @@ class Weights(StrEnum):
     random = "random"
 
 
-class Compression(StrEnum):
-    none = "none"
-    zstd = "zstd"
-
-
-class Head(StrEnum):
-    maxa = "maxa"
-    linear = "linear"
-    cnn = "cnn"
+#: ``--compression`` choices: the store's codecs, named once in the store package.
+Compression = StrEnum("Compression", {name: name for name in COMPRESSIONS})
 
 
 StorageOptionList = Annotated[

@@ -14,7 +14,8 @@ import typer
 from rich.markup import escape as rich_escape
 
 from pipelines.cli.errors import clean_errors
-from pipelines.cli.options import (DEFAULT_DEVICE, DEFAULT_STORE_ROOT, Compression, Head, StorageOptionList, Weights,
+from extract.config import DEFAULT_BATCH_SIZE
+from pipelines.cli.options import (DEFAULT_DEVICE, DEFAULT_STORE_ROOT, Compression, StorageOptionList, Weights,
                                    _location, _parse_layers)
 from pipelines.cli.render import _results_table, _speed_table, err, out
 from pipelines.cli.stores import stores_ls
@@ -68,7 +69,7 @@ def extract(
     store_root: Annotated[str, typer.Option(help="Where stores live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
     weights: Annotated[str, typer.Option(help="pretrained (timm hub / HF cache), random, or a checkpoint PATH.")] = "pretrained",
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated layer indices (default: the entry's).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = DEFAULT_BATCH_SIZE,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = DEFAULT_DEVICE,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Decode workers (default: up to 4).")] = None,
@@ -120,7 +121,7 @@ def probe(
     task: Annotated[str, typer.Option(help="boundaries, distance, instances, semseg or depth.")],
     eval_store: Annotated[Optional[str], typer.Option(help="Eval feature store (default: same backbone+dataset, val/test split).")] = None,
     variant: Annotated[str, typer.Option(help="base, d16, no-sigma, shared-sigma, single-layer, paper-budget.")] = "base",
-    head: Annotated[Head, typer.Option(help="Readout: the MAXA adapter or a baseline head.")] = Head.maxa,
+    head: Annotated[str, typer.Option(help="Readout: maxa (the MAXA adapter) or a baseline head (linear, cnn).")] = "maxa",
     seed: Annotated[int, typer.Option(help="Seed: initialisation, validation split, shuffling.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap (early stopping on validation loss).")] = 30,
@@ -139,7 +140,7 @@ def probe(
     from probe.train import ProbeConfig, train_probe
 
     options = {"min_large": min_large} if min_large is not None else {}
-    config = ProbeConfig(task=task, variant=variant, head=head.value, seed=seed, batch_size=batch_size,
+    config = ProbeConfig(task=task, variant=variant, head=head, seed=seed, batch_size=batch_size,
                          max_epochs=max_epochs, patience=patience, lr=lr, task_options=options)
     def where(path: Optional[str]) -> Any:
         return _location(path, storage_option) if path else None

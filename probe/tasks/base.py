@@ -3,9 +3,11 @@
 A task turns target-store arrays into a loss and streaming metrics, so the training loop can stay
 ignorant of every task by name (as big_vision's evaluators and nanochat's tasks do). The loop:
 
-1. builds a :class:`TargetInfo` from the target store and calls ``create_task(name, info, **options)``;
-2. reads the arrays named in ``task.needs`` for each batch, at the adapter's output resolution
-   ``(B, H, W)``, computing those also named in ``task.derived`` (``instance_global``) itself;
+1. reads a :class:`TrainingTargets` from the training target store (its first
+   ``max_train_images`` images, ``default_max_train_images`` unless configured) and calls
+   ``create_task(name, training.info, **options)``, the options defaulting to ``target_options(spec)``;
+2. reads the arrays of ``stored_needs()`` for each batch, at the adapter's output resolution
+   ``(B, H, W)``; a training batch gets the fields named in ``task.derived`` from ``derive``;
 3. trains the adapter with ``out_channels()`` output channels, learning rate ``lr``, and the parameters
    of ``extra_module()`` (if any) in the same optimiser, minimising ``loss(pred, batch, extra)``;
 4. evaluates with ``state = metric_state()``, ``update(state, pred, batch)`` per batch and
@@ -35,6 +37,7 @@ from runtime.errors import UnknownNameError
 
 __all__ = [
     "TargetInfo",
+    "TrainingTargets",
     "Task",
     "register_task",
     "get_task",
@@ -89,6 +92,33 @@ class TargetInfo:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+@dataclass(frozen=True)
+class TrainingTargets:
+    """What the loop reads once from the training target store, for the task and its derived fields.
+
+    Attributes:
+        info: sizes the task's outputs.
+        instance_offsets: where the store counts instances (``instance_count``), each training
+            image's first global instance index (the instances of the images before it); else ``None``.
+    """
+
+    info: TargetInfo
+    instance_offsets: np.ndarray | None = None
+
+    @classmethod
+    def read(cls, targets: Any, count: int) -> TrainingTargets:
+        """From the first ``count`` images of the target store ``targets`` (a ``store.reader.TargetStore``)."""
+        spec = targets.spec
+        offsets = num_instances = None
+        if "instance_count" in targets.array_names:
+            counts = targets.read_all("instance_count")[:count].astype(np.int64)
+            offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            num_instances = int(counts.sum())
+        info = TargetInfo(num_classes=spec.num_classes, ignore_index=spec.ignore_index,
+                          num_instances=num_instances, class_names=spec.class_names)
+        return cls(info=info, instance_offsets=offsets)
+
+
 class Task(ABC):
     """One evaluation task: output size, loss, streaming metrics and the trivial baseline.
 
@@ -96,9 +126,12 @@ class Task(ABC):
         name: registry name (``"boundaries"``, ``"distance"``, ``"instances"``, ``"semseg"``, ``"depth"``).
         target_kind: the dataset target kind it needs (one of ``extract.datasets.base.TARGET_KINDS``).
         needs: batch keys the task reads (target-store arrays, plus the fields in ``derived``).
-        derived: the keys of ``needs`` that the loop computes rather than reads from the target store
-            (``instances``: ``instance_global``, see ``probe.tasks.instances.global_instance_ids``).
+        derived: the keys of ``needs`` that :meth:`derive` computes rather than read from the target
+            store (``instances``: ``instance_global``, see ``probe.tasks.instances.global_instance_ids``);
+            the stored keys they are computed from are in ``needs`` too.
         lr: Adam learning rate (paper A.1: 1e-3, 2e-3 for boundaries and depth).
+        default_max_train_images: training images used unless the run caps them (``None``: all;
+            ``instances``: the paper's 8,000).
         higher_is_better: direction of ``primary_metric``.
         primary_metric: the key of ``compute``'s result used for tables and model comparison.
     """
@@ -108,6 +141,7 @@ class Task(ABC):
     needs: ClassVar[tuple[str, ...]] = ()
     derived: ClassVar[tuple[str, ...]] = ()
     lr: ClassVar[float] = 1e-3
+    default_max_train_images: ClassVar[int | None] = None
     higher_is_better: ClassVar[bool] = True
     primary_metric: ClassVar[str] = ""
 
@@ -117,6 +151,20 @@ class Task(ABC):
     def options(self) -> dict[str, Any]:
         """Task options that shape results (recorded with a run); none by default."""
         return {}
+
+    @classmethod
+    def target_options(cls, spec: Any) -> dict[str, Any]:
+        """Options the training target store's spec (``store.spec.TargetSpec``) sets unless the run
+        gives them (``instances``: the dataset's own "large object" area); none by default."""
+        return {}
+
+    def stored_needs(self) -> list[str]:
+        """The keys of ``needs`` read from the target store: all but ``derived``."""
+        return [n for n in self.needs if n not in self.derived]
+
+    def derive(self, batch: dict[str, Tensor], idx: np.ndarray, training: TrainingTargets) -> None:
+        """Add the ``derived`` fields to a training ``batch`` of the training store's images ``idx``
+        (in place); nothing by default."""
 
     @abstractmethod
     def out_channels(self) -> int:

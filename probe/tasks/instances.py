@@ -26,7 +26,7 @@ Batch keys (``(B, H, W)`` unless noted):
     ``instance_area``: ``(B, K_max)`` float, ``instance_area[i, k-1]`` = area of local id ``k`` in
         *original* image pixels, padded with 0 (a list of 1-D arrays is accepted too). Alternatively
         the loop may pass ``large_count``: ``(B,)`` int, instances with area > ``large_area``.
-    ``instance_global`` (training only, derived by the loop — see :func:`global_instance_ids`): int64
+    ``instance_global`` (training only, added by :meth:`InstancesTask.derive` — see :func:`global_instance_ids`): int64
         global training instance index ``offset[i] + k − 1`` for pixels with local id ``k ≥ 1`` that are
         foreground and not ignored, −1 elsewhere. ``offset[i]`` is the number of instances in the
         training store's images before image ``i`` (the target store's per-image instance offset), so
@@ -51,7 +51,7 @@ from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
-from probe.tasks.base import Batch, TargetInfo, Task, as_tensor_batch, register_task
+from probe.tasks.base import Batch, TargetInfo, Task, TrainingTargets, as_tensor_batch, register_task
 
 __all__ = ["InstancesTask", "adjusted_rand", "global_instance_ids", "large_counts"]
 
@@ -149,6 +149,7 @@ class InstancesTask(Task):
     lr = 1e-3
     higher_is_better = True
     primary_metric = "ari"
+    default_max_train_images = 8000  # the paper trains instance discrimination on 8,000 images
     _kmeans_threads = 1  # BLAS/OpenMP threads for k-means (a benchmark may change it; the numbers do not)
 
     def __init__(
@@ -189,6 +190,21 @@ class InstancesTask(Task):
             "loss_max_pixels": self.loss_max_pixels,
             "seed": self.seed,
         }
+
+    @classmethod
+    def target_options(cls, spec: Any) -> dict[str, Any]:
+        """The dataset's own "large object" rule (``TargetSpec.large_area``) unless a run overrides it."""
+        return {"large_area": spec.large_area}
+
+    def derive(self, batch: dict[str, Tensor], idx: np.ndarray, training: TrainingTargets) -> None:
+        """``instance_global`` from the batch's local ids and the training store's instance offsets."""
+        offsets = training.instance_offsets
+        if offsets is None or "instances" not in batch:
+            return
+        batch["instance_global"] = global_instance_ids(
+            batch["instances"], torch.from_numpy(offsets[idx]).to(batch["instances"].device),
+            batch.get("foreground"), batch.get("instance_ignore"),
+        )
 
     def selection_task(self) -> "InstancesTask":
         """Select the epoch on the ARI of the held-out training images, not on their loss.
