@@ -30,6 +30,7 @@ import os
 # What `maxa extract` runs with (pipelines/cli/run.py:_passive_openmp): must precede the torch import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -51,7 +52,7 @@ from extract.datasets.base import DatasetReader, create_dataset  # noqa: E402
 from extract.images import BackboneImages  # noqa: E402
 from extract.runner import (DEFAULT_BATCH_SIZE, ExtractConfig, _batches, default_shard_size, extract_features,  # noqa: E402
                            feature_spec_for)
-from store import _layout as L  # noqa: E402
+from store import COMPRESSIONS, feature_array_name  # noqa: E402
 from store import open_features  # noqa: E402
 from store.writer import ArrayDef, StoreWriter  # noqa: E402
 
@@ -168,10 +169,10 @@ def compression_figures(model, reader, n, feats: dict[str, np.ndarray], repeats:
     ids = reader.image_ids[:n]
     spec = feature_spec_for(model, reader, ids)
     raw = sum(l.grid[0] * l.grid[1] * l.channels * 2 for l in spec.layers)
-    arrays = [ArrayDef(f"{L.FEATURES}/{l.name}", (*l.grid, l.channels), "float16", ("y", "x", "c"))
+    arrays = [ArrayDef(feature_array_name(l.name), (*l.grid, l.channels), "float16", ("y", "x", "c"))
               for l in spec.layers]
     out: dict[str, Any] = {"raw_fp16_bytes_per_image": raw}
-    for comp in L.COMPRESSIONS:
+    for comp in COMPRESSIONS:
         times, size = [], 0
         for _ in range(repeats):
             tmp = Path(tempfile.mkdtemp(prefix="maxa-bench-w-"))
@@ -183,7 +184,7 @@ def compression_figures(model, reader, n, feats: dict[str, np.ndarray], repeats:
                     a, b = w.shard_range(s)
                     w.write_shard(s, {k: v[a:b] for k, v in feats.items()})
                 times.append(time.perf_counter() - t0)
-                size = _dir_bytes(tmp / "s.zarr" / L.FEATURES)
+                size = _dir_bytes(tmp / "s.zarr" / "features")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         t = statistics.median(times)
@@ -267,9 +268,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             last_path = res["path"]
 
         fs = open_features(last_path)
-        feats = {f"{L.FEATURES}/{l.name}": fs.read_all(l.name) for l in fs.spec.layers}
+        feats = {feature_array_name(l.name): fs.read_all(l.name) for l in fs.spec.layers}
         ref = {k: np.concatenate([b[name] for b in reference]) for name in model.layer_names
-               for k in [f"{L.FEATURES}/{name}"]}
+               for k in [feature_array_name(name)]}
         identical = all(np.array_equal(feats[k], ref[k]) for k in feats)
         print(f"  stored features bitwise equal to the bare forward (fp16): {identical}", flush=True)
         comp = compression_figures(model, reader, n, feats, args.write_repeats)
@@ -336,13 +337,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(f"{'compression':<12}{'bytes/img':>11}{'x raw':>8}{'write s':>9}{'write MB/s':>12}   "
           f"(raw fp16 {comp['raw_fp16_bytes_per_image']:,} B/img)")
-    for c in L.COMPRESSIONS:
+    for c in COMPRESSIONS:
         d = comp[c]
         print(f"{c:<12}{d['bytes_per_image']:11,.0f}{d['ratio_vs_raw']:8.3f}{d['write_s_median']:9.3f}"
               f"{d['write_MB_per_s']:12.1f}")
     print(f"total {result['total_s']:.0f} s")
 
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "out" / f"extract_{L.safe_name(args.backbone)}.json"
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "out" / f"extract_{re.sub(r'[^A-Za-z0-9_.-]+', '-', args.backbone)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

@@ -15,6 +15,7 @@ from runtime.devices import resolve_device
 from extract.runner import ExtractResult, extract_features
 from extract.target_store import TargetBuildResult, build_target_store
 from runtime.errors import MaxaError
+from store.location import Location, as_location
 
 __all__ = ["ExtractJobResult", "run_extract"]
 
@@ -30,14 +31,13 @@ def run_extract(
     backbone: str,
     dataset: str,
     split: str,
-    store_root: str | Path,
+    store_root: str | Path | Location,
     root: str | Path | None = None,
     dataset_options: dict[str, Any] | None = None,
     config: ExtractConfig | None = None,
     targets: bool = True,
     target_size: tuple[int, int] = (224, 224),
     show_progress: bool = True,
-    storage_options: dict[str, Any] | None = None,
     **settings: Any,
 ) -> ExtractJobResult:
     """Extract ``backbone`` features of ``dataset``/``split`` and (by default) build its targets.
@@ -46,14 +46,14 @@ def run_extract(
     given as keywords in ``settings`` replaced (``weights="random", batch_size=4``).
 
     The target store is backbone-independent: it is built once per dataset split and size and
-    found again by every later extraction of the same split. ``store_root`` may be a URL
-    (``s3://bucket/prefix``) with fsspec ``storage_options``.
+    found again by every later extraction of the same split. ``store_root`` may be a folder, a URL
+    (``s3://bucket/prefix``) or a store Location carrying fsspec storage options.
     """
     config = dataclasses.replace(config or ExtractConfig(), **settings)
     # Everything that can be refused is checked before any store is written: the store root, the
     # backbone name, layers, device and weights, then the dataset root.
-    store_root = str(store_root) if "://" in str(store_root) else Path(store_root)
-    if isinstance(store_root, Path) and store_root.exists() and not store_root.is_dir():
+    store_root = as_location(store_root)
+    if store_root.isfile():
         raise MaxaError(f"--store-root {store_root} is a file, not a folder; choose a folder for the stores.")
     _check_layers(backbone, config.layers)
     dev = resolve_device(config.device)
@@ -62,11 +62,10 @@ def run_extract(
     target_result = None
     if targets and reader.targets:
         target_result = build_target_store(
-            reader, str(store_root), size=target_size, limit=config.limit, num_workers=config.num_workers,
-            show_progress=show_progress, storage_options=storage_options,
+            reader, store_root, size=target_size, limit=config.limit, num_workers=config.num_workers,
+            show_progress=show_progress,
         )
-    feature_result = extract_features(model, reader, str(store_root), config, show_progress=show_progress,
-                                      storage_options=storage_options)
+    feature_result = extract_features(model, reader, store_root, config, show_progress=show_progress)
     return ExtractJobResult(features=feature_result, targets=target_result)
 
 

@@ -45,13 +45,18 @@ SHARD_BYTES = 256 * 2**20
 class ExtractResult:
     """What an extraction produced or found."""
 
-    path: Location  # prints as the path or URL; carries the storage options
+    location: Location  # the store, with the storage options it was reached with
     spec: FeatureSpec
     reused: bool
     images_written: int = 0
     seconds: float = 0.0
     bad_images: list[str] = field(default_factory=list)
     clipped_values: int = 0
+
+    @property
+    def path(self) -> str:
+        """The store's path or URL."""
+        return str(self.location)
 
     @property
     def images_per_second(self) -> float:
@@ -148,9 +153,9 @@ def extract_features(
     with writer:  # releases the store's lease however this ends (a coordinated writer holds none)
         if writer.complete:
             check_reusable(path, reader, skip_bad=config.skip_bad)
-            return ExtractResult(path=path, spec=spec, reused=True)
+            return ExtractResult(location=path, spec=spec, reused=True)
         missing = _wanted_shards(writer, path, shards)
-        result = ExtractResult(path=path, spec=spec, reused=False)
+        result = ExtractResult(location=path, spec=spec, reused=False)
         start_time = time.perf_counter()
         if missing:
             _run_shards(model, reader, writer, missing, spec, dev, config, show_progress, on_shard, result)

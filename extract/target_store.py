@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -20,6 +19,7 @@ from runtime.provenance import provenance
 from extract.targets import TARGET_OUTPUTS, build_targets
 from extract.targets import TargetConfig
 from store.catalogue import target_store_path
+from store.location import Location
 from runtime.errors import MaxaError
 from store.spec import TargetSpec
 from store.writer import ArrayDef, StoreWriter
@@ -33,12 +33,17 @@ TARGET_SHARD_SIZE = 256
 
 @dataclass
 class TargetBuildResult:
-    path: str
+    location: Location  # the store, with the storage options it was reached with
     spec: TargetSpec
     reused: bool
     images_written: int = 0
     seconds: float = 0.0
     truncated_instances: int = 0
+
+    @property
+    def path(self) -> str:
+        """The store's path or URL."""
+        return str(self.location)
 
 
 def _array_defs(kinds: tuple[str, ...], size: tuple[int, int]) -> list[ArrayDef]:
@@ -101,26 +106,24 @@ class _TargetItems(Dataset):
 
 def build_target_store(
     reader: DatasetReader,
-    store_root: str,
+    store_root: str | Location,
     *,
     size: tuple[int, int] = (224, 224),
     limit: int | None = None,
     num_workers: int | None = None,
     show_progress: bool = True,
     config: TargetConfig | None = None,
-    storage_options: dict[str, Any] | None = None,
 ) -> TargetBuildResult:
     """Build (or find) the target store of ``reader``'s split under ``store_root``.
 
     Args:
         reader: the dataset split.
-        store_root: root directory of stores.
+        store_root: root of stores: a folder, a URL or a store Location.
         size: output ``(H, W)``.
         limit: only the first ``limit`` images (must match the feature store's ``--limit``).
         num_workers: DataLoader workers.
         show_progress: draw a progress bar.
         config: target-building parameters (default: ``TargetConfig(size=size)``).
-        storage_options: fsspec options for a URL ``store_root``.
     """
     config = config or TargetConfig(size=tuple(size))
     kinds = tuple(sorted(reader.targets))
@@ -133,9 +136,8 @@ def build_target_store(
     writer = StoreWriter(
         path, kind="targets", key=spec.key, spec=spec.to_dict(), arrays=arrays, image_ids=image_ids,
         shard_size=TARGET_SHARD_SIZE, compression="zstd", provenance=provenance(),
-        storage_options=storage_options,
     ).open()
-    result = TargetBuildResult(path=path, spec=spec, reused=writer.complete)
+    result = TargetBuildResult(location=path, spec=spec, reused=writer.complete)
     if writer.complete:
         return result
     with writer:  # releases the store's lease however this ends, set-up included

@@ -39,7 +39,7 @@ from extract.backbones import LoadedBackbone, get_backbone_entry, load_backbone
 from runtime.devices import resolve_device
 from runtime.provenance import tool_version
 from probe.adapter import MaxaAdapter, count_parameters
-from probe.results import append_result
+from store.results import append_result
 from probe.variants import variant_config
 from runtime.errors import MaxaError
 

@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from pipelines.report_shared import PROBE_TASKS
-from probe.results import read_results
+from store.results import read_results
 
 __all__ = ["collect_records", "dedupe_records", "record_identity", "DuplicateGroup", "NON_IDENTITY_FIELDS",
            "backbone_info", "configuration_differences"]

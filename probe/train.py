@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -27,10 +28,13 @@ from probe import fused
 from probe.adapter import AdapterConfig, count_parameters
 from probe.data import ProbeData
 from probe.heads import HEADS, build_head
-from probe.results import append_result, check_results_root, write_run_files
 from probe.tasks import Task, TrainingTargets, create_task, get_task
 from probe.variants import VARIANTS, variant_config
-from store._layout import join, safe_name
+from store.location import Location, as_location
+from store.results import append_result, check_results_root, run_location, write_run_files
+
+#: A store or root: a local path, a URL, or a store Location (a URL with its storage options).
+Where = str | Path | Location
 from store.catalogue import find_eval_features, find_target_store, store_root_of
 from runtime.errors import MaxaError, StoreError
 from store.reader import (FeatureStore, TargetStore, check_aligned, check_eval_pair, check_target_definitions,
@@ -111,22 +115,21 @@ class ProbeResult:
         return self.record["metrics"]
 
 
-def _open_pair(features: str | FeatureStore, targets_path: str | None, storage_options: dict[str, Any] | None = None,
+def _open_pair(features: Where | FeatureStore, targets_path: Where | None,
                like: TargetStore | None = None) -> tuple[FeatureStore, TargetStore]:
     """A feature store and its target store (found by dataset and image ids unless given; with
     ``like``, one whose target definitions equal those of ``like``)."""
-    fs = features if isinstance(features, FeatureStore) else open_features(features, storage_options=storage_options)
+    fs = features if isinstance(features, FeatureStore) else open_features(features)
     if targets_path is None:
-        root = store_root_of(fs.path, storage_options)
-        targets_path = find_target_store(root, fs.spec, storage_options=storage_options,
-                                         like=like.spec if like is not None else None)
+        root = store_root_of(fs.location)
+        targets_path = find_target_store(root, fs.spec, like=like.spec if like is not None else None)
         if targets_path is None:
             same = f" with the training targets' definitions ({like.path})" if like is not None else ""
             raise StoreError(
                 f"no complete target store for {fs.spec.dataset}/{fs.spec.split}{same} under {root}; "
                 "run `maxa extract` for this split with targets (the default), or pass --targets / --eval-targets."
             )
-    return fs, open_targets(targets_path, storage_options=storage_options)
+    return fs, open_targets(targets_path)
 
 
 def _usable(features: FeatureStore, targets: TargetStore, count: int | None = None) -> tuple[np.ndarray, int]:
@@ -156,8 +159,8 @@ class _Stores:
     train_ts: TargetStore
     eval_fs: FeatureStore
     eval_ts: TargetStore
-    root: str  # the training store's root
-    eval_features: str  # the eval feature store as given or found
+    root: Location  # the training store's root
+    eval_features: Where  # the eval feature store as given or found
 
 
 @dataclass
@@ -176,18 +179,17 @@ class _Data:
 
 
 def train_probe(
-    features: str,
+    features: Where,
     config: ProbeConfig,
     *,
-    eval_features: str | None = None,
-    targets: str | None = None,
-    eval_targets: str | None = None,
-    results_root: str | None = None,
+    eval_features: Where | None = None,
+    targets: Where | None = None,
+    eval_targets: Where | None = None,
+    results_root: Where | None = None,
     device: str = "auto",
     in_memory: bool | None = None,
     show_progress: bool = True,
     log: Any = None,
-    storage_options: dict[str, Any] | None = None,
 ) -> ProbeResult:
     """Train ``config.task`` on the feature store ``features`` and evaluate on ``eval_features``.
 
@@ -203,16 +205,17 @@ def train_probe(
         in_memory: force or forbid holding the stores in memory (default: if they fit).
         show_progress: print per-epoch progress.
         log: callable for progress lines (default: print to stderr).
-        storage_options: fsspec options for stores (and results) given as URLs (``s3://…``).
-            Probing only reads the stores: with ``results_root`` elsewhere nothing is written
-            under the store root.
+
+    Every store and root may be a path, a URL (``s3://…``) or a store Location (which carries
+    fsspec storage options). Probing only reads the stores: with ``results_root`` elsewhere nothing
+    is written under the store root.
     """
     t_start = time.perf_counter()
     dev = resolve_device(device)
     torch.manual_seed(config.seed)
-    stores = _open_stores(features, eval_features, targets, eval_targets, storage_options)
-    out_root = str(results_root or stores.root)
-    check_results_root(out_root, storage_options=storage_options)
+    stores = _open_stores(features, eval_features, targets, eval_targets)
+    out_root = as_location(results_root) if results_root is not None else stores.root
+    check_results_root(out_root)
     say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))
     data = _prepare_data(config, stores, dev, in_memory, say)
     trainer = _Trainer(config, data, dev)
@@ -224,24 +227,24 @@ def train_probe(
     trivial = data.task.trivial_metrics(data.fit.numpy_batches(data.stored), data.evaluation.numpy_batches(data.stored))
     fitted["eval_s"] = time.perf_counter() - t_eval
     return _save(config, stores, data, trainer, fitted, metrics, trivial, features=features, out_root=out_root,
-                 dev=dev, t_start=t_start, storage_options=storage_options)
+                 dev=dev, t_start=t_start)
 
 
-def _open_stores(features: str, eval_features: str | None, targets: str | None, eval_targets: str | None,
-                 storage_options: dict[str, Any] | None) -> _Stores:
+def _open_stores(features: Where, eval_features: Where | None, targets: Where | None,
+                 eval_targets: Where | None) -> _Stores:
     """The training and eval feature and target stores, refused unless they belong together."""
-    train_fs, train_ts = _open_pair(features, targets, storage_options)
-    root = store_root_of(features, storage_options)
+    train_fs, train_ts = _open_pair(features, targets)
+    root = store_root_of(train_fs.location)
     if eval_features is None:
-        eval_features = find_eval_features(root, train_fs.spec, storage_options=storage_options)
+        eval_features = find_eval_features(root, train_fs.spec)
         if eval_features is None:
             raise StoreError(
                 f"no eval store for {train_fs.spec.backbone} on {train_fs.spec.dataset} (val/test split) under "
                 f"{root}; extract the val split with the same backbone and weights, or pass --eval-store."
             )
-    eval_fs = open_features(eval_features, storage_options=storage_options)
+    eval_fs = open_features(eval_features)
     check_eval_pair(train_fs, eval_fs)  # before looking for its targets: the clearer refusal
-    eval_fs, eval_ts = _open_pair(eval_fs, eval_targets, storage_options, like=train_ts)
+    eval_fs, eval_ts = _open_pair(eval_fs, eval_targets, like=train_ts)
     check_aligned(train_fs, train_ts)
     check_aligned(eval_fs, eval_ts)
     check_target_definitions(train_ts, eval_ts)
@@ -376,15 +379,16 @@ class _Trainer:
 
 
 def _save(config: ProbeConfig, stores: _Stores, data: _Data, trainer: _Trainer, fitted: dict[str, Any],
-          metrics: dict[str, float], trivial: dict[str, float], *, features: str, out_root: str, dev: torch.device,
-          t_start: float, storage_options: dict[str, Any] | None) -> ProbeResult:
+          metrics: dict[str, float], trivial: dict[str, float], *, features: Where, out_root: Location,
+          dev: torch.device, t_start: float) -> ProbeResult:
     """Write the adapter and its meta under the run's folder and append the record to the results table."""
     train_fs, train_ts, eval_fs, eval_ts = stores.train_fs, stores.train_ts, stores.eval_fs, stores.eval_ts
     task, model, extra, tspec = data.task, trainer.model, trainer.extra, train_ts.spec
     history, train_seconds = fitted["history"], fitted["train_s"]
     p_learn = count_parameters(model)
     run_key = content_key({"train": train_fs.key, "eval": eval_fs.key, "config": config.to_dict()})
-    run_dir = join(out_root, "runs", safe_name(train_fs.spec.backbone), f"{tspec.dataset}-{config.task}-{config.variant}-{config.head}-seed{config.seed}-{run_key}")
+    run_dir = run_location(out_root, train_fs.spec.backbone,
+                           f"{tspec.dataset}-{config.task}-{config.variant}-{config.head}-seed{config.seed}-{run_key}")
     adapter_bytes = io.BytesIO()
     torch.save({"model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None},
                adapter_bytes)
@@ -414,7 +418,6 @@ def _save(config: ProbeConfig, stores: _Stores, data: _Data, trainer: _Trainer, 
             "train_features": str(features), "eval_features": str(stores.eval_features),
             "layers": list(train_fs.spec.layer_names), "backbone_identity": train_fs.spec.backbone_identity()}
     write_run_files(run_dir, {"adapter.pt": adapter_bytes.getvalue(),
-                              "meta.json": json.dumps(meta, indent=2, default=float).encode()},
-                    storage_options=storage_options)
-    result_path = append_result(out_root, record, storage_options=storage_options)
+                              "meta.json": json.dumps(meta, indent=2, default=float).encode()})
+    result_path = append_result(out_root, record)
     return ProbeResult(record=record, run_dir=str(run_dir), result_path=result_path)

@@ -164,9 +164,9 @@ def test_stores_rm_is_safe(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "nothing deleted" in r.output and os.path.exists(w.path)
 
     seen = {}
-    import store.writer as writer_mod
+    import store.location as location_mod
 
-    real_rmtree = writer_mod.shutil.rmtree
+    real_rmtree = location_mod.shutil.rmtree
 
     def spy(path, *a, **k):  # the completion mark is gone before any data
         from store import read_attrs
@@ -175,7 +175,7 @@ def test_stores_rm_is_safe(tmp_path, monkeypatch):
         seen["moved_away"] = not os.path.exists(w.path)
         return real_rmtree(path, *a, **k)
 
-    monkeypatch.setattr(writer_mod.shutil, "rmtree", spy)
+    monkeypatch.setattr(location_mod.shutil, "rmtree", spy)
     for shard in range(2):
         w.write_shard(shard, {"features/last": np.ones((2, 2, 2, 3), np.float16)})
     w.finalize()
