@@ -86,3 +86,52 @@ def test_a_violation_names_file_line_and_rule():
     ]
     assert violations("store/sub/y.py", "from .. import reader\nfrom runtime import errors\n") == []
     assert violations("pipelines/cli.py", "from extract import jobs\nfrom probe import train\n") == []
+
+
+# -- storage stays in store/ -------------------------------------------------------------------------
+#: Modules only ``store/`` may import: the on-disk layout and the storage libraries. Everything else
+#: reaches storage through ``store`` (a ``Location`` carries a path or URL with its options).
+STORE_ONLY_IMPORTS = ("store._layout", "zarr", "fsspec", "s3fs")
+#: Names that mean storage plumbing: a store ``Location`` carries them instead.
+STORE_ONLY_NAMES = ("storage_options", "is_remote")
+
+
+def storage_violations(rel_path: str, source: str, *, libraries: bool = True) -> list[str]:
+    """Imports of the layout (and, with ``libraries``, of zarr/fsspec/s3fs) and storage-plumbing
+    names (parameters, keywords, variables, attributes) in a file outside store/."""
+    tree = ast.parse(source, filename=rel_path)
+    package = ".".join(Path(rel_path).parts[:-1])
+    banned = STORE_ONLY_IMPORTS if libraries else ("store._layout",)
+    out = []
+    for line, name in _imports(tree, package):
+        if any(name == b or name.startswith(b + ".") for b in banned) or name == "store._layout":
+            out.append(f"{rel_path}:{line}: imports {name} — only store/ knows the layout and does storage I/O")
+    for node in ast.walk(tree):
+        ident = (node.arg if isinstance(node, (ast.arg, ast.keyword)) else node.id if isinstance(node, ast.Name)
+                 else node.attr if isinstance(node, ast.Attribute) else None)
+        if ident in STORE_ONLY_NAMES:
+            out.append(f"{rel_path}:{node.lineno}: names {ident} — pass a store Location (it carries the options)")
+    return out
+
+
+@pytest.mark.parametrize("folder", [p for p in MAY_IMPORT if p != "store"] + ["benchmarks", "tests"])
+def test_only_store_does_storage(folder):
+    found = []
+    for f in sorted((ROOT / folder).rglob("*.py")):
+        rel = f.relative_to(ROOT).as_posix()
+        if rel == "tests/test_layers.py":
+            continue
+        # tests and benchmarks may open stores with zarr to damage or time them; never the layout module
+        found += storage_violations(rel, f.read_text(encoding="utf-8"), libraries=folder in MAY_IMPORT)
+    assert not found, "\n".join(found)
+
+
+def test_a_storage_violation_is_named():
+    src = "from store import _layout as L\n\ndef f(storage_options=None):\n    return g(storage_options=1)\n"
+    assert storage_violations("probe/x.py", src) == [
+        "probe/x.py:1: imports store._layout — only store/ knows the layout and does storage I/O",
+        "probe/x.py:3: names storage_options — pass a store Location (it carries the options)",
+        "probe/x.py:4: names storage_options — pass a store Location (it carries the options)",
+    ]
+    assert storage_violations("probe/x.py", "import zarr\n") != []
+    assert storage_violations("tests/x.py", "import zarr\n", libraries=False) == []

@@ -41,7 +41,7 @@ StorageOptionList = Annotated[
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
+def _option_pairs(items: list[str] | None) -> dict[str, Any] | None:
     """``--storage-option KEY=VALUE`` pairs as a dict; values are JSON where they parse (true, 3,
     {...}), else text; ``a.b=v`` nests (``client_kwargs.region_name=eu-west-1``)."""
     if not items:
@@ -69,7 +69,7 @@ def _location(path: str | Path, items: list[str] | None) -> Any:
     """``path`` (a folder or URL) with the ``--storage-option`` pairs, as one store Location."""
     from store.location import as_location
 
-    return as_location(path, _storage_options(items))
+    return as_location(path, _option_pairs(items))
 
 
 def _parse_layers(text: str | None) -> tuple[int, ...] | None:
