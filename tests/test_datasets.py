@@ -27,7 +27,7 @@ from extract.datasets.segfolder import SegFolderDataset
 from extract.datasets.voc import VOCDataset
 from store.errors import BadImageError, DatasetError
 
-from shared_data import shared_data
+from shared_data import SHARED_DATA, shared_data
 
 # pycocotools' mask decoding trips a numpy 2 DeprecationWarning inside the library itself.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -519,7 +519,7 @@ def test_segfolder_label_out_of_range_names_file(tmp_path: Path) -> None:
 
 
 def _real_jpeg(tmp_path: Path) -> Path:
-    sample = DATA / "coco_mini" / "val2017"
+    sample = SHARED_DATA / "coco_mini" / "val2017"
     source = next(iter(sorted(sample.glob("*.jpg"))), None) if sample.is_dir() else None
     if source is None:
         source = tmp_path / "source.jpg"
