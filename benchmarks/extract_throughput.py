@@ -199,7 +199,7 @@ def compression_figures(model, reader, n, feats: dict[str, np.ndarray], repeats:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="timm:vit_small_patch16_224")
     p.add_argument("--weights", default="random")
@@ -215,29 +215,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--write-repeats", type=int, default=3)
     p.add_argument("--no-cli", action="store_true", help="skip the CLI-equivalent run")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    t_start = time.perf_counter()
-    base = create_dataset("coco", args.data, args.split)
-    reader = RepeatedReader(base, args.repeat) if args.repeat > 1 else base
-    n = min(len(reader), args.limit or len(reader))
 
-    t0 = time.perf_counter()
-    model = load_backbone(args.backbone, weights=args.weights, device=args.device)
-    load_s = time.perf_counter() - t0
-    batches = _batch_list(model, reader, n, args.batch_size)
-    t0 = time.perf_counter()
-    tensors = predecode(model, reader, batches, model.device)
-    predecode_s = time.perf_counter() - t0
-    print(f"{args.backbone}: {n} images, batches {[len(b) for b in batches]}, torch threads "
-          f"{torch.get_num_threads()}, cpus {os.cpu_count()}; load {load_s:.1f} s, predecode {predecode_s:.1f} s "
-          f"({n / predecode_s:.0f} img/s on the main thread)", flush=True)
-
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        model.forward(tensors[0])  # warm-up batch, excluded from every figure
-        _sync(model.device)
-    warmup_s = time.perf_counter() - t0
+def _alternate(model, reader, n: int, args: argparse.Namespace, tensors) -> tuple[dict[str, list[float]], bool, dict, Any]:
+    """Bare and pipeline rounds in turn, then the stored features checked against the bare forward, the
+    compression figures and the CLI-equivalent run: ``(runs, identical, compression, cli)``."""
     runs: dict[str, list[float]] = {"bare": [], "pipeline": [], "pipeline_runner": [], "bare_s": [],
                                     "pipeline_s": [], "pipeline_forward_s": [],
                                     "bare_cpu_s": [], "pipeline_cpu_s": []}
@@ -285,6 +268,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
 
+    return runs, identical, comp, cli
+
+
+def _summary(args: argparse.Namespace, model, n: int, runs: dict[str, list[float]], identical: bool, comp: dict,
+             cli: Any, load_s: float, warmup_s: float, t_start: float) -> dict[str, Any]:
+    """The JSON record of one run (medians, paired ratios, the machine)."""
     med = {k: statistics.median(v) for k, v in runs.items()}
     paired = [p / b for p, b in zip(runs["pipeline"], runs["bare"])]
     forward_share = [f / w for f, w in zip(runs["pipeline_forward_s"], runs["pipeline_s"])]
@@ -321,6 +310,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "total_s": time.perf_counter() - t_start,
     }
 
+    return result
+
+
+def _print_table(result: dict[str, Any], runs: dict[str, list[float]], comp: dict, cli: Any, n: int) -> None:
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    paired = result["ratio_paired"]
+    forward_share = result["forward_share_of_pipeline_wall"]
     print()
     print(f"{'measure':<28}{'images/s':>10}   runs")
     print(f"{'bare forward':<28}{med['bare']:10.2f}   {', '.join(f'{v:.2f}' for v in runs['bare'])}")
@@ -343,6 +339,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{d['write_MB_per_s']:12.1f}")
     print(f"total {result['total_s']:.0f} s")
 
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse_args(argv)
+
+    t_start = time.perf_counter()
+    base = create_dataset("coco", args.data, args.split)
+    reader = RepeatedReader(base, args.repeat) if args.repeat > 1 else base
+    n = min(len(reader), args.limit or len(reader))
+
+    t0 = time.perf_counter()
+    model = load_backbone(args.backbone, weights=args.weights, device=args.device)
+    load_s = time.perf_counter() - t0
+    batches = _batch_list(model, reader, n, args.batch_size)
+    t0 = time.perf_counter()
+    tensors = predecode(model, reader, batches, model.device)
+    predecode_s = time.perf_counter() - t0
+    print(f"{args.backbone}: {n} images, batches {[len(b) for b in batches]}, torch threads "
+          f"{torch.get_num_threads()}, cpus {os.cpu_count()}; load {load_s:.1f} s, predecode {predecode_s:.1f} s "
+          f"({n / predecode_s:.0f} img/s on the main thread)", flush=True)
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.forward(tensors[0])  # warm-up batch, excluded from every figure
+        _sync(model.device)
+    warmup_s = time.perf_counter() - t0
+    runs, identical, comp, cli = _alternate(model, reader, n, args, tensors)
+    result = _summary(args, model, n, runs, identical, comp, cli, load_s, warmup_s, t_start)
+    _print_table(result, runs, comp, cli, n)
     out = Path(args.out) if args.out else REPO / "benchmarks" / "out" / f"extract_{re.sub(r'[^A-Za-z0-9_.-]+', '-', args.backbone)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -15,7 +15,6 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -30,15 +29,10 @@ from probe.data import ProbeData
 from probe.heads import HEADS, build_head
 from probe.tasks import Task, TrainingTargets, create_task, get_task
 from probe.variants import VARIANTS, variant_config
+from probe.pairing import Stores, Where, open_stores, usable_images
+from runtime.errors import MaxaError
 from store.location import Location, as_location
 from store.results import append_result, check_results_root, run_location, write_run_files
-
-#: A store or root: a local path, a URL, or a store Location (a URL with its storage options).
-Where = str | Path | Location
-from store.catalogue import find_eval_features, find_target_store, store_root_of
-from runtime.errors import MaxaError, StoreError
-from store.reader import (FeatureStore, TargetStore, check_aligned, check_eval_pair, check_target_definitions,
-                          open_features, open_targets)
 from store.spec import content_key
 
 __all__ = ["ProbeConfig", "ProbeResult", "train_probe", "build_model", "HEADS", "MAX_CNN_CHANNELS"]
@@ -115,32 +109,6 @@ class ProbeResult:
         return self.record["metrics"]
 
 
-def _open_pair(features: Where | FeatureStore, targets_path: Where | None,
-               like: TargetStore | None = None) -> tuple[FeatureStore, TargetStore]:
-    """A feature store and its target store (found by dataset and image ids unless given; with
-    ``like``, one whose target definitions equal those of ``like``)."""
-    fs = features if isinstance(features, FeatureStore) else open_features(features)
-    if targets_path is None:
-        root = store_root_of(fs.location)
-        targets_path = find_target_store(root, fs.spec, like=like.spec if like is not None else None)
-        if targets_path is None:
-            same = f" with the training targets' definitions ({like.path})" if like is not None else ""
-            raise StoreError(
-                f"no complete target store for {fs.spec.dataset}/{fs.spec.split}{same} under {root}; "
-                "run `maxa extract` for this split with targets (the default), or pass --targets / --eval-targets."
-            )
-    return fs, open_targets(targets_path)
-
-
-def _usable(features: FeatureStore, targets: TargetStore, count: int | None = None) -> tuple[np.ndarray, int]:
-    """Indices of the first ``count`` images (all by default) minus those recorded as bad, and how
-    many were dropped: an undecodable image is stored as zeros and must not be trained or scored on."""
-    n = len(features) if count is None else count
-    bad = np.union1d(features.bad, targets.bad)
-    bad = bad[bad < n]
-    return np.setdiff1d(np.arange(n), bad), int(bad.size)
-
-
 def build_model(config: ProbeConfig, task: Task, in_channels, grids) -> tuple[torch.nn.Module, AdapterConfig]:
     """The adapter (or baseline head) for ``task`` on features with ``in_channels``/``grids``."""
     out = task.out_channels()
@@ -149,18 +117,6 @@ def build_model(config: ProbeConfig, task: Task, in_channels, grids) -> tuple[to
     adapter_config = variant_config(config.variant, in_channels=tuple(in_channels), grids=tuple(grids),
                                     out_channels=out, cnn_channels=cnn)
     return build_head(config.head, adapter_config), adapter_config
-
-
-@dataclass
-class _Stores:
-    """The four stores of one probe run, checked against each other."""
-
-    train_fs: FeatureStore
-    train_ts: TargetStore
-    eval_fs: FeatureStore
-    eval_ts: TargetStore
-    root: Location  # the training store's root
-    eval_features: Where  # the eval feature store as given or found
 
 
 @dataclass
@@ -213,7 +169,7 @@ def train_probe(
     t_start = time.perf_counter()
     dev = resolve_device(device)
     torch.manual_seed(config.seed)
-    stores = _open_stores(features, eval_features, targets, eval_targets)
+    stores = open_stores(features, eval_features, targets, eval_targets)
     out_root = as_location(results_root) if results_root is not None else stores.root
     check_results_root(out_root)
     say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))
@@ -230,28 +186,7 @@ def train_probe(
                  dev=dev, t_start=t_start)
 
 
-def _open_stores(features: Where, eval_features: Where | None, targets: Where | None,
-                 eval_targets: Where | None) -> _Stores:
-    """The training and eval feature and target stores, refused unless they belong together."""
-    train_fs, train_ts = _open_pair(features, targets)
-    root = store_root_of(train_fs.location)
-    if eval_features is None:
-        eval_features = find_eval_features(root, train_fs.spec)
-        if eval_features is None:
-            raise StoreError(
-                f"no eval store for {train_fs.spec.backbone} on {train_fs.spec.dataset} (val/test split) under "
-                f"{root}; extract the val split with the same backbone and weights, or pass --eval-store."
-            )
-    eval_fs = open_features(eval_features)
-    check_eval_pair(train_fs, eval_fs)  # before looking for its targets: the clearer refusal
-    eval_fs, eval_ts = _open_pair(eval_fs, eval_targets, like=train_ts)
-    check_aligned(train_fs, train_ts)
-    check_aligned(eval_fs, eval_ts)
-    check_target_definitions(train_ts, eval_ts)
-    return _Stores(train_fs, train_ts, eval_fs, eval_ts, root, eval_features)
-
-
-def _prepare_data(config: ProbeConfig, stores: _Stores, dev: torch.device, in_memory: bool | None, say) -> _Data:
+def _prepare_data(config: ProbeConfig, stores: Stores, dev: torch.device, in_memory: bool | None, say) -> _Data:
     """The task, sized from the training targets, and its fit / held-out / eval image sets."""
     train_fs, train_ts, eval_fs, eval_ts = stores.train_fs, stores.train_ts, stores.eval_fs, stores.eval_ts
     task_class = get_task(config.task)
@@ -267,8 +202,8 @@ def _prepare_data(config: ProbeConfig, stores: _Stores, dev: torch.device, in_me
     stored = task.stored_needs()
 
     # images recorded as undecodable hold zeros: never trained, selected or scored on
-    usable, train_bad = _usable(train_fs, train_ts, n_train_total)
-    eval_idx, eval_bad = _usable(eval_fs, eval_ts)
+    usable, train_bad = usable_images(train_fs, train_ts, n_train_total)
+    eval_idx, eval_bad = usable_images(eval_fs, eval_ts)
     if train_bad or eval_bad:
         say(f"  excluded images recorded as bad (undecodable at extraction): {train_bad} of the training store "
             f"{train_fs.path}, {eval_bad} of the eval store {eval_fs.path}")
@@ -378,7 +313,7 @@ class _Trainer:
                 copy.deepcopy(self.extra.state_dict()) if self.extra is not None else None)
 
 
-def _save(config: ProbeConfig, stores: _Stores, data: _Data, trainer: _Trainer, fitted: dict[str, Any],
+def _save(config: ProbeConfig, stores: Stores, data: _Data, trainer: _Trainer, fitted: dict[str, Any],
           metrics: dict[str, float], trivial: dict[str, float], *, features: Where, out_root: Location,
           dev: torch.device, t_start: float) -> ProbeResult:
     """Write the adapter and its meta under the run's folder and append the record to the results table."""

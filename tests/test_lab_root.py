@@ -164,7 +164,7 @@ def test_stores_rm_is_safe(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "nothing deleted" in r.output and os.path.exists(w.path)
 
     seen = {}
-    import store.location as location_mod
+    import store.location_local as location_mod
 
     real_rmtree = location_mod.shutil.rmtree
 

@@ -1,0 +1,144 @@
+"""A store Location on a local (or network-mounted) disk: plain ``os`` calls, atomic renames and
+``O_EXCL`` creation; fsspec is never involved (see :mod:`store.location`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import zarr
+
+from store.location import Location
+
+
+class LocalLocation(Location):
+    """A path on a local (or network-mounted) disk, handled with ``os``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.url = str(path)
+
+    def __fspath__(self) -> str:
+        return self.url
+
+    def __truediv__(self, part: str) -> "LocalLocation":
+        return LocalLocation(Path(self.url, *part.split("/")))
+
+    @property
+    def parent(self) -> "LocalLocation":
+        return LocalLocation(Path(self.url).parent)
+
+    @property
+    def name(self) -> str:
+        return Path(self.url).name
+
+    def relative_to(self, root: Location) -> str:
+        return os.path.relpath(self.url, str(root))
+
+    def exists(self) -> bool:
+        return Path(self.url).exists()
+
+    def isdir(self) -> bool:
+        return Path(self.url).is_dir()
+
+    def isfile(self) -> bool:
+        return Path(self.url).is_file()
+
+    def children(self) -> list[tuple[str, bool]]:
+        try:
+            entries = list(os.scandir(self.url))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted((e.name, e.is_dir()) for e in entries)
+
+    def glob(self, pattern: str) -> list["Location"]:
+        return [LocalLocation(p) for p in sorted(Path(self.url).glob(pattern)) if p.is_file()]
+
+    def tree_bytes(self) -> int:
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.url):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, f))
+                except OSError:  # removed while we counted
+                    pass
+        return total
+
+    def files(self) -> Iterator["Location"]:
+        for dirpath, _dirs, names in os.walk(self.url):
+            for f in names:
+                yield LocalLocation(os.path.join(dirpath, f))
+
+    def read_bytes(self) -> bytes | None:
+        try:
+            with open(self.url, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def mtime(self) -> float:
+        try:
+            return os.path.getmtime(self.url)
+        except OSError:
+            return 0.0
+
+    def write_bytes(self, data: bytes) -> None:
+        folder = os.path.dirname(self.url) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(self.url)}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.url)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
+
+    def create(self, data: bytes) -> bool:
+        os.makedirs(os.path.dirname(self.url) or ".", exist_ok=True)
+        try:
+            fd = os.open(self.url, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def delete(self) -> None:
+        try:
+            os.remove(self.url)
+        except FileNotFoundError:
+            pass
+
+    def remove_tree(self) -> None:
+        # rename first: the folder vanishes at once for every reader; the bytes go next
+        gone = os.path.join(os.path.dirname(self.url), f".{os.path.basename(self.url)}.removing-{uuid.uuid4().hex[:8]}")
+        os.rename(self.url, gone)
+        shutil.rmtree(gone)
+
+    def move_to(self, target: Location) -> None:
+        os.rename(self.url, str(target))
+
+    def partial_files(self) -> list[Location]:
+        return [f for f in self.files() if f.name.endswith(".partial")]
+
+    def open_group(self, mode: str = "r") -> zarr.Group:
+        return zarr.open_group(self.url, mode=mode)
+
+    def create_group(self, populate: Any, *, replace: bool = False) -> bool:
+        # build in a hidden sibling, then rename into place: a reader sees nothing or all of it
+        parent = Path(self.url).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{Path(self.url).name}.creating-{uuid.uuid4().hex[:8]}"
+        populate(zarr.open_group(str(tmp), mode="w-"))
+        try:
+            os.rename(tmp, self.url)
+        except OSError:  # another writer created the same group first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        return True
