@@ -38,6 +38,7 @@ import torch
 from extract.backbones import LoadedBackbone, get_backbone_entry, load_backbone
 from runtime.devices import resolve_device
 from runtime.provenance import tool_version
+from pipelines.defaults import SPEED_BATCH_SIZE, SPEED_BATCHES, SPEED_REFERENCE
 from probe.adapter import MaxaAdapter, count_parameters
 from store.results import append_result
 from probe.variants import variant_config
@@ -46,7 +47,7 @@ from runtime.errors import MaxaError
 __all__ = ["DEFAULT_REFERENCE", "ADAPTER_OUT_SIZE", "speed_benchmark", "speed_record", "write_speed_records",
            "device_name"]
 
-DEFAULT_REFERENCE = "imagenet_b16"
+DEFAULT_REFERENCE = SPEED_REFERENCE
 ADAPTER_OUT_SIZE = (224, 224)
 _SEED = 0
 
@@ -149,8 +150,8 @@ def _measure(name: str, weights: str, device: torch.device, batches: int, batch_
 def speed_benchmark(
     backbones: list[str],
     reference: str = DEFAULT_REFERENCE,
-    batches: int = 10,
-    batch_size: int = 8,
+    batches: int = SPEED_BATCHES,
+    batch_size: int = SPEED_BATCH_SIZE,
     device: str = "auto",
     weights: str = "random",
     task_dim: int = 1,

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from extract.jobs import ExtractJobResult, run_extract
 from probe.tasks import tasks_for_targets
+from pipelines.defaults import QUICKSTART_BACKBONE, QUICKSTART_MAX_EPOCHS
 from probe.train import ProbeConfig, train_probe
 
 __all__ = ["QuickstartResult", "run_quickstart"]
@@ -30,8 +31,8 @@ class QuickstartResult:
 def run_quickstart(
     store_root: str | Path,
     *,
-    backbone: str = "test_vit",
-    max_epochs: int = 8,
+    backbone: str = QUICKSTART_BACKBONE,
+    max_epochs: int = QUICKSTART_MAX_EPOCHS,
     device: str = "auto",
     tasks: tuple[str, ...] | None = None,
     num_images: dict[str, int] | None = None,

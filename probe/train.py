@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,9 +26,10 @@ from runtime.provenance import tool_version
 from probe import fused
 from probe.adapter import AdapterConfig, count_parameters
 from probe.data import ProbeData
+from probe.config import ProbeConfig
 from probe.heads import HEADS, build_head
 from probe.tasks import Task, TrainingTargets, create_task, get_task
-from probe.variants import VARIANTS, variant_config
+from probe.variants import variant_config
 from probe.pairing import Stores, Where, open_stores, usable_images
 from runtime.errors import MaxaError
 from store.location import Location, as_location
@@ -39,63 +40,6 @@ __all__ = ["ProbeConfig", "ProbeResult", "train_probe", "build_model", "HEADS", 
 
 #: D_CNN = max(D/4, D_out), capped at 64 — the paper's setting for COCO-Stuff's 171 classes.
 MAX_CNN_CHANNELS = 64
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProbeConfig:
-    """One probe run's settings (saved, resolved, beside the adapter).
-
-    Attributes:
-        task: a registered task (``probe.tasks.task_names()``).
-        variant: adapter variant (``base``, ``d16``, ``no-sigma``, ``shared-sigma``, ``single-layer``,
-            ``paper-budget``); baseline heads take ``base`` only.
-        head: ``maxa`` (default), ``linear`` or ``cnn``.
-        seed: seeds initialisation, the train/validation split and shuffling.
-        batch_size: images per step.
-        max_epochs: epoch cap.
-        patience: stop after this many epochs without a lower validation loss.
-        val_fraction: part of the training store held out for model selection.
-        lr: learning rate; ``None`` = the task's (1e-3, 2e-3 for boundaries and depth).
-        max_train_images: cap on training images (``None``: the task's ``default_max_train_images``;
-            all images for most tasks).
-        task_options: task keyword options (e.g. ``{"min_large": 3}``).
-    """
-
-    task: str
-    variant: str = "base"
-    head: str = "maxa"
-    seed: int = 0
-    batch_size: int = 16
-    max_epochs: int = 30
-    patience: int = 5
-    val_fraction: float = 0.1
-    lr: float | None = None
-    max_train_images: int | None = None
-    task_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise MaxaError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}.")
-        if self.head not in HEADS:
-            raise MaxaError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}.")
-        if self.head != "maxa" and self.variant != "base":
-            raise MaxaError(f"--variant {self.variant} applies to the maxa head only; use --head maxa.")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise MaxaError("--val-fraction must be between 0 and 1.")
-        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
-            raise MaxaError("batch size, max epochs and patience must be >= 1.")
-        if self.lr is not None and not (math.isfinite(self.lr) and 0.0 < self.lr <= 1.0):
-            raise MaxaError(f"--lr {self.lr} is not a learning rate: give a number in (0, 1], e.g. --lr 1e-3, "
-                            "or leave it out for the task's own (1e-3; 2e-3 for boundaries and depth).")
-        if self.max_train_images is not None and self.max_train_images < 2:
-            raise MaxaError("max_train_images must be >= 2 (one image to fit, one to hold out).")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ProbeConfig":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass

@@ -15,6 +15,9 @@ from rich.markup import escape as rich_escape
 
 from pipelines.cli.errors import clean_errors
 from extract.config import DEFAULT_BATCH_SIZE
+from pipelines.defaults import (QUICKSTART_BACKBONE, QUICKSTART_MAX_EPOCHS, SPEED_BATCH_SIZE, SPEED_BATCHES,
+                                 SPEED_REFERENCE)
+from probe.config import probe_default
 from pipelines.cli.options import (DEFAULT_DEVICE, DEFAULT_STORE_ROOT, Compression, StorageOptionList, Weights,
                                    _location, _parse_layers)
 from pipelines.cli.render import _results_table, _speed_table, err, out
@@ -120,12 +123,12 @@ def probe(
     store: Annotated[str, typer.Option(help="Training feature store (….zarr, a path or s3://… URL).")],
     task: Annotated[str, typer.Option(help="boundaries, distance, instances, semseg or depth.")],
     eval_store: Annotated[Optional[str], typer.Option(help="Eval feature store (default: same backbone+dataset, val/test split).")] = None,
-    variant: Annotated[str, typer.Option(help="base, d16, no-sigma, shared-sigma, single-layer, paper-budget.")] = "base",
-    head: Annotated[str, typer.Option(help="Readout: maxa (the MAXA adapter) or a baseline head (linear, cnn).")] = "maxa",
-    seed: Annotated[int, typer.Option(help="Seed: initialisation, validation split, shuffling.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap (early stopping on validation loss).")] = 30,
-    patience: Annotated[int, typer.Option(min=1, help="Epochs without improvement before stopping.")] = 5,
+    variant: Annotated[str, typer.Option(help="base, d16, no-sigma, shared-sigma, single-layer, paper-budget.")] = probe_default("variant"),
+    head: Annotated[str, typer.Option(help="Readout: maxa (the MAXA adapter) or a baseline head (linear, cnn).")] = probe_default("head"),
+    seed: Annotated[int, typer.Option(help="Seed: initialisation, validation split, shuffling.")] = probe_default("seed"),
+    batch_size: Annotated[int, typer.Option(min=1)] = probe_default("batch_size"),
+    max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap (early stopping on validation loss).")] = probe_default("max_epochs"),
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without improvement before stopping.")] = probe_default("patience"),
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the task's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = DEFAULT_DEVICE,
     targets: Annotated[Optional[str], typer.Option(help="Training target store (default: found by image ids).")] = None,
@@ -193,9 +196,9 @@ def report(
 @clean_errors
 def bench_speed(
     backbones: Annotated[str, typer.Option(help="Comma-separated registry names or timm:NAME, e.g. dinov2_b14,siglip_384.")],
-    reference: Annotated[str, typer.Option(help="Reference backbone (ViT-B/16 at 224), always timed in the same run.")] = "imagenet_b16",
-    batches: Annotated[int, typer.Option(min=1, help="Timed batches (paper: 10); shrink for large models on a CPU.")] = 10,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (paper: 8).")] = 8,
+    reference: Annotated[str, typer.Option(help="Reference backbone (ViT-B/16 at 224), always timed in the same run.")] = SPEED_REFERENCE,
+    batches: Annotated[int, typer.Option(min=1, help="Timed batches (paper: 10); shrink for large models on a CPU.")] = SPEED_BATCHES,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (paper: 8).")] = SPEED_BATCH_SIZE,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = DEFAULT_DEVICE,
     store_root: Annotated[Optional[Path], typer.Option(help="Also append one task='speed' record per backbone to ROOT/results.")] = None,
     weights: Annotated[Weights, typer.Option(help="random (default: runtime does not depend on the weights, nothing "
@@ -254,8 +257,8 @@ def sweep(
 @clean_errors
 def quickstart(
     store_root: Annotated[Path, typer.Option(help="Where stores, adapters and results go.")] = Path(DEFAULT_STORE_ROOT),
-    backbone: Annotated[str, typer.Option(help="Backbone (random init).")] = "test_vit",
-    max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap per task.")] = 8,
+    backbone: Annotated[str, typer.Option(help="Backbone (random init).")] = QUICKSTART_BACKBONE,
+    max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap per task.")] = QUICKSTART_MAX_EPOCHS,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = DEFAULT_DEVICE,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
 ) -> None:
