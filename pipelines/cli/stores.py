@@ -32,6 +32,10 @@ def _require_store(path: Location) -> None:
                      "listed by `maxa stores ls ROOT`.")
 
 
+#: A store argument: a ….zarr folder or URL.
+StorePath = Annotated[str, typer.Argument(help="A store (….zarr, a path or s3://… URL).")]
+
+
 @clean_errors
 def stores_ls(
     root: Annotated[str, typer.Argument(help="Store root: a folder or s3://bucket/prefix.")] = DEFAULT_STORE_ROOT,
@@ -81,7 +85,7 @@ def stores_ls(
 
 @clean_errors
 def stores_info(
-    path: Annotated[str, typer.Argument(help="A store (….zarr, a path or s3://… URL).")],
+    path: StorePath,
     as_json: JsonFlag = False,
     storage_option: StorageOptionList = None,
 ) -> None:
@@ -116,7 +120,7 @@ def stores_info(
 
 @clean_errors
 def stores_verify(
-    path: Annotated[str, typer.Argument(help="A store (….zarr, a path or s3://… URL).")],
+    path: StorePath,
     as_json: JsonFlag = False,
     storage_option: StorageOptionList = None,
 ) -> None:
