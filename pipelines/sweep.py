@@ -404,9 +404,9 @@ def format_plan(plan: SweepPlan) -> Any:
         table.add_column(col, overflow="fold")
     labels = {TODO: "run", SKIP: "skip (done)", FAILED: "cannot run"}
     for t in plan.targets.values():
-        table.add_row(t.id, labels[t.status], t.error or (t.path or ""))
+        table.add_row(t.id, labels[t.status], t.error or str(t.path or ""))
     for fj in plan.features.values():
-        detail = fj.error or fj.path or ""
+        detail = fj.error or str(fj.path or "")
         if fj.status == TODO and fj.num_shards:
             detail = f"{len(fj.missing_shards)}/{fj.num_shards} shards to write → {detail}"
         table.add_row(fj.id, labels[fj.status], detail)

@@ -120,7 +120,7 @@ class TargetJob:
     id: str
     split: SplitRef
     size: tuple[int, int]
-    path: str | None = None
+    path: Any = None  # the store's Location (path or URL with its storage options) once planned
     status: str = TODO  # one of PLAN_STATUSES
     error: str = ""
 
@@ -132,7 +132,7 @@ class FeatureJob:
     weights: str
     layers: tuple[int, ...] | None
     split: SplitRef
-    path: str | None = None
+    path: Any = None  # the store's Location once planned
     key: str | None = None
     num_shards: int = 0
     missing_shards: list[int] = field(default_factory=list)

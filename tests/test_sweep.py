@@ -138,11 +138,11 @@ def test_two_worker_extraction_is_bitwise_equal_to_single_process(tmp_path):
             ref = extract_features("test_vit", reader, str(tmp_path / "single"), ExtractConfig(weights="random", device="cpu",
                                    batch_size=4, shard_size=3, num_workers=0), show_progress=False)
             job = next(f for f in summary.plan.features.values() if f.split.split == split)
-            assert job.path.replace(str(tmp_path / "dist"), "") == ref.path.replace(str(tmp_path / "single"), "")
+            assert str(job.path).replace(str(tmp_path / "dist"), "") == ref.path.replace(str(tmp_path / "single"), "")
             a, b = open_features(job.path), open_features(ref.path)
             assert a.key == b.key and a.complete and b.complete
             assert np.array_equal(a.read_all().view(np.uint16), b.read_all().view(np.uint16))
-            ga, gb = zarr.open_group(job.path, mode="r"), zarr.open_group(ref.path, mode="r")
+            ga, gb = zarr.open_group(str(job.path), mode="r"), zarr.open_group(ref.path, mode="r")
             assert np.array_equal(ga["shard_done"][:], gb["shard_done"][:]) and np.array_equal(ga["bad"][:], gb["bad"][:])
             assert verify_store(job.path).ok and verify_store(ref.path).ok
     finally:
