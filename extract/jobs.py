@@ -15,6 +15,7 @@ from runtime.devices import resolve_device
 from extract.runner import ExtractResult, extract_features
 from extract.target_store import TargetBuildResult, build_target_store
 from runtime.errors import MaxaError
+from store.spec import DEFAULT_TARGET_SIZE
 from store.location import Location, as_location
 
 __all__ = ["ExtractJobResult", "run_extract"]
@@ -36,7 +37,7 @@ def run_extract(
     dataset_options: dict[str, Any] | None = None,
     config: ExtractConfig | None = None,
     targets: bool = True,
-    target_size: tuple[int, int] = (224, 224),
+    target_size: tuple[int, int] = DEFAULT_TARGET_SIZE,
     show_progress: bool = True,
     **settings: Any,
 ) -> ExtractJobResult:

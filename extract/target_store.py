@@ -21,7 +21,7 @@ from extract.targets import TargetConfig
 from store.catalogue import target_store_path
 from store.location import Location
 from runtime.errors import MaxaError
-from store.spec import TargetSpec
+from store.spec import DEFAULT_TARGET_SIZE, TargetSpec
 from store.writer import ArrayDef, StoreWriter
 
 __all__ = ["TargetBuildResult", "build_target_store", "target_spec_for", "MAX_INSTANCES"]
@@ -108,7 +108,7 @@ def build_target_store(
     reader: DatasetReader,
     store_root: str | Location,
     *,
-    size: tuple[int, int] = (224, 224),
+    size: tuple[int, int] = DEFAULT_TARGET_SIZE,
     limit: int | None = None,
     num_workers: int | None = None,
     show_progress: bool = True,

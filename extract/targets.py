@@ -50,6 +50,7 @@ from scipy import ndimage
 
 from extract.datasets.base import TARGET_KINDS, Annotation
 from runtime.errors import DatasetError, MaxaError
+from store.spec import DEFAULT_TARGET_SIZE
 
 __all__ = ["TargetConfig", "TargetConfigError", "build_targets", "TARGET_OUTPUTS", "TARGETS_VERSION"]
 
@@ -86,7 +87,7 @@ class TargetConfig:
             output diagonal) — see the module docstring.
     """
 
-    size: tuple[int, int] = (224, 224)
+    size: tuple[int, int] = DEFAULT_TARGET_SIZE
     boundary_width: int = 2
     distance_norm: str = "max"
 

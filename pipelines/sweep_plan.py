@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.sweep_file import SweepFileError, load_sweep, parse_data_roots, parse_sweep
+from store.spec import DEFAULT_TARGET_SIZE
 from pipelines.sweep_jobs import (
     FAILED,
     SKIP,
@@ -98,7 +99,7 @@ class _Planner:
 
     def __init__(self, sweep: SweepFile, root: Any) -> None:
         self.sweep, self.root = sweep, root
-        self.size = int(sweep.extract.get("target_size", 224))
+        self.size = int(sweep.extract.get("target_size", DEFAULT_TARGET_SIZE[0]))
         self.readers: dict[SplitRef, Any] = {}
         self.reader_errors: dict[SplitRef, str] = {}
         self.backbones: dict[tuple[str, str, Any], Any] = {}

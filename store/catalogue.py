@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from store import _layout as L
 from store.location import Location, as_location
-from store.spec import FORMAT_VERSION, FeatureSpec, TargetSpec, store_format
+from store.spec import DEFAULT_TARGET_SIZE, FORMAT_VERSION, FeatureSpec, TargetSpec, store_format
 
 __all__ = [
     "feature_store_path",
@@ -119,7 +119,7 @@ def find_target_store(root: str | Path | Location, spec: FeatureSpec | dict[str,
     Args:
         root: store root.
         spec: the feature store's spec (or its dict).
-        size: output resolution; ``None`` takes 224 × 224 if present, else any.
+        size: output resolution; ``None`` takes :data:`DEFAULT_TARGET_SIZE` if present, else any.
         like: only target stores whose definitions equal this one's (:meth:`TargetSpec.definition`:
             size, target definitions, classes), e.g. the eval targets of a probe's training targets.
     """
@@ -135,7 +135,7 @@ def find_target_store(root: str | Path | Location, spec: FeatureSpec | dict[str,
             found.append((tuple(t.get("size", ())), str(loc), loc))
     if size is not None:
         found = [f for f in found if f[0] == tuple(size)]
-    found.sort(key=lambda f: (f[0] != (224, 224), f[1]))
+    found.sort(key=lambda f: (f[0] != DEFAULT_TARGET_SIZE, f[1]))
     return found[0][2] if found else None
 
 

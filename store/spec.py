@@ -13,8 +13,11 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["FORMAT_VERSION", "LayerSpec", "FeatureSpec", "TargetSpec", "content_key", "grid_token_centres",
+__all__ = ["FORMAT_VERSION", "DEFAULT_TARGET_SIZE", "LayerSpec", "FeatureSpec", "TargetSpec", "content_key", "grid_token_centres",
            "store_format", "BACKBONE_IDENTITY"]
+
+#: Targets (and so the adapter's output) at the paper's 224 × 224 unless asked otherwise.
+DEFAULT_TARGET_SIZE = (224, 224)
 
 #: Bump when the on-disk layout or the meaning of a spec changes: it is part of every content key,
 #: and every open checks it (``store._layout.check_format``). Format 2 added ``dataset_id``.
@@ -202,7 +205,7 @@ class TargetSpec:
     split: str
     dataset_options: dict[str, Any] = field(default_factory=dict)
     dataset_id: str = ""
-    size: tuple[int, int] = (224, 224)
+    size: tuple[int, int] = DEFAULT_TARGET_SIZE
     kinds: tuple[str, ...]
     definitions: dict[str, str] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)

@@ -15,6 +15,7 @@ from rich.markup import escape as rich_escape
 
 from pipelines.cli.errors import clean_errors
 from extract.config import DEFAULT_BATCH_SIZE
+from store.spec import DEFAULT_TARGET_SIZE
 from pipelines.defaults import (QUICKSTART_BACKBONE, QUICKSTART_MAX_EPOCHS, SPEED_BATCH_SIZE, SPEED_BATCHES,
                                  SPEED_REFERENCE)
 from probe.config import probe_default
@@ -80,7 +81,7 @@ def extract(
     compression: Annotated[Compression, typer.Option(help="Feature compression.")] = Compression.none,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record undecodable images and go on.")] = False,
     targets: Annotated[bool, typer.Option(help="Also build the split's target store.")] = True,
-    target_size: Annotated[int, typer.Option(min=8, help="Target (output) resolution, square.")] = 224,
+    target_size: Annotated[int, typer.Option(min=8, help="Target (output) resolution, square.")] = DEFAULT_TARGET_SIZE[0],
     num_classes: Annotated[Optional[int], typer.Option(help="segfolder: number of classes.")] = None,
     ignore_index: Annotated[Optional[int], typer.Option(help="segfolder: label value to ignore.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
@@ -160,7 +161,7 @@ def predict(
     adapter: Annotated[str, typer.Option(help="Run directory written by `maxa probe` (a path or s3://… URL).")],
     store: Annotated[str, typer.Option(help="Feature store holding the image (a path or s3://… URL).")],
     index: Annotated[int, typer.Option(help="Image index in the store.")] = 0,
-    size: Annotated[int, typer.Option(min=8, help="Output resolution (any; the adapter takes positions).")] = 224,
+    size: Annotated[int, typer.Option(min=8, help="Output resolution (any; the adapter takes positions).")] = DEFAULT_TARGET_SIZE[0],
     out_path: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("pred.png"),
     storage_option: StorageOptionList = None,
 ) -> None:
