@@ -19,6 +19,7 @@ from zarr.core.sync import sync
 from store import _layout as L
 from store.location import Location, as_location
 from runtime.errors import MaxaError, StoreError, StoreMismatchError
+from store.fastread import Damaged, ShardedArray
 from store.spec import FeatureSpec, TargetSpec
 
 __all__ = ["FeatureStore", "TargetStore", "open_features", "open_targets", "open_store", "check_aligned",
@@ -93,6 +94,13 @@ class _Store:
     def _array(self, name: str) -> zarr.Array:
         return self.group[name]
 
+    def _fast(self, name: str, arr: zarr.Array) -> ShardedArray | None:
+        """The direct reader of array ``name`` (:mod:`store.fastread`), or ``None`` where zarr reads it."""
+        cache = self.__dict__.setdefault("_fast_readers", {})
+        if name not in cache:
+            cache[name] = ShardedArray.of(self.location, name, arr)
+        return cache[name]
+
     def _read_rows(self, name: str, indices: Sequence[int]) -> np.ndarray:
         """Rows ``indices`` of array ``name``, one concurrent request per image.
 
@@ -110,6 +118,12 @@ class _Store:
         idx = [i % n for i in idx]  # a negative index counts from the end (and a run of them stays a run)
         if _is_run(idx):  # a contiguous range reads whole shards in one call
             return self._read_range(name, arr, idx[0], idx[-1] + 1)
+        fast = self._fast(name, arr)
+        if fast is not None:
+            try:
+                return fast.read_rows(idx)
+            except Damaged:
+                pass  # read again through zarr, which names the damaged images
         rows = sync(_gather(arr, idx))
         failed = _failures(idx, rows)
         if failed:
@@ -119,6 +133,12 @@ class _Store:
     def _read_range(self, name: str, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
         """Images ``start:stop`` of ``arr`` in one call; on a damaged chunk, a :class:`StoreError`
         naming the damaged images (found by re-reading only after the failure)."""
+        fast = self._fast(name, arr)
+        if fast is not None:
+            try:
+                return fast.read_range(start, stop)
+            except Damaged:
+                pass  # read again through zarr, which names the damaged images
         try:
             return np.asarray(arr[start:stop])
         except Exception as err:
