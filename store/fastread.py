@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -37,8 +37,11 @@ from store.location import Location
 __all__ = ["Damaged", "ShardedArray"]
 
 _ABSENT = 2**64 - 1
-#: Read a whole shard file once this fraction of its images is wanted (fewer: their byte ranges).
+#: On object storage, read a whole shard file once this fraction of its images is wanted (fewer:
+#: their byte ranges).
 _WHOLE_SHARD_FRACTION = 0.25
+#: Chunks read per call on a local disk: the worker threads check one piece while the next is read.
+_PIECE = 64
 
 
 class Damaged(Exception):
@@ -127,6 +130,10 @@ class ShardedArray:
     def _fill(self, out: np.ndarray) -> None:
         out[...] = self.fill_value
 
+    def _fill_all(self, out: Sequence[np.ndarray]) -> None:
+        for o in out:
+            self._fill(o)
+
     def _decode(self, chunk: memoryview, out: np.ndarray, image: int) -> None:
         """Decode one inner chunk (its bytes and crc32c) into ``out`` (one image)."""
         if len(chunk) < 4 or not _crc_ok(chunk[:-4], chunk[-4:]):
@@ -170,7 +177,7 @@ class ShardedArray:
         """Images ``start:stop``, each shard file read once."""
         out = self._empty(stop - start)
         for first, shard, count in self._shard_spans(start, stop):
-            self.read_shard_into(shard, list(range(first, first + count)), out[first - start:first - start + count])
+            self.read_shard_into(shard, list(range(first, first + count)), list(out[first - start:first - start + count]))
         return out
 
     def _shard_spans(self, start: int, stop: int) -> list[tuple[int, int, int]]:
@@ -194,124 +201,141 @@ class ShardedArray:
         shards = idx // self.per_shard
         for shard in np.unique(shards):
             where = np.flatnonzero(shards == shard)
-            wanted, inverse = np.unique(idx[where], return_inverse=True)
-            if len(wanted) == len(where):  # no repeats: straight into place
-                order = np.argsort(idx[where], kind="stable")
-                block = self._empty(len(wanted))
-                self.read_shard_into(int(shard), wanted.tolist(), block)
-                out[where[order]] = block
-            else:
-                block = self._empty(len(wanted))
-                self.read_shard_into(int(shard), wanted.tolist(), block)
-                out[where] = block[inverse.reshape(-1)]
+            wanted, first = np.unique(idx[where], return_index=True)
+            # each wanted image straight into its first place in ``out``, then copied to its repeats
+            self.read_shard_into(int(shard), wanted.tolist(), [out[i] for i in where[first]])
+            if len(wanted) < len(where):
+                inverse = np.searchsorted(wanted, idx[where])
+                out[where] = out[where[first][inverse]]
         return out
 
-    def read_shard_into(self, shard: int, images: list[int], out: np.ndarray) -> None:
-        """Images ``images`` (sorted, unique, all in shard ``shard``) into ``out``.
+    def read_shard_into(self, shard: int, images: list[int], out: Sequence[np.ndarray]) -> None:
+        """Images ``images`` (sorted, unique, all in shard ``shard``) into ``out`` (one array each).
 
         On object storage, a shard of which many images are wanted is read whole in one GET; else
         the index is read first, then only the wanted chunks' bytes, one range per run of chunks
-        that lie end to end. Uncompressed chunks on a local disk are read straight into ``out``
-        (their checksums beside it) with one scattered read per run.
+        that lie end to end (concurrent GETs). On a local disk the runs are read in pieces while the
+        worker threads check and decode the pieces already read; uncompressed chunks are read
+        straight into ``out`` (their checksums beside it) with one scattered read per piece.
         """
         loc = self._shard_file(shard)
         count = min(self.per_shard, self.num_images - shard * self.per_shard)
         if not loc.random_access and len(images) >= _WHOLE_SHARD_FRACTION * count:
-            data = loc.read_bytes()
-            if data is None:  # never written: zarr's fill value
-                self._fill(out)
-                return
-            buf = memoryview(data)
-            if len(buf) < self.index_bytes:
-                raise Damaged(f"shard {shard}: {len(buf)} bytes, shorter than its index")
-            index = self._index(buf[len(buf) - self.index_bytes:], shard)
-            spans = self._spans(index, images, shard, len(buf))
-            jobs = []
-            for k, span in enumerate(spans):
-                if span is None:
-                    self._fill(out[k])
-                else:
-                    jobs.append((buf[span[0]:span[0] + span[1]], k, images[k]))
-            self._decode_all(jobs, out)
+            self._read_whole_into(loc, shard, images, out)
             return
         tails = loc.read_ranges([(-self.index_bytes, self.index_bytes)])
-        if tails is None:
-            self._fill(out)
+        if tails is None:  # never written: zarr's fill value
+            self._fill_all(out)
             return
         if len(tails[0]) != self.index_bytes:
             raise Damaged(f"shard {shard}: shorter than its index")
         spans = self._spans(self._index(tails[0], shard), images, shard, None)
-        runs: list[list[int]] = []  # positions in ``images`` whose chunks lie end to end
+        pieces: list[list[int]] = []  # positions in ``images`` whose chunks lie end to end
         for k, span in enumerate(spans):
             if span is None:
                 self._fill(out[k])
                 continue
-            prev = spans[runs[-1][-1]] if runs else None
-            if prev is not None and runs[-1][-1] == k - 1 and prev[0] + prev[1] == span[0]:
-                runs[-1].append(k)
+            prev = spans[pieces[-1][-1]] if pieces else None
+            if (prev is not None and pieces[-1][-1] == k - 1 and prev[0] + prev[1] == span[0]
+                    and (len(pieces[-1]) < _PIECE or not loc.random_access)):
+                pieces[-1].append(k)
             else:
-                runs.append([k])
-        if not runs:
+                pieces.append([k])
+        wanted = sum(len(p) for p in pieces)
+        decode = lambda job: self._decode(job[0], out[job[1]], job[2])  # noqa: E731
+        with _Work(parallel=wanted >= (2 if self.zstd else _PIECE)) as work:
+            if not self.zstd and loc.random_access and all(spans[k][1] == self.item_bytes + 4 for p in pieces for k in p):
+                flat = [o.reshape(-1).view(np.uint8) for o in out]
+                crcs = np.zeros((len(out), 4), dtype=np.uint8)
+
+                def verify(k: int) -> None:
+                    if crc32c.crc32c(flat[k]) != int.from_bytes(crcs[k].tobytes(), "little"):
+                        raise Damaged(f"image {images[k]}: crc32c checksum mismatch")
+
+                for p in pieces:
+                    buffers = [b for k in p for b in (flat[k], crcs[k])]
+                    if loc.read_into(spans[p[0]][0], buffers) != sum(spans[k][1] for k in p):
+                        raise Damaged(f"shard {shard}: shorter than its index says")
+                    work.add(verify, p)
+                return
+            batches = [[p] for p in pieces] if loc.random_access else [pieces]  # object storage: one round of GETs
+            for batch in batches:
+                got = loc.read_ranges([(spans[p[0]][0], sum(spans[k][1] for k in p)) for p in batch])
+                if got is None:
+                    raise Damaged(f"shard {shard}: its file disappeared while read")
+                for p, data in zip(batch, got):
+                    buf, pos, jobs = memoryview(data), 0, []
+                    for k in p:
+                        jobs.append((buf[pos:pos + spans[k][1]], k, images[k]))
+                        pos += spans[k][1]
+                    work.add(decode, jobs)
+
+    def _read_whole_into(self, loc: Location, shard: int, images: list[int], out: Sequence[np.ndarray]) -> None:
+        """Images ``images`` of shard ``shard`` from one read of the whole shard file."""
+        data = loc.read_bytes()
+        if data is None:  # never written: zarr's fill value
+            self._fill_all(out)
             return
-        if not self.zstd and loc.random_access and all(spans[k][1] == self.item_bytes + 4 for r in runs for k in r):
-            self._scatter_read(loc, shard, images, spans, runs, out)
-            return
-        got = loc.read_ranges([(spans[r[0]][0], sum(spans[k][1] for k in r)) for r in runs])
-        if got is None:
-            raise Damaged(f"shard {shard}: its file disappeared while read")
+        buf = memoryview(data)
+        if len(buf) < self.index_bytes:
+            raise Damaged(f"shard {shard}: {len(buf)} bytes, shorter than its index")
+        spans = self._spans(self._index(buf[len(buf) - self.index_bytes:], shard), images, shard, len(buf))
         jobs = []
-        for r, data in zip(runs, got):
-            buf, pos = memoryview(data), 0
-            for k in r:
-                jobs.append((buf[pos:pos + spans[k][1]], k, images[k]))
-                pos += spans[k][1]
-        self._decode_all(jobs, out)
-
-    def _scatter_read(self, loc: Location, shard: int, images: list[int], spans: list, runs: list[list[int]],
-                      out: np.ndarray) -> None:
-        """Uncompressed chunks straight into ``out``, their checksums into a side array, then verified."""
-        flat = out.reshape(len(out), -1).view(np.uint8)
-        crcs = np.zeros((len(out), 4), dtype=np.uint8)
-        for r in runs:
-            buffers = []
-            for k in r:
-                buffers += [flat[k], crcs[k]]
-            want = sum(spans[k][1] for k in r)
-            if loc.read_into(spans[r[0]][0], buffers) != want:
-                raise Damaged(f"shard {shard}: shorter than its index says")
-        checks = [(k, images[k]) for r in runs for k in r]
-
-        def verify(job: tuple[int, int]) -> None:
-            k, image = job
-            if crc32c.crc32c(flat[k]) != int.from_bytes(crcs[k].tobytes(), "little"):
-                raise Damaged(f"image {image}: crc32c checksum mismatch")
-
-        _run(verify, checks)
-
-    def _decode_all(self, jobs: list[tuple[memoryview, int, int]], out: np.ndarray) -> None:
-        """Decode each ``(chunk bytes, position in out, image)``, over the worker threads."""
-        _run(lambda job: self._decode(job[0], out[job[1]], job[2]), jobs)
+        for k, span in enumerate(spans):
+            if span is None:
+                self._fill(out[k])
+            else:
+                jobs.append((buf[span[0]:span[0] + span[1]], k, images[k]))
+        with _Work(parallel=len(jobs) >= (2 if self.zstd else _PIECE)) as work:
+            for i in range(0, len(jobs), _PIECE):
+                work.add(lambda job: self._decode(job[0], out[job[1]], job[2]), jobs[i:i + _PIECE])
 
 
-_POOL: tuple[int, ThreadPoolExecutor, int] | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _run(fn: Callable[[Any], None], jobs: Sequence[Any]) -> None:
-    """``fn(job)`` for every job; over a thread pool (one thread per core, at most 8) when there is
-    more than one. Checksums and zstd release the GIL, so decoding uses every core; the pool is
-    made again in a forked child (a fork keeps no threads)."""
+def _pool() -> ThreadPoolExecutor | None:
+    """The worker threads (one per core, at most 8; none on one core). Checksums and zstd release
+    the GIL, so decoding uses every core. Made again in a forked child (a fork keeps no threads)."""
     global _POOL
-    if len(jobs) < 2 or (os.cpu_count() or 1) < 2:
-        for job in jobs:
-            fn(job)
-        return
+    workers = min(8, os.cpu_count() or 1)
+    if workers < 2:
+        return None
     with _POOL_LOCK:
         if _POOL is None or _POOL[0] != os.getpid():
-            workers = min(8, os.cpu_count() or 1)
-            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="maxa-read"), workers)
-        _, pool, workers = _POOL
-    step = -(-len(jobs) // (4 * workers))  # a few jobs per task: less scheduling per chunk
-    batches = [jobs[i:i + step] for i in range(0, len(jobs), step)]
-    for _ in pool.map(lambda batch: [fn(job) for job in batch], batches):
-        pass
+            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="maxa-read"))
+        return _POOL[1]
+
+
+def _each(fn: Callable[[Any], None], jobs: Sequence[Any]) -> None:
+    for job in jobs:
+        fn(job)
+
+
+class _Work:
+    """Jobs run as they are added: on the worker threads when ``parallel``, else at once. Leaving
+    the ``with`` block waits for every job, then raises the first failure."""
+
+    def __init__(self, parallel: bool) -> None:
+        self.pool = _pool() if parallel else None
+        self.futures: list[Future] = []
+
+    def add(self, fn: Callable[[Any], None], jobs: Sequence[Any]) -> None:
+        if self.pool is None:
+            _each(fn, jobs)
+        else:
+            self.futures.append(self.pool.submit(_each, fn, jobs))
+
+    def __enter__(self) -> "_Work":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        first: BaseException | None = None
+        for f in self.futures:  # every job ends before the output is used or dropped
+            try:
+                f.result()
+            except BaseException as err:  # noqa: BLE001 - the first one is raised below
+                first = first or err
+        if first is not None and exc_type is None:
+            raise first

@@ -2,8 +2,13 @@
 
 Only this module and the writer know the layout. Readers refuse incomplete stores unless asked
 (``allow_incomplete=True``). A path may be a :class:`~store.location.Location` or a URL
-(``s3://bucket/root/features/…zarr``); reading never writes anything under the store root. Batched reads go through zarr's async API with one request per image,
-gathered concurrently: ``oindex`` on sharded arrays is an order of magnitude slower.
+(``s3://bucket/root/features/…zarr``); reading never writes anything under the store root.
+
+Per-image arrays in the layout the writer makes are read straight from their shard files by
+:mod:`store.fastread` (each shard file read once, every checksum verified). Other arrays, and any
+read that meets damaged bytes, go through zarr: batched reads through its async API with one
+request per image, gathered concurrently (``oindex`` on sharded arrays is an order of magnitude
+slower); a damaged chunk is then named by image (:func:`find_damaged`).
 """
 
 from __future__ import annotations
@@ -92,7 +97,10 @@ class _Store:
             ) from err
 
     def _array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        cache = self.__dict__.setdefault("_arrays", {})  # opening an array reads and parses its metadata
+        if name not in cache:
+            cache[name] = self.group[name]
+        return cache[name]
 
     def _fast(self, name: str, arr: zarr.Array) -> ShardedArray | None:
         """The direct reader of array ``name`` (:mod:`store.fastread`), or ``None`` where zarr reads it."""
@@ -102,7 +110,8 @@ class _Store:
         return cache[name]
 
     def _read_rows(self, name: str, indices: Sequence[int]) -> np.ndarray:
-        """Rows ``indices`` of array ``name``, one concurrent request per image.
+        """Rows ``indices`` of array ``name``: from the shard files (:mod:`store.fastread`), else one
+        concurrent zarr request per image.
 
         Raises:
             StoreError: an image's chunk is damaged (checksum mismatch): names the images and the fix.
