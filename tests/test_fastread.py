@@ -159,3 +159,42 @@ def test_damaged_shard_index_is_a_store_error(tmp_path):
         with pytest.raises(StoreError) as err:
             read()
         assert "\n" not in str(err.value) and "maxa stores verify" in str(err.value)
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_target_arrays_match_zarr(tmp_path, where):
+    """Target stores: uint8 / int32 / float32 per-image arrays (zstd) are read directly, a
+    per-shard-chunk array through zarr, all as zarr reads them."""
+    from store import ArrayDef, StoreWriter, TargetSpec, open_targets
+
+    n, shard = 23, 8
+    ids = [f"t{i}" for i in range(n)]
+    spec = TargetSpec(dataset="shapes", split="val", size=(6, 7), kinds=("semantic", "depth"), num_images=n,
+                      image_ids_hash="abc", num_classes=3)
+    rng = np.random.default_rng(2)
+    data = {"semantic": rng.integers(0, 255, (n, 6, 7), dtype=np.uint8),
+            "instances": rng.integers(-2**31, 2**31 - 1, (n, 6, 7), dtype=np.int32),
+            "depth": rng.standard_normal((n, 6, 7)).astype(np.float32),
+            "instance_count": rng.integers(0, 9, (n,), dtype=np.int32)}
+    arrays = [ArrayDef("semantic", (6, 7), "uint8", ("y", "x")), ArrayDef("instances", (6, 7), "int32", ("y", "x")),
+              ArrayDef("depth", (6, 7), "float32", ("y", "x")),
+              ArrayDef("instance_count", (), "int32", chunk_per_image=False)]
+    root = _root(where, tmp_path)
+    w = StoreWriter(root / "targets.zarr", kind="targets", key=spec.key, spec=spec.to_dict(), arrays=arrays,
+                    image_ids=ids, shard_size=shard, compression="zstd").open()
+    for s in w.missing_shards():
+        a, b = w.shard_range(s)
+        w.write_shard(s, {k: v[a:b] for k, v in data.items()})
+    w.finalize()
+    ts = open_targets(w.path)
+    group = as_location(w.path).open_group("r")
+    for name, values in data.items():
+        ref = np.asarray(group[name][...])
+        fast = ts._fast(name, ts._array(name))
+        assert (fast is None) == (name == "instance_count"), name
+        got = ts.read_all(name)
+        assert got.dtype == ref.dtype and np.array_equal(got.view(np.uint8), ref.view(np.uint8)), name
+        assert np.array_equal(ref, values)
+        for b in ([22, 0, 9, 9, -1], rng.permutation(n)[:10], [16, 17]):
+            got = ts.read(name, b)
+            assert np.array_equal(got.view(np.uint8), ref[np.asarray(b) % n].view(np.uint8)), (name, b)
