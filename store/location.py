@@ -20,7 +20,7 @@ from __future__ import annotations
 import posixpath
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import zarr
 
@@ -124,6 +124,30 @@ class Location(ABC):
     @abstractmethod
     def read_bytes(self) -> bytes | None:
         """The file's contents, or ``None`` if it is not there."""
+
+    @abstractmethod
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        """The bytes at each ``(offset, length)`` of the file, in order (fewer at its end), or ``None``
+        if it is not there. A negative offset counts from the end: ``(-n, n)`` is the last ``n`` bytes.
+        On object storage each range is one ranged GET, issued concurrently."""
+
+    def read_into(self, offset: int, buffers: Sequence[Any]) -> int | None:
+        """Fill ``buffers`` (writable bytes-like objects), in order, with the file's bytes from
+        ``offset`` on; the number of bytes read (fewer at the file's end), or ``None`` if it is not there."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        got = self.read_ranges([(offset, sum(len(v) for v in views))])
+        if got is None:
+            return None
+        data, pos = memoryview(got[0]), 0
+        for v in views:
+            n = min(len(v), len(data) - pos)
+            v[:n] = data[pos:pos + n]
+            pos += n
+        return pos
+
+    #: Whether many small reads cost about what their bytes cost (a local disk), rather than a
+    #: request each (object storage): readers then read byte ranges rather than whole files.
+    random_access = False
 
     @abstractmethod
     def mtime(self) -> float:

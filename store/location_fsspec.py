@@ -4,7 +4,7 @@ have no rename, so writers rely on one PUT being atomic (see :mod:`store.locatio
 from __future__ import annotations
 
 import posixpath
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import zarr
 
@@ -116,6 +116,22 @@ class FsspecLocation(Location):
             return fs.cat_file(p)
         except (FileNotFoundError, IsADirectoryError):
             return None
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        wanted = [(i, o, n) for i, (o, n) in enumerate(ranges) if n > 0]  # an empty range is no request
+        if not wanted:
+            return [b"" for _ in ranges] if self.isfile() else None
+        fs, p = self._fs_path()
+        starts = [o for _, o, _ in wanted]
+        ends = [o + n if o >= 0 or o + n < 0 else None for _, o, n in wanted]
+        try:
+            got = fs.cat_ranges([p] * len(wanted), starts, ends, on_error="raise")
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        out = [b""] * len(ranges)
+        for (i, _, _), b in zip(wanted, got):
+            out[i] = bytes(b)
+        return out
 
     def mtime(self) -> float:
         return 0.0  # a PUT is atomic: an unreadable object is garbage, not half-written

@@ -2,8 +2,13 @@
 
 Only this module and the writer know the layout. Readers refuse incomplete stores unless asked
 (``allow_incomplete=True``). A path may be a :class:`~store.location.Location` or a URL
-(``s3://bucket/root/features/…zarr``); reading never writes anything under the store root. Batched reads go through zarr's async API with one request per image,
-gathered concurrently: ``oindex`` on sharded arrays is an order of magnitude slower.
+(``s3://bucket/root/features/…zarr``); reading never writes anything under the store root.
+
+Per-image arrays in the layout the writer makes are read straight from their shard files by
+:mod:`store.fastread` (each shard file read once, every checksum verified). Other arrays, and any
+read that meets damaged bytes, go through zarr: batched reads through its async API with one
+request per image, gathered concurrently (``oindex`` on sharded arrays is an order of magnitude
+slower); a damaged chunk is then named by image (:func:`find_damaged`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from zarr.core.sync import sync
 from store import _layout as L
 from store.location import Location, as_location
 from runtime.errors import MaxaError, StoreError, StoreMismatchError
+from store.fastread import Damaged, ShardedArray
 from store.spec import FeatureSpec, TargetSpec
 
 __all__ = ["FeatureStore", "TargetStore", "open_features", "open_targets", "open_store", "check_aligned",
@@ -91,10 +97,21 @@ class _Store:
             ) from err
 
     def _array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        cache = self.__dict__.setdefault("_arrays", {})  # opening an array reads and parses its metadata
+        if name not in cache:
+            cache[name] = self.group[name]
+        return cache[name]
+
+    def _fast(self, name: str, arr: zarr.Array) -> ShardedArray | None:
+        """The direct reader of array ``name`` (:mod:`store.fastread`), or ``None`` where zarr reads it."""
+        cache = self.__dict__.setdefault("_fast_readers", {})
+        if name not in cache:
+            cache[name] = ShardedArray.of(self.location, name, arr)
+        return cache[name]
 
     def _read_rows(self, name: str, indices: Sequence[int]) -> np.ndarray:
-        """Rows ``indices`` of array ``name``, one concurrent request per image.
+        """Rows ``indices`` of array ``name``: from the shard files (:mod:`store.fastread`), else one
+        concurrent zarr request per image.
 
         Raises:
             StoreError: an image's chunk is damaged (checksum mismatch): names the images and the fix.
@@ -110,6 +127,12 @@ class _Store:
         idx = [i % n for i in idx]  # a negative index counts from the end (and a run of them stays a run)
         if _is_run(idx):  # a contiguous range reads whole shards in one call
             return self._read_range(name, arr, idx[0], idx[-1] + 1)
+        fast = self._fast(name, arr)
+        if fast is not None:
+            try:
+                return fast.read_rows(idx)
+            except Damaged:
+                pass  # read again through zarr, which names the damaged images
         rows = sync(_gather(arr, idx))
         failed = _failures(idx, rows)
         if failed:
@@ -119,6 +142,12 @@ class _Store:
     def _read_range(self, name: str, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
         """Images ``start:stop`` of ``arr`` in one call; on a damaged chunk, a :class:`StoreError`
         naming the damaged images (found by re-reading only after the failure)."""
+        fast = self._fast(name, arr)
+        if fast is not None:
+            try:
+                return fast.read_range(start, stop)
+            except Damaged:
+                pass  # read again through zarr, which names the damaged images
         try:
             return np.asarray(arr[start:stop])
         except Exception as err:

@@ -53,6 +53,22 @@ def test_bytes(root):
     assert f.read_bytes() is None
 
 
+def test_read_ranges(root):
+    f = root / "d/r.bin"
+    assert f.read_ranges([(0, 4)]) is None
+    data = bytes(range(200))
+    f.write_bytes(data)
+    got = f.read_ranges([(0, 10), (150, 20), (-16, 16), (-30, 5), (190, 50), (5, 0)])
+    assert got == [data[:10], data[150:170], data[-16:], data[-30:-25], data[190:], b""]
+    assert f.read_ranges([]) == []
+    bufs = [bytearray(7), np.zeros(3, np.uint8), bytearray(0), np.zeros((2, 5), np.uint8)]
+    assert f.read_into(100, bufs) == 20
+    assert b"".join(bytes(b) for b in bufs) == data[100:120]
+    tail = [bytearray(8), bytearray(8)]
+    assert f.read_into(192, tail) == 8 and bytes(tail[0]) == data[192:]
+    assert (root / "d/none.bin").read_into(0, [bytearray(1)]) is None
+
+
 def test_exclusive_create(root):
     f = root / "lease"
     assert f.create(b"first")

@@ -1,0 +1,341 @@
+"""Read sharded per-image arrays straight from their shard files, at close to the speed of the files.
+
+zarr-python decodes every inner chunk of a shard as its own asynchronous task; with one image per
+inner chunk that bookkeeping, not the bytes, sets the pace. A per-image array of a maxa store has
+one fixed layout (``store._layout``, ``store.writer``), and that layout is simple to read directly:
+
+* a shard file ``c/<shard>/0/.../0`` holds ``shard_size`` inner chunks, one image each, then the
+  shard index: one ``(offset, nbytes)`` pair of little-endian uint64 per inner chunk, followed by
+  the crc32c of the index (``index_location = end``); an absent chunk is ``(2**64-1, 2**64-1)``;
+* an inner chunk is the image's bytes (little-endian, C order), optionally zstd-compressed, then
+  the crc32c of those bytes (little-endian uint32).
+
+:class:`ShardedArray` reads a whole shard file with one call (one GET on object storage) or, for
+a few images of a shard, the index and those chunks' byte ranges; it verifies every checksum it
+passes, and decodes into the output array. Anything it does not recognise exactly (another codec,
+another chunking, an array that is not sharded) gets no :class:`ShardedArray` and is read by zarr.
+Bytes that fail a checksum or cannot be decoded raise :class:`Damaged`; the reader then reads the
+same images through zarr, which names the damaged images (``store.reader``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import crc32c
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+from store.location import Location
+
+__all__ = ["Damaged", "ShardedArray"]
+
+_ABSENT = 2**64 - 1
+#: On object storage, read a whole shard file once this fraction of its images is wanted (fewer:
+#: their byte ranges).
+_WHOLE_SHARD_FRACTION = 0.25
+#: Chunks read per call on a local disk: the worker threads check one piece while the next is read.
+_PIECE = 64
+
+
+class Damaged(Exception):
+    """A chunk's bytes fail their checksum or their codec (or a shard index is unreadable)."""
+
+
+def _crc_ok(data: memoryview, stored: memoryview) -> bool:
+    return crc32c.crc32c(data) == int.from_bytes(stored, "little")
+
+
+@dataclass(frozen=True)
+class ShardedArray:
+    """A per-image array read from its shard files (see the module's docstring for the layout)."""
+
+    folder: Location  # the array's folder inside the store
+    name: str
+    num_images: int
+    per_shard: int
+    item_shape: tuple[int, ...]
+    dtype: np.dtype
+    zstd: bool
+    fill_value: object
+    shard_keys: tuple[str, ...]  # per shard, the shard file's path below ``folder``
+
+    @classmethod
+    def of(cls, store: Location, name: str, arr: zarr.Array) -> "ShardedArray | None":
+        """The fast reader of array ``name`` (``arr``) of the store at ``store``, or ``None`` if the
+        array's layout is not exactly the one this module reads."""
+        try:
+            meta = arr.metadata
+            if getattr(meta, "zarr_format", None) != 3 or len(meta.codecs) != 1:
+                return None
+            sharding = meta.codecs[0]
+            if not isinstance(sharding, ShardingCodec):
+                return None
+            shape = tuple(int(s) for s in arr.shape)
+            shard = tuple(int(s) for s in meta.chunk_grid.chunk_shape)
+            inner = tuple(int(s) for s in sharding.chunk_shape)
+            if len(shape) < 1 or inner != (1, *shape[1:]) or shard != (shard[0], *shape[1:]) or shard[0] < 1:
+                return None
+            codecs = list(sharding.codecs)
+            if not (len(codecs) in (2, 3) and isinstance(codecs[0], BytesCodec)
+                    and isinstance(codecs[-1], Crc32cCodec)):
+                return None
+            zstd = len(codecs) == 3
+            if zstd and not isinstance(codecs[1], ZstdCodec):
+                return None
+            dtype = np.dtype(arr.dtype)
+            endian = codecs[0].endian
+            if dtype.itemsize > 1 and (endian is None or endian.value != "little"):
+                return None
+            index = list(sharding.index_codecs)
+            if not (len(index) == 2 and isinstance(index[0], BytesCodec) and index[0].endian is not None
+                    and index[0].endian.value == "little" and isinstance(index[1], Crc32cCodec)):
+                return None
+            if sharding.index_location != ShardingCodecIndexLocation.end:
+                return None
+            zeros = (0,) * (len(shape) - 1)
+            num_shards = -(-shape[0] // shard[0])
+            keys = tuple(meta.encode_chunk_key((k, *zeros)) for k in range(num_shards))
+            return cls(folder=store / name, name=name, num_images=shape[0], per_shard=shard[0],
+                       item_shape=shape[1:], dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype,
+                       zstd=zstd, fill_value=meta.fill_value, shard_keys=keys)
+        except Exception:  # noqa: BLE001 - metadata of another shape: zarr reads it
+            return None
+
+    # -- layout -------------------------------------------------------------------------------------
+    @property
+    def item_bytes(self) -> int:
+        return int(np.prod(self.item_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def index_bytes(self) -> int:
+        return 16 * self.per_shard + 4
+
+    def _index(self, tail: bytes | memoryview, shard: int) -> np.ndarray:
+        """``(per_shard, 2)`` offsets and sizes from the index bytes, its checksum verified."""
+        tail = memoryview(tail)
+        if len(tail) != self.index_bytes or not _crc_ok(tail[:-4], tail[-4:]):
+            raise Damaged(f"shard {shard}: its index fails its crc32c checksum")
+        return np.frombuffer(tail[:-4], dtype="<u8").reshape(self.per_shard, 2)
+
+    def _empty(self, count: int) -> np.ndarray:
+        return np.empty((count, *self.item_shape), dtype=self.dtype)
+
+    def _fill(self, out: np.ndarray) -> None:
+        out[...] = self.fill_value
+
+    def _fill_all(self, out: Sequence[np.ndarray]) -> None:
+        for o in out:
+            self._fill(o)
+
+    def _decode(self, chunk: memoryview, out: np.ndarray, image: int) -> None:
+        """Decode one inner chunk (its bytes and crc32c) into ``out`` (one image)."""
+        if len(chunk) < 4 or not _crc_ok(chunk[:-4], chunk[-4:]):
+            raise Damaged(f"image {image}: crc32c checksum mismatch")
+        payload = chunk[:-4]
+        dest = out.reshape(-1).view(np.uint8)
+        if self.zstd:
+            from numcodecs.zstd import Zstd
+
+            try:
+                got = Zstd().decode(payload, out=dest)
+            except Exception as err:  # noqa: BLE001 - undecodable bytes are damage
+                raise Damaged(f"image {image}: zstd cannot decode it ({err})") from err
+            if np.asarray(got).nbytes != dest.nbytes:
+                raise Damaged(f"image {image}: zstd gave {np.asarray(got).nbytes} bytes, not {dest.nbytes}")
+        else:
+            if len(payload) != dest.nbytes:
+                raise Damaged(f"image {image}: {len(payload)} bytes, not {dest.nbytes}")
+            dest[:] = np.frombuffer(payload, dtype=np.uint8)
+
+    def _spans(self, index: np.ndarray, images: Sequence[int], shard: int, size: int | None) -> list[tuple[int, int] | None]:
+        """``(offset, nbytes)`` of each image's chunk in shard ``shard`` (``None``: absent, the fill
+        value); with the file's ``size``, each checked to lie inside it."""
+        base = shard * self.per_shard
+        out: list[tuple[int, int] | None] = []
+        for image in images:
+            off, nbytes = int(index[image - base, 0]), int(index[image - base, 1])
+            if off == _ABSENT and nbytes == _ABSENT:
+                out.append(None)
+            elif nbytes < 4 or (size is not None and off + nbytes > size - self.index_bytes):
+                raise Damaged(f"image {image}: its chunk lies outside the shard file")
+            else:
+                out.append((off, nbytes))
+        return out
+
+    # -- reading ------------------------------------------------------------------------------------
+    def _shard_file(self, shard: int) -> Location:
+        return self.folder / self.shard_keys[shard]
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Images ``start:stop``, each shard file read once."""
+        out = self._empty(stop - start)
+        for first, shard, count in self._shard_spans(start, stop):
+            self.read_shard_into(shard, list(range(first, first + count)), list(out[first - start:first - start + count]))
+        return out
+
+    def _shard_spans(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """``(first image, shard, count)`` of every shard in images ``start:stop``."""
+        spans = []
+        i = start
+        while i < stop:
+            shard = i // self.per_shard
+            end = min((shard + 1) * self.per_shard, stop)
+            spans.append((i, shard, end - i))
+            i = end
+        return spans
+
+    def read_rows(self, indices: Sequence[int]) -> np.ndarray:
+        """Images ``indices`` (each in ``0..N-1``; any order, repeats allowed), the wanted images of
+        each shard read once."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = self._empty(len(idx))
+        if not len(idx):
+            return out
+        shards = idx // self.per_shard
+        for shard in np.unique(shards):
+            where = np.flatnonzero(shards == shard)
+            wanted, first = np.unique(idx[where], return_index=True)
+            # each wanted image straight into its first place in ``out``, then copied to its repeats
+            self.read_shard_into(int(shard), wanted.tolist(), [out[i] for i in where[first]])
+            if len(wanted) < len(where):
+                inverse = np.searchsorted(wanted, idx[where])
+                out[where] = out[where[first][inverse]]
+        return out
+
+    def read_shard_into(self, shard: int, images: list[int], out: Sequence[np.ndarray]) -> None:
+        """Images ``images`` (sorted, unique, all in shard ``shard``) into ``out`` (one array each).
+
+        On object storage, a shard of which many images are wanted is read whole in one GET; else
+        the index is read first, then only the wanted chunks' bytes, one range per run of chunks
+        that lie end to end (concurrent GETs). On a local disk the runs are read in pieces while the
+        worker threads check and decode the pieces already read; uncompressed chunks are read
+        straight into ``out`` (their checksums beside it) with one scattered read per piece.
+        """
+        loc = self._shard_file(shard)
+        count = min(self.per_shard, self.num_images - shard * self.per_shard)
+        if not loc.random_access and len(images) >= _WHOLE_SHARD_FRACTION * count:
+            self._read_whole_into(loc, shard, images, out)
+            return
+        tails = loc.read_ranges([(-self.index_bytes, self.index_bytes)])
+        if tails is None:  # never written: zarr's fill value
+            self._fill_all(out)
+            return
+        if len(tails[0]) != self.index_bytes:
+            raise Damaged(f"shard {shard}: shorter than its index")
+        spans = self._spans(self._index(tails[0], shard), images, shard, None)
+        pieces: list[list[int]] = []  # positions in ``images`` whose chunks lie end to end
+        for k, span in enumerate(spans):
+            if span is None:
+                self._fill(out[k])
+                continue
+            prev = spans[pieces[-1][-1]] if pieces else None
+            if (prev is not None and pieces[-1][-1] == k - 1 and prev[0] + prev[1] == span[0]
+                    and (len(pieces[-1]) < _PIECE or not loc.random_access)):
+                pieces[-1].append(k)
+            else:
+                pieces.append([k])
+        wanted = sum(len(p) for p in pieces)
+        decode = lambda job: self._decode(job[0], out[job[1]], job[2])  # noqa: E731
+        with _Work(parallel=wanted >= (2 if self.zstd else _PIECE)) as work:
+            if not self.zstd and loc.random_access and all(spans[k][1] == self.item_bytes + 4 for p in pieces for k in p):
+                flat = [o.reshape(-1).view(np.uint8) for o in out]
+                crcs = np.zeros((len(out), 4), dtype=np.uint8)
+
+                def verify(k: int) -> None:
+                    if crc32c.crc32c(flat[k]) != int.from_bytes(crcs[k].tobytes(), "little"):
+                        raise Damaged(f"image {images[k]}: crc32c checksum mismatch")
+
+                for p in pieces:
+                    buffers = [b for k in p for b in (flat[k], crcs[k])]
+                    if loc.read_into(spans[p[0]][0], buffers) != sum(spans[k][1] for k in p):
+                        raise Damaged(f"shard {shard}: shorter than its index says")
+                    work.add(verify, p)
+                return
+            batches = [[p] for p in pieces] if loc.random_access else [pieces]  # object storage: one round of GETs
+            for batch in batches:
+                got = loc.read_ranges([(spans[p[0]][0], sum(spans[k][1] for k in p)) for p in batch])
+                if got is None:
+                    raise Damaged(f"shard {shard}: its file disappeared while read")
+                for p, data in zip(batch, got):
+                    buf, pos, jobs = memoryview(data), 0, []
+                    for k in p:
+                        jobs.append((buf[pos:pos + spans[k][1]], k, images[k]))
+                        pos += spans[k][1]
+                    work.add(decode, jobs)
+
+    def _read_whole_into(self, loc: Location, shard: int, images: list[int], out: Sequence[np.ndarray]) -> None:
+        """Images ``images`` of shard ``shard`` from one read of the whole shard file."""
+        data = loc.read_bytes()
+        if data is None:  # never written: zarr's fill value
+            self._fill_all(out)
+            return
+        buf = memoryview(data)
+        if len(buf) < self.index_bytes:
+            raise Damaged(f"shard {shard}: {len(buf)} bytes, shorter than its index")
+        spans = self._spans(self._index(buf[len(buf) - self.index_bytes:], shard), images, shard, len(buf))
+        jobs = []
+        for k, span in enumerate(spans):
+            if span is None:
+                self._fill(out[k])
+            else:
+                jobs.append((buf[span[0]:span[0] + span[1]], k, images[k]))
+        with _Work(parallel=len(jobs) >= (2 if self.zstd else _PIECE)) as work:
+            for i in range(0, len(jobs), _PIECE):
+                work.add(lambda job: self._decode(job[0], out[job[1]], job[2]), jobs[i:i + _PIECE])
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    """The worker threads (one per core, at most 8; none on one core). Checksums and zstd release
+    the GIL, so decoding uses every core. Made again in a forked child (a fork keeps no threads)."""
+    global _POOL
+    workers = min(8, os.cpu_count() or 1)
+    if workers < 2:
+        return None
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="maxa-read"))
+        return _POOL[1]
+
+
+def _each(fn: Callable[[Any], None], jobs: Sequence[Any]) -> None:
+    for job in jobs:
+        fn(job)
+
+
+class _Work:
+    """Jobs run as they are added: on the worker threads when ``parallel``, else at once. Leaving
+    the ``with`` block waits for every job, then raises the first failure."""
+
+    def __init__(self, parallel: bool) -> None:
+        self.pool = _pool() if parallel else None
+        self.futures: list[Future] = []
+
+    def add(self, fn: Callable[[Any], None], jobs: Sequence[Any]) -> None:
+        if self.pool is None:
+            _each(fn, jobs)
+        else:
+            self.futures.append(self.pool.submit(_each, fn, jobs))
+
+    def __enter__(self) -> "_Work":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        first: BaseException | None = None
+        for f in self.futures:  # every job ends before the output is used or dropped
+            try:
+                f.result()
+            except BaseException as err:  # noqa: BLE001 - the first one is raised below
+                first = first or err
+        if first is not None and exc_type is None:
+            raise first

@@ -1,0 +1,200 @@
+"""The direct shard reader (store.fastread) gives exactly what zarr-python reads, bit for bit.
+
+Stores written by the current writer, compression none and zstd, on a local folder and on an
+in-memory fsspec filesystem: whole arrays, shard iteration, batches in random order, with
+repeats and negative indices, a partial last shard, both ways of reading a shard (whole file or
+the wanted chunks' byte ranges), unwritten shards (fill value), and damaged chunks (the same
+one-line error as zarr's path, naming the image).
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import store.fastread as fastread
+from store import StoreError, as_location, open_features
+from store.fastread import Damaged, ShardedArray
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_store import fill, make_spec, make_writer  # noqa: E402
+
+N, SHARD = 37, 16  # shards 0..15, 16..31 and a partial 32..36
+NAME = "features/last"
+
+
+def _root(where: str, tmp_path: Path):
+    return as_location(tmp_path) if where == "local" else as_location(f"memory://fastread-{uuid.uuid4().hex[:8]}")
+
+
+def _data(n: int = N) -> np.ndarray:
+    # every bit pattern matters: random halves, including NaNs, infinities and negative zeros
+    return np.random.default_rng(1).integers(0, 2**16, size=(n, 4, 5, 6), dtype=np.uint16).view(np.float16)
+
+
+def _zarr_read(path: str) -> np.ndarray:
+    """What zarr-python itself reads."""
+    return np.asarray(as_location(path).open_group("r")[NAME][...])
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint16)
+
+
+@pytest.fixture(params=[("none", "local"), ("zstd", "local"), ("none", "memory"), ("zstd", "memory")],
+                ids=lambda p: "-".join(p))
+def written(request, tmp_path) -> tuple[str, np.ndarray]:
+    compression, where = request.param
+    w = make_writer(_root(where, tmp_path), make_spec(n=N), shard_size=SHARD, compression=compression)
+    data = _data()
+    fill(w, data)
+    w.finalize()
+    return w.path, data
+
+
+def test_fast_path_is_taken(written):
+    path, _ = written
+    fs = open_features(path)
+    fast = fs._fast(NAME, fs._array(NAME))
+    assert isinstance(fast, ShardedArray) and fast.per_shard == SHARD and fast.num_images == N
+    assert ShardedArray.of(fs.location, "bad", fs._array("bad")) is None  # not sharded: zarr reads it
+
+
+def test_read_all_and_shards_match_zarr(written):
+    path, data = written
+    ref = _zarr_read(path)
+    assert np.array_equal(bits(ref), bits(data))
+    fs = open_features(path)
+    got = fs.read_all()
+    assert got.dtype == ref.dtype and got.shape == ref.shape and np.array_equal(bits(got), bits(ref))
+    shards = list(fs.layer_shards())
+    assert [s for s, _ in shards] == [0, 16, 32] and [len(v) for _, v in shards] == [16, 16, 5]
+    assert np.array_equal(bits(np.concatenate([v for _, v in shards])), bits(ref))
+
+
+@pytest.mark.parametrize("whole", [None, 0.0, 2.0], ids=["default", "whole-shard", "byte-ranges"])
+def test_batches_match_zarr(written, whole, monkeypatch):
+    if whole is not None:  # force one way of reading a shard
+        monkeypatch.setattr(fastread, "_WHOLE_SHARD_FRACTION", whole)
+    path, _ = written
+    ref = _zarr_read(path)
+    fs = open_features(path)
+    rng = np.random.default_rng(0)
+    batches = [rng.permutation(N)[:16] for _ in range(4)] + [rng.integers(-N, N, size=12) for _ in range(4)]
+    batches += [[3, 3, 36, 0, 36, 3], [-1, -37, 5, -1], [35, 33], [36], [20], [0, 16, 32], list(range(N))[::-1],
+                [2, 1], [31, 32]]
+    for b in batches:
+        got = fs.read_batch(b)
+        want = ref[np.asarray(b, dtype=np.int64) % N]
+        assert got.dtype == ref.dtype and got.shape == want.shape and np.array_equal(bits(got), bits(want)), b
+    for i in (0, 15, 16, 36, -1, -37):
+        assert np.array_equal(bits(fs[i]), bits(ref[i]))
+    assert fs.read_batch([]).shape == (0, 4, 5, 6)
+    with pytest.raises(IndexError):
+        fs.read_batch([N])
+
+
+def test_unwritten_shard_reads_the_fill_value(tmp_path):
+    w = make_writer(tmp_path, make_spec(n=N), shard_size=SHARD)
+    data = _data()
+    fill(w, data, shards=[0, 2])  # shard 1 (images 16..31) never written
+    fs = open_features(w.path, allow_incomplete=True)
+    ref = _zarr_read(w.path)
+    assert np.all(ref[16:32] == 0)
+    assert np.array_equal(bits(fs.read_all()), bits(ref))
+    for b in ([20], [17, 3, 33, 20], list(range(16, 32))):
+        assert np.array_equal(bits(fs.read_batch(b)), bits(ref[b]))
+
+
+def _flip(path: str, shard: int, position: int | None) -> None:
+    """Flip a byte of inner chunk ``position`` of shard ``shard`` (``None``: of the shard index)."""
+    f = as_location(path) / f"{NAME}/c/{shard}/0/0/0"
+    raw = bytearray(f.read_bytes())
+    index_bytes = 16 * SHARD + 4
+    if position is None:
+        raw[len(raw) - index_bytes + 3] ^= 0xFF
+    else:
+        index = np.frombuffer(bytes(raw[-index_bytes:-4]), "<u8").reshape(-1, 2)
+        offset, nbytes = (int(v) for v in index[position])
+        raw[offset + nbytes // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_damaged_chunk_names_the_image(tmp_path, where, compression):
+    w = make_writer(_root(where, tmp_path), make_spec(n=N), shard_size=SHARD, compression=compression)
+    fill(w, _data())
+    w.finalize()
+    _flip(w.path, 1, 20 - SHARD)
+    fs = open_features(w.path)
+    fast = fs._fast(NAME, fs._array(NAME))
+    with pytest.raises(Damaged):
+        fast.read_range(16, 32)
+    with pytest.raises(Damaged):
+        fast.read_rows([20])
+    assert fast.read_rows([19, 21, 3]).shape == (3, 4, 5, 6)  # the chunks around it are whole
+    for read in (fs.read_all, lambda: fs.read_batch([20]), lambda: fs.read_batch([1, 20, 33, 20]),
+                 lambda: fs.read_batch(list(range(16, 32))[::-1]), lambda: fs[20], lambda: list(fs.layer_shards())):
+        with pytest.raises(StoreError) as err:
+            read()
+        text = str(err.value)
+        assert "\n" not in text and "image 20 (id img20)" in text and "maxa stores verify" in text, text
+        assert "crc32c checksum mismatch" in text or compression == "zstd", text
+        assert "img19" not in text and "img21" not in text, text
+
+
+def test_damaged_shard_index_is_a_store_error(tmp_path):
+    w = make_writer(tmp_path, make_spec(n=N), shard_size=SHARD)
+    fill(w, _data())
+    w.finalize()
+    _flip(w.path, 2, None)
+    fs = open_features(w.path)
+    assert np.array_equal(bits(fs.read_batch([0, 17])), bits(_data()[[0, 17]]))  # other shards read
+    for read in (fs.read_all, lambda: fs.read_batch([33]), lambda: fs.read_batch([34, 3])):
+        with pytest.raises(StoreError) as err:
+            read()
+        assert "\n" not in str(err.value) and "maxa stores verify" in str(err.value)
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_target_arrays_match_zarr(tmp_path, where):
+    """Target stores: uint8 / int32 / float32 per-image arrays (zstd) are read directly, a
+    per-shard-chunk array through zarr, all as zarr reads them."""
+    from store import ArrayDef, StoreWriter, TargetSpec, open_targets
+
+    n, shard = 23, 8
+    ids = [f"t{i}" for i in range(n)]
+    spec = TargetSpec(dataset="shapes", split="val", size=(6, 7), kinds=("semantic", "depth"), num_images=n,
+                      image_ids_hash="abc", num_classes=3)
+    rng = np.random.default_rng(2)
+    data = {"semantic": rng.integers(0, 255, (n, 6, 7), dtype=np.uint8),
+            "instances": rng.integers(-2**31, 2**31 - 1, (n, 6, 7), dtype=np.int32),
+            "depth": rng.standard_normal((n, 6, 7)).astype(np.float32),
+            "instance_count": rng.integers(0, 9, (n,), dtype=np.int32)}
+    arrays = [ArrayDef("semantic", (6, 7), "uint8", ("y", "x")), ArrayDef("instances", (6, 7), "int32", ("y", "x")),
+              ArrayDef("depth", (6, 7), "float32", ("y", "x")),
+              ArrayDef("instance_count", (), "int32", chunk_per_image=False)]
+    root = _root(where, tmp_path)
+    w = StoreWriter(root / "targets.zarr", kind="targets", key=spec.key, spec=spec.to_dict(), arrays=arrays,
+                    image_ids=ids, shard_size=shard, compression="zstd").open()
+    for s in w.missing_shards():
+        a, b = w.shard_range(s)
+        w.write_shard(s, {k: v[a:b] for k, v in data.items()})
+    w.finalize()
+    ts = open_targets(w.path)
+    group = as_location(w.path).open_group("r")
+    for name, values in data.items():
+        ref = np.asarray(group[name][...])
+        fast = ts._fast(name, ts._array(name))
+        assert (fast is None) == (name == "instance_count"), name
+        got = ts.read_all(name)
+        assert got.dtype == ref.dtype and np.array_equal(got.view(np.uint8), ref.view(np.uint8)), name
+        assert np.array_equal(ref, values)
+        for b in ([22, 0, 9, 9, -1], rng.permutation(n)[:10], [16, 17]):
+            got = ts.read(name, b)
+            assert np.array_equal(got.view(np.uint8), ref[np.asarray(b) % n].view(np.uint8)), (name, b)
