@@ -16,7 +16,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from store.reader import FeatureStore, TargetStore, check_aligned
+from store.checks import check_aligned
+from store.reader import FeatureStore, TargetStore
 
 __all__ = ["ProbeData", "memory_budget_bytes"]
 

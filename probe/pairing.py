@@ -16,8 +16,8 @@ import numpy as np
 from runtime.errors import StoreError
 from store.catalogue import find_eval_features, find_target_store, store_root_of
 from store.location import Location
-from store.reader import (FeatureStore, TargetStore, check_aligned, check_eval_pair, check_target_definitions,
-                          open_features, open_targets)
+from store.checks import check_aligned, check_eval_pair, check_target_definitions
+from store.reader import FeatureStore, TargetStore, open_features, open_targets
 
 __all__ = ["Stores", "Where", "open_stores", "usable_images"]
 

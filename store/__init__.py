@@ -10,7 +10,8 @@ from runtime.errors import MaxaError, StoreError, StoreMismatchError
 from store._layout import COMPRESSIONS, read_attrs
 from store.lease import LeaseInfo, read_lease
 from store.location import Location, as_location
-from store.reader import FeatureStore, TargetStore, check_aligned, open_features, open_store, open_targets
+from store.checks import check_aligned
+from store.reader import FeatureStore, TargetStore, open_features, open_store, open_targets
 from store.spec import FORMAT_VERSION, FeatureSpec, LayerSpec, TargetSpec, content_key
 from store.verify import VerifyReport, verify_store
 from store.writer import ArrayDef, StoreWriter, feature_array_name, feature_arrays, remove_store
