@@ -12,13 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.sweep_file import SweepFileError, load_sweep, parse_data_roots, parse_sweep
 from store.spec import DEFAULT_TARGET_SIZE
 from pipelines.sweep_jobs import (
     FAILED,
     SKIP,
     TODO,
-    DatasetDef,
     FeatureJob,
     ProbeJob,
     ProbeSpec,
@@ -29,22 +27,7 @@ from pipelines.sweep_jobs import (
     first_line,
 )
 
-# The parsing and job names are re-exported: callers have imported them from here.
-__all__ = [
-    "SweepFileError",
-    "SplitRef",
-    "DatasetDef",
-    "ProbeSpec",
-    "SweepFile",
-    "TargetJob",
-    "FeatureJob",
-    "ProbeJob",
-    "SweepPlan",
-    "load_sweep",
-    "parse_sweep",
-    "plan_sweep",
-    "parse_data_roots",
-]
+__all__ = ["plan_sweep", "make_reader", "planned_backbone", "planned_weights_id"]
 
 
 def planned_weights_id(entry: Any, weights: str) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipelines.sweep import plan_from_file, run_sweep
-from pipelines.sweep_plan import SweepFileError, load_sweep, parse_sweep
+from pipelines.sweep_file import SweepFileError, load_sweep, parse_sweep
 from store.results import read_results
 
 REPO = Path(__file__).resolve().parents[1]

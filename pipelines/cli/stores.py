@@ -15,14 +15,14 @@ from runtime.errors import MaxaError
 from store.location import Location
 
 
-def _require_store(path: Location) -> None:
-    """One line naming the fix when ``path`` is missing, a store root, or not a maxa store at all."""
+def _require_store(path: Location) -> Location:
+    """``path`` if it is a store; else one line naming the fix (missing, a store root, not a maxa store)."""
     from runtime.errors import StoreError
     from store import read_attrs
     from store.catalogue import list_stores
 
     if read_attrs(path) is not None:
-        return
+        return path
     if not path.exists():
         raise StoreError(f"no store at {path}; list stores with `maxa stores ls ROOT` and give one of their paths.")
     if path.isdir() and list_stores(path, with_size=False):
@@ -93,8 +93,7 @@ def stores_info(
     from store.lease import read_lease
     from store.reader import open_store
 
-    loc = _location(path, storage_option)
-    _require_store(loc)
+    loc = _require_store(_location(path, storage_option))
     s = open_store(loc, allow_incomplete=True)
     spec = s.spec.to_dict()
     for layer in spec.get("layers", []):
@@ -127,9 +126,7 @@ def stores_verify(
     """Re-read every chunk: checksums, completeness, shard flags. Exit 1 if anything is wrong."""
     from store.verify import verify_store
 
-    loc = _location(path, storage_option)
-    _require_store(loc)
-    report = verify_store(loc)
+    report = verify_store(_require_store(_location(path, storage_option)))
     if as_json:
         out.print_json(json.dumps(report.to_dict(), default=str))
     else:
@@ -158,8 +155,7 @@ def stores_upgrade(
     The features and targets are not touched."""
     from pipelines.upgrade import upgrade_store
 
-    loc = _location(path, storage_option)
-    _require_store(loc)
+    loc = _require_store(_location(path, storage_option))
     new_path = upgrade_store(loc, root)
     out.print(f"upgraded {path}" + (f" → {new_path}" if new_path != loc else " (already current)"), highlight=False)
 
