@@ -94,11 +94,11 @@ class FsspecLocation(Location):
         return sorted(out)
 
     def glob(self, pattern: str) -> list["Location"]:
+        # one listing with the entries' types, not a request per match
         fs, p = self._fresh()
-        if not fs.isdir(p):
-            return []
-        return [self / f.rstrip("/").rsplit("/", 1)[-1] for f in sorted(fs.glob(p.rstrip("/") + "/" + pattern))
-                if fs.isfile(f)]
+        found = fs.glob(p.rstrip("/") + "/" + pattern, detail=True)
+        return [self / name.rstrip("/").rsplit("/", 1)[-1] for name, info in sorted(found.items())
+                if info.get("type") == "file"]
 
     def tree_bytes(self) -> int:
         fs, p = self._fresh()

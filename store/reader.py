@@ -49,6 +49,8 @@ class _Store:
                 f"{self.path} is incomplete (extraction interrupted?); re-run the same `maxa extract` to finish it."
             )
         self.meta = meta
+        self._arrays: dict[str, zarr.Array] = {}  # opening an array reads and parses its metadata
+        self._fast_readers: dict[str, ShardedArray | None] = {}
         self.group = self.location.open_group("r")
 
     @property
@@ -96,17 +98,15 @@ class _Store:
             ) from err
 
     def _array(self, name: str) -> zarr.Array:
-        cache = self.__dict__.setdefault("_arrays", {})  # opening an array reads and parses its metadata
-        if name not in cache:
-            cache[name] = self.group[name]
-        return cache[name]
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     def _fast(self, name: str, arr: zarr.Array) -> ShardedArray | None:
         """The direct reader of array ``name`` (:mod:`store.fastread`), or ``None`` where zarr reads it."""
-        cache = self.__dict__.setdefault("_fast_readers", {})
-        if name not in cache:
-            cache[name] = ShardedArray.of(self.location, name, arr)
-        return cache[name]
+        if name not in self._fast_readers:
+            self._fast_readers[name] = ShardedArray.of(self.location, name, arr)
+        return self._fast_readers[name]
 
     def _read_rows(self, name: str, indices: Sequence[int]) -> np.ndarray:
         """Rows ``indices`` of array ``name``: from the shard files (:mod:`store.fastread`), else one
