@@ -1,8 +1,10 @@
 """The results table and probe runs of a store root: ``<root>/results/`` and ``<root>/runs/``.
 
 One parquet file per finished probe makes appends atomic and safe for several writers (a write
-goes to a temporary name, then is renamed; on object storage one PUT is atomic by itself);
-``read_results`` reads the folder as one table. A root is anything
+goes to a temporary name, then is renamed; on object storage one PUT is atomic by itself). Every
+file has the same typed schema (:mod:`store.results_schema`), so the folder is one table to
+pandas, polars, DuckDB and pyarrow alike; ``read_results`` reads it as records, files of the
+older JSON-text schema included (``upgrade_results`` rewrites those). A root is anything
 :func:`store.location.as_location` takes. A reader with read-only access to a shared store root
 keeps results in a root of their own (``maxa probe --results-root MINE``).
 """
@@ -10,7 +12,6 @@ keeps results in a root of their own (``maxa probe --results-root MINE``).
 from __future__ import annotations
 
 import io
-import json
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
@@ -21,27 +22,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store import _layout as L
-from runtime.errors import MaxaError
+from runtime.errors import MaxaError, StoreError
 from store.location import Location, as_location
+from store.results_schema import (SCHEMA, SCHEMA_VERSION, decode_row, encode_record, old_table_rows,
+                                  record_table, schema_version)
 
-__all__ = ["append_result", "check_results_root", "read_results", "result_counts", "run_location",
-           "read_run_file", "write_run_files", "finished_runs", "run_identity"]
+__all__ = ["append_result", "check_results_root", "read_results", "results_table", "results_location", "upgrade_results",
+           "result_counts", "run_location", "read_run_file", "write_run_files", "finished_runs", "run_identity"]
 
-_JSON_FIELDS = ("metrics", "trivial", "config", "timings")
 #: Record fields that name the stores a probe used.
 STORE_KEY_FIELDS = ("train_store", "eval_store", "train_targets", "eval_targets")
 Root = str | Path | Location
 
 
-def append_result(root: Root, record: dict[str, Any]) -> str:
-    """Write ``record`` as one row; nested fields (metrics, config, ...) are stored as JSON text."""
-    row = {k: (json.dumps(v, sort_keys=True, default=float) if k in _JSON_FIELDS else v) for k, v in record.items()}
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    name = f"{stamp}-{row.get('task', 'probe')}-{uuid.uuid4().hex[:8]}.parquet"
+def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([row]), buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def append_result(root: Root, record: dict[str, Any]) -> str:
+    """Write ``record`` as one file of the typed schema (a ``finished`` without a zone is local time)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    name = f"{stamp}-{record.get('task', 'probe')}-{uuid.uuid4().hex[:8]}.parquet"
     out = as_location(root).join(L.RESULTS_DIR, name)
-    out.write_bytes(buf.getvalue())
+    out.write_bytes(_parquet_bytes(record_table(record)))
     return str(out)
 
 
@@ -63,19 +68,58 @@ def check_results_root(root: Root) -> None:
                         "bucket prefix) you can write to: probing reads the stores and writes only there.") from None
 
 
-def _decode(row: dict[str, Any]) -> dict[str, Any]:
-    for k in _JSON_FIELDS:
-        if isinstance(row.get(k), str):
-            row[k] = json.loads(row[k])
-    return row
+def results_location(root: Root) -> Location:
+    """The results table's folder under a root: ``<root>/results``."""
+    return as_location(root).join(L.RESULTS_DIR)
+
+
+def _result_files(root: Root) -> list[Location]:
+    return results_location(root).glob("*.parquet")
+
+
+def _read_file(f: Location) -> tuple[int, pa.Table]:
+    """(schema version, table) of one record file; a file of a newer schema is refused."""
+    table = pq.read_table(io.BytesIO(f.read_bytes() or b""))
+    version = schema_version(table.schema)
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"results file {f} has results schema {version}, newer than this maxa's "
+                         f"({SCHEMA_VERSION}); read it with a newer maxa.")
+    return version, table
+
+
+def _file_records(f: Location) -> list[dict[str, Any]]:
+    version, table = _read_file(f)
+    if version == 1:  # through the new schema, so old and new records read alike
+        return [decode_row(encode_record(r)) for r in old_table_rows(table)]
+    return [decode_row(r) for r in table.to_pylist()]
 
 
 def read_results(root: Root) -> list[dict[str, Any]]:
-    """Every record under ``root/results`` (JSON fields decoded), oldest first."""
-    rows = []
-    for f in as_location(root).join(L.RESULTS_DIR).glob("*.parquet"):
-        rows.extend(_decode(r) for r in pq.read_table(io.BytesIO(f.read_bytes() or b"")).to_pylist())
-    return rows
+    """Every record under ``root/results``, oldest first: nested fields as dicts, ``finished`` an
+    aware UTC ``datetime``, fields the record does not hold left out (old-schema files too)."""
+    return [r for f in _result_files(root) for r in _file_records(f)]
+
+
+def results_table(root: Root) -> pa.Table:
+    """Every record under ``root/results`` as one table of the typed schema (old-schema files
+    converted), oldest first."""
+    rows = [encode_record(r) for r in read_results(root)]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def upgrade_results(root: Root) -> list[str]:
+    """Rewrite every old-schema record file under ``root/results`` in the typed schema, each under
+    its own name in one atomic write (a reader sees the old file or the new, never neither); returns
+    the rewritten paths. Files already in the typed schema are left alone, so it can run again."""
+    done = []
+    for f in _result_files(root):
+        version, table = _read_file(f)
+        if version == SCHEMA_VERSION:
+            continue
+        rows = [encode_record(r) for r in old_table_rows(table)]
+        f.write_bytes(_parquet_bytes(pa.Table.from_pylist(rows, schema=SCHEMA)))
+        done.append(str(f))
+    return done
 
 
 def result_counts(root: Root) -> dict[str, int]:

@@ -4,7 +4,7 @@ Bad input (``MaxaError``) prints one line naming the problem and the fix, and ex
 ``MAXA_DEBUG=1`` for the traceback.
 
 This module builds the typer apps and registers the commands, in the order ``maxa --help`` lists
-them; the commands live in :mod:`.listings`, :mod:`.run` and :mod:`.stores`, the failure handling
+them; the commands live in :mod:`.listings`, :mod:`.run`, :mod:`.stores` and :mod:`.results`, the failure handling
 in :mod:`.errors`, shared options in :mod:`.options` and the output formats in :mod:`.render`.
 """
 
@@ -14,6 +14,7 @@ import typer
 
 from pipelines.cli.errors import _worker_error, clean_errors  # noqa: F401 - tests import _worker_error from here
 from pipelines.cli.listings import backbones, datasets
+from pipelines.cli.results import ListByDefault, results_ls, results_upgrade
 from pipelines.cli.run import bench_speed, extract, predict, probe, quickstart, report, sweep
 from pipelines.cli.stores import stores_info, stores_ls, stores_rm, stores_upgrade, stores_verify
 
@@ -23,6 +24,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Dense evaluation of frozen vision backbones with masked cross-attention adapters.")
 stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature and target stores.")
 app.add_typer(stores_app, name="stores")
+results_app = typer.Typer(cls=ListByDefault, no_args_is_help=True,
+                          help="The results table: `maxa results ROOT` lists and filters it, exports CSV / JSON; "
+                               "`maxa results upgrade ROOT` rewrites old record files.")
+app.add_typer(results_app, name="results")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: backbone and adapter inference speed (paper §4.5).")
 app.add_typer(bench_app, name="bench")
 
@@ -32,6 +37,8 @@ for _name, _command in (("ls", stores_ls), ("info", stores_info), ("verify", sto
                         ("upgrade", stores_upgrade), ("rm", stores_rm)):
     stores_app.command(_name)(_command)
 bench_app.command("speed")(bench_speed)
+results_app.command("ls")(results_ls)
+results_app.command("upgrade")(results_upgrade)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -43,6 +43,24 @@ def _results_table(records: list[dict[str, Any]], title: str):
     return table
 
 
+def _record_lines_table(records: list[dict[str, Any]], title: str):
+    """``maxa results``: one line per record, with its primary metric and the trivial predictor's."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("finished", "backbone", "dataset", "task", "variant", "head", "seed", "metric", "value", "trivial"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        name = r.get("primary_metric")
+        value = (r.get("metrics") or {}).get(name, r.get("primary_value")) if name else None
+        trivial = (r.get("trivial") or {}).get(name) if name else None
+        when = r.get("finished")
+        table.add_row(when.astimezone().strftime("%Y-%m-%d %H:%M") if when else "-",
+                      *(str(r.get(k, "-")) for k in ("backbone", "dataset", "task", "variant", "head", "seed")),
+                      name or "-", "-" if value is None else f"{value:.4g}", "-" if trivial is None else f"{trivial:.4g}")
+    return table
+
+
 def _backbones_table(rows: list[dict[str, Any]]):
     """``maxa backbones``: one row per registry entry."""
     from rich.table import Table
