@@ -156,7 +156,7 @@ def test_a_folder_mixing_old_and_new_files_needs_the_upgrade_for_pandas(tmp_path
     pd = pytest.importorskip("pandas")
     _old_file(tmp_path, OLD)
     append_result(tmp_path, BOUNDARIES)
-    with pytest.raises(Exception, match="map<string, double"):
+    with pytest.raises(Exception, match="cast"):
         pd.read_parquet(tmp_path / "results")
     result = runner.invoke(app, ["results", "upgrade", str(tmp_path)])
     assert result.exit_code == 0 and "1 record file(s) rewritten" in result.output, result.output
