@@ -101,10 +101,12 @@ def _short_id(key: str) -> str:
 
 def _finished(r: dict[str, Any]) -> datetime | None:
     """When ``r`` finished (naive local time), or ``None`` if it does not say."""
-    try:
-        t = datetime.fromisoformat(str(r.get("finished")))
-    except ValueError:
-        return None
+    t = r.get("finished")
+    if not isinstance(t, datetime):  # records read back carry a datetime; records in memory may carry text
+        try:
+            t = datetime.fromisoformat(str(t))
+        except ValueError:
+            return None
     return t.astimezone().replace(tzinfo=None) if t.tzinfo is not None else t
 
 

@@ -10,7 +10,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.report_records import (DuplicateGroup, _by_configuration, _order_key, backbone_info,
+from pipelines.report_records import (DuplicateGroup, _by_configuration, _finished, _order_key, backbone_info,
                                       configuration_differences)
 from pipelines.report_shared import METRICS, PROBE_TASKS, UNKNOWN_METRIC, metric_decimals, primary_metric
 
@@ -226,6 +226,12 @@ DUPLICATES_CAPTION = ("Records of the same experiment (every identity field equa
                       "disagree: the tables use the newest (used = yes); compare the runs before trusting either.")
 
 
+def _when(r: dict[str, Any]) -> str:
+    """When ``r`` finished, in local time to the second (as the report's other times), or ``–``."""
+    t = _finished(r)
+    return t.isoformat(timespec="seconds") if t is not None else str(r.get("finished") or "–")
+
+
 def duplicates_table(groups: list[DuplicateGroup]) -> tuple[list[str], list[list[str]]]:
     """One row per record of each conflicting experiment: root, run dir, finished, primary metric, used?"""
     header = ["experiment", "used", "root", "run dir", "finished", "metric", "value"]
@@ -239,5 +245,5 @@ def duplicates_table(groups: list[DuplicateGroup]) -> tuple[list[str], list[list
         for r in [u, *g.others]:
             v = r["metrics"].get(m)
             body.append([exp, "yes" if r is u else "no", str(r.get("_root", "")), str(r.get("run_dir") or "–"),
-                         str(r.get("finished") or "–"), m, "–" if v is None else _fmt(float(v), dec + 2)])
+                         _when(r), m, "–" if v is None else _fmt(float(v), dec + 2)])
     return header, body

@@ -27,8 +27,8 @@ from store.location import Location, as_location
 from store.results_schema import (SCHEMA, SCHEMA_VERSION, decode_row, encode_record, old_table_rows,
                                   record_table, schema_version)
 
-__all__ = ["append_result", "check_results_root", "read_results", "results_table", "results_location", "upgrade_results",
-           "result_counts", "run_location", "read_run_file", "write_run_files", "finished_runs", "run_identity"]
+__all__ = ["append_result", "check_results_root", "read_results", "results_table", "results_location",
+           "upgrade_results", "result_counts", "run_location", "read_run_file", "write_run_files", "finished_runs", "run_identity"]
 
 #: Record fields that name the stores a probe used.
 STORE_KEY_FIELDS = ("train_store", "eval_store", "train_targets", "eval_targets")
