@@ -208,9 +208,9 @@ def create_pretrained(entry: BackboneEntry, hub_timeout: float = 2.0) -> torch.n
         if why is not None:
             raise _unavailable(entry, f"cannot reach {origin} ({_route(origin, label)}: {why}); the hub cache {cache_dir} has no copy",
                                _network_fix(origin, label))
-    elif not offline and _unreachable(origin, hub_timeout) is not None:
-        # cached but offline without HF_HUB_OFFLINE: read the cached file directly instead of letting
-        # huggingface_hub retry its metadata request.
+    elif offline or _unreachable(origin, hub_timeout) is not None:
+        # read the cached file directly: offline, huggingface_hub would return the same file (and it may
+        # have read HF_HUB_OFFLINE before it was set); unreachable, it would retry its metadata request.
         kwargs["pretrained_cfg_overlay"] = {"file": cached}
     try:
         return timm.create_model(entry.timm_name, pretrained=True, cache_dir=str(cache_dir), **kwargs)
