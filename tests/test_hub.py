@@ -144,6 +144,7 @@ def _one_line_error(proc: subprocess.CompletedProcess) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_pretrained_through_hf_endpoint_equals_the_file(tmp_path, hub):
     url, weights, server = hub
     pretrained, weights_id = _features(_ok(_extract(tmp_path, "pretrained", HF_ENDPOINT=url)))
@@ -157,6 +158,7 @@ def test_pretrained_through_hf_endpoint_equals_the_file(tmp_path, hub):
     np.testing.assert_array_equal(pretrained, from_file)
 
 
+@pytest.mark.slow
 def test_mirror_behind_a_proxy(tmp_path, hub):
     """A mirror host this machine cannot resolve, reached only through HTTP_PROXY (the loopback server)."""
     url, weights, server = hub
@@ -166,6 +168,7 @@ def test_mirror_behind_a_proxy(tmp_path, hub):
     np.testing.assert_array_equal(proxied, direct)
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint_is_one_line_naming_it(tmp_path):
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     start = time.monotonic()
@@ -177,6 +180,7 @@ def test_unreachable_endpoint_is_one_line_naming_it(tmp_path):
     assert not (tmp_path / "stores").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_proxy_is_named(tmp_path):
     proxy = f"http://lab:s3cret@127.0.0.1:{_closed_port()}"
     err = _one_line_error(_extract(tmp_path, "pretrained", HF_ENDPOINT="http://hub.mirror.lab", HTTP_PROXY=proxy))
