@@ -177,10 +177,9 @@ def _download_errors() -> tuple[type[BaseException], ...]:
 
 
 def _download_failure(err: BaseException) -> str:
-    """``Type: first line``, with the first line of its cause where huggingface_hub wraps the real error."""
-    text = f"{type(err).__name__}: {first_line(err)}"
-    cause = err.__cause__
-    return f"{text} ({type(cause).__name__}: {first_line(cause)})" if cause is not None else text
+    """``Type: first line`` of the error, or of its cause where huggingface_hub wraps the real one."""
+    err = err.__cause__ if err.__cause__ is not None else err
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def create_pretrained(entry: BackboneEntry, hub_timeout: float = 2.0) -> torch.nn.Module:
@@ -215,5 +214,7 @@ def create_pretrained(entry: BackboneEntry, hub_timeout: float = 2.0) -> torch.n
     try:
         return timm.create_model(entry.timm_name, pretrained=True, cache_dir=str(cache_dir), **kwargs)
     except _download_errors() as err:
-        raise _unavailable(entry, f"fetching them from {origin} ({_route(origin, label)}) failed with {_download_failure(err)}",
-                           _network_fix(origin, label)) from err
+        fix = "Check that the mirror in HF_ENDPOINT holds these weights in the hub's layout, " \
+            if label == "HF_ENDPOINT" else _network_fix(origin, label)
+        raise _unavailable(entry, f"loading them from {origin} ({_route(origin, label)}) failed with "
+                           f"{_download_failure(err)}", fix) from err

@@ -216,3 +216,13 @@ def test_cached_copy_used_when_the_endpoint_is_down(tmp_path, monkeypatch):
     assert time.monotonic() - start < 10
     x = torch.randn(1, 3, *b.input_size)
     torch.testing.assert_close(b.forward(x)["last"], model.eval().forward_features(x)[:, 1:].reshape(1, 10, 10, -1))
+
+
+@pytest.mark.slow
+def test_mirror_without_the_weights(tmp_path, hub):
+    """A mirror that answers but lacks the file: huggingface_hub's 404, in one line naming the mirror."""
+    url, _, server = hub
+    server.files.clear()
+    err = _one_line_error(_extract(tmp_path, "pretrained", HF_ENDPOINT=url))
+    assert f"loading them from {url} (HF_ENDPOINT) failed with " in err and "404" in err, err
+    assert "Check that the mirror in HF_ENDPOINT holds these weights" in err and "--weights PATH" in err, err
