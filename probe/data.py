@@ -106,18 +106,10 @@ class ProbeData:
             self._tgt[name] = _to_tensor(a).to(self.device)
 
     def _read(self, positions: np.ndarray) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """A batch by position in ``self.indices``, from memory or from the stores."""
-        if self.in_memory:
-            pos = torch.from_numpy(positions).to(self.device)
-            feats = [f.index_select(0, pos).float() for f in self._feat]
-            tgts = {k: v.index_select(0, pos) for k, v in self._tgt.items()}
-            return feats, tgts
-        idx = self.indices[positions]
-        feats = []
-        for l in self.layers:
-            a = self.features.read_batch(idx, l)
-            feats.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])).to(self.device).float())
-        tgts = {k: _to_tensor(self.targets.read(k, idx)).to(self.device) for k in self.needs}
+        """A batch by position in ``self.indices``, from memory (the in-memory path)."""
+        pos = torch.from_numpy(positions).to(self.device)
+        feats = [f.index_select(0, pos).float() for f in self._feat]
+        tgts = {k: v.index_select(0, pos) for k, v in self._tgt.items()}
         return feats, tgts
 
     def batches(
@@ -131,18 +123,33 @@ class ProbeData:
             for pos in chunks:
                 yield (self.indices[pos], *self._read(pos))
             return
-        yield from self._prefetched(chunks)
+        yield from self._prefetched(chunks, batch_size)
 
-    def _prefetched(self, chunks: list[np.ndarray]) -> Iterator[Any]:
+    def _prefetched(self, chunks: list[np.ndarray], batch_size: int) -> Iterator[Any]:
+        """Batches read from the stores by a background thread, ``prefetch`` batches ahead.
+
+        The thread reads each batch's float16 features into one of ``prefetch + 2`` reused buffers
+        (fresh memory for every batch costs about as much as reading it); this thread converts
+        them to float32 on the device before yielding, which frees the buffer. With ``prefetch``
+        batches queued and one being read, a buffer is never refilled before it is converted.
+        """
         q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         stop = threading.Event()
+        shapes = [(self.features.layer_shape(l), self.features.layer_dtype(l)) for l in self.layers]
+        ring = [[np.empty((batch_size, *shape), dtype=dtype) for shape, dtype in shapes]
+                for _ in range(max(1, self.prefetch) + 2)]
 
         def work() -> None:
             try:
-                for pos in chunks:
+                for k, pos in enumerate(chunks):
                     if stop.is_set():
                         return
-                    q.put((self.indices[pos], *self._read(pos)))
+                    idx = self.indices[pos]
+                    bufs = [b[: len(idx)] for b in ring[k % len(ring)]]
+                    for l, buf in zip(self.layers, bufs):
+                        self.features.read_batch(idx, l, out=buf)
+                    tgts = {name: _to_tensor(self.targets.read(name, idx)).to(self.device) for name in self.needs}
+                    q.put((idx, bufs, tgts))
                 q.put(None)
             except BaseException as e:  # hand errors to the consumer
                 q.put(e)
@@ -156,7 +163,8 @@ class ProbeData:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                idx, bufs, tgts = item
+                yield idx, [self._to_device(b) for b in bufs], tgts
         finally:
             stop.set()
             while t.is_alive():
@@ -164,6 +172,13 @@ class ProbeData:
                     q.get_nowait()
                 except queue.Empty:
                     t.join(timeout=0.05)
+
+    def _to_device(self, buf: np.ndarray) -> torch.Tensor:
+        """A float32 copy of a reused buffer on the device (converted there: half the bytes move)."""
+        t = torch.from_numpy(buf.reshape(buf.shape[0], -1, buf.shape[-1]))
+        if self.device.type == "cpu":
+            return t.to(torch.float32, copy=True)
+        return t.to(self.device).float()
 
     def numpy_batches(self, names: Sequence[str], batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
         """Target arrays only, as NumPy (for the trivial baselines); from memory when loaded."""
