@@ -25,7 +25,7 @@ from runtime.devices import resolve_device
 from runtime.provenance import tool_version
 from probe import fused
 from probe.adapter import AdapterConfig, count_parameters
-from probe.data import ProbeData
+from probe.data import ProbeData, estimate_bytes, plan_in_memory
 from probe.config import ProbeConfig
 from probe.heads import HEADS, build_head
 from probe.tasks import Task, TrainingTargets, create_task, get_task
@@ -76,6 +76,7 @@ class _Data:
     train_bad: int
     eval_bad: int
     out_size: tuple[int, int]  # the targets' resolution: the adapter's output size
+    memory_plan: str  # which sets are held in memory, which streamed, and why
 
 
 def train_probe(
@@ -161,10 +162,17 @@ def _prepare_data(config: ProbeConfig, stores: Stores, dev: torch.device, in_mem
     if usable.size - n_val < 1:
         raise MaxaError(f"the training store has {usable.size} usable image(s): too few to hold out a validation part.")
     val_idx, fit_idx = np.sort(usable[order[:n_val]]), np.sort(usable[order[n_val:]])
-    fit = ProbeData(train_fs, train_ts, stored, indices=fit_idx, device=dev, in_memory=in_memory)
-    val = ProbeData(train_fs, train_ts, stored, indices=val_idx, device=dev, in_memory=in_memory)
-    evaluation = ProbeData(eval_fs, eval_ts, stored, indices=eval_idx, device=dev, in_memory=in_memory)
-    return _Data(task, training, stored, fit, val, evaluation, train_bad, eval_bad, tuple(tspec.size))
+    sets = {"fit": (train_fs, train_ts, fit_idx), "held-out": (train_fs, train_ts, val_idx),
+            "eval": (eval_fs, eval_ts, eval_idx)}
+    if in_memory is None:  # one budget for the three sets, the training set first
+        keep, plan = plan_in_memory([estimate_bytes(fs, ts, stored, len(i)) for fs, ts, i in sets.values()], dev,
+                                    list(sets))
+    else:
+        keep, plan = [in_memory] * 3, ("in memory" if in_memory else "streamed") + " (as asked)"
+    say(f"  data: {plan}")
+    fit, val, evaluation = (ProbeData(fs, ts, stored, indices=i, device=dev, in_memory=k)
+                            for (fs, ts, i), k in zip(sets.values(), keep))
+    return _Data(task, training, stored, fit, val, evaluation, train_bad, eval_bad, tuple(tspec.size), plan)
 
 
 class _Trainer:
@@ -289,7 +297,8 @@ def _save(config: ProbeConfig, stores: Stores, data: _Data, trainer: _Trainer, f
                     "epoch_s": train_seconds / max(len(history), 1)},
         "config": {"probe": config.to_dict(), "adapter": trainer.adapter_config.to_dict(),
                    "task_options": task.options(), "lr": trainer.lr, "device": str(dev),
-                   "in_memory": data.fit.in_memory},
+                   "in_memory": data.fit.in_memory, "memory_plan": data.memory_plan,
+                   "threads": torch.get_num_threads()},
         "run_dir": str(run_dir), "tool_version": tool_version(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
