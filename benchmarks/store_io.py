@@ -6,7 +6,9 @@ then times, in one process and in alternating rounds:
 
 * ``raw read``: every file of the store read with ``np.fromfile`` (the reference for reads);
 * ``read_all``: ``FeatureStore.read_all()``;
-* ``read_batch``: ``FeatureStore.read_batch`` of random batches of 16 (a shuffled permutation);
+* ``read_batch``: ``FeatureStore.read_batch`` of random batches of 16 (a shuffled permutation),
+  each into a fresh array, and ``read_batch(out=)``: the same batches into one reused array (what
+  a loader does: the streamed probe epoch reads into a ring of reused buffers);
 * ``probe epoch``: a streamed, shuffled epoch ``ProbeData(..., in_memory=False).batches(16, shuffle=True)``
   over the features alone (the target store holds one small array that the epoch does not read);
 * ``write_shard``: ``StoreWriter.write_shard`` of every shard into a fresh store, against
@@ -150,6 +152,8 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
         order = rng.permutation(n)[:nb]
         batches = [order[i:i + 16] for i in range(0, nb, 16)]
         rows["read_batch(16)"] = (timed(lambda: [fs.read_batch(b) for b in batches]), nb)
+        buf = np.empty((16, *GRID, CHANNELS), np.float16)
+        rows["read_batch(16,out=)"] = (timed(lambda: [fs.read_batch(b, out=buf[:len(b)]) for b in batches]), nb)
         ne = min(n, args.epoch_images)
         data = ProbeData(fs, open_targets(tpath), [], indices=np.arange(ne), in_memory=False)
         gen = torch.Generator().manual_seed(rnd)
@@ -166,7 +170,8 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
 
 
 REFERENCE = {"read": "raw read", "write": "raw write+fsync"}
-ROWS = [("raw read", "read"), ("read_all", "read"), ("read_batch(16)", "read"), ("probe epoch(16)", "read"),
+ROWS = [("raw read", "read"), ("read_all", "read"), ("read_batch(16)", "read"), ("read_batch(16,out=)", "read"),
+        ("probe epoch(16)", "read"),
         ("write_shard", "write"), ("raw write+fsync", "write"), ("raw write", "write")]
 
 
@@ -194,10 +199,10 @@ def print_table(table: dict, meta: dict) -> None:
           f"({IMAGE_BYTES / 1e3:.0f} KB), shard size {meta['shard_size']}, median of {meta['rounds']} rounds; "
           f"{meta['cpus']} CPUs, {meta['date']}")
     print("reads are WARM (page cache): the store's files were just written or read; GB/s counts decoded features")
-    print(f"{'compression':<12}{'row':<18}{'img/s':>10}{'GB/s':>8}{'x raw':>8}")
+    print(f"{'compression':<12}{'row':<21}{'img/s':>10}{'GB/s':>8}{'x raw':>8}")
     for comp, rows in table.items():
         for row, r in rows.items():
-            print(f"{comp:<12}{row:<18}{r['img_per_s']:>10.0f}{r['gb_per_s']:>8.2f}{r['x_raw']:>8.3f}")
+            print(f"{comp:<12}{row:<21}{r['img_per_s']:>10.0f}{r['gb_per_s']:>8.2f}{r['x_raw']:>8.3f}")
     print("x raw: reads against 'raw read' of the same store's files, writes against 'raw write+fsync'")
 
 

@@ -24,7 +24,7 @@ from extract.config import DEFAULT_BATCH_SIZE, ExtractConfig
 from runtime.devices import resolve_device
 from extract.datasets.base import DatasetReader, image_ids_hash
 from extract.images import BackboneImages, collate_images, default_decode_workers
-from extract.progress import ProgressReporter
+from runtime.progress import ProgressReporter
 from runtime.provenance import provenance
 from store.location import Location
 from store.catalogue import feature_store_path

@@ -94,27 +94,15 @@ class LocalLocation(Location):
 
     random_access = True
 
-    def read_into(self, offset: int, buffers: Sequence[Any]) -> int | None:
-        views = [memoryview(b).cast("B") for b in buffers]
+    def read_pieces(self, pieces: Sequence[tuple[int, Sequence[Any]]]) -> list[int] | None:
+        if not hasattr(os, "preadv"):  # one read per piece, then copies (Windows)
+            return super().read_pieces(pieces)
         try:
             fd = os.open(self.url, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         try:
-            if not hasattr(os, "preadv"):  # one read, then copies (Windows)
-                return super().read_into(offset, views)
-            total, first = 0, 0
-            while first < len(views):  # at most IOV_MAX buffers per call; a short read goes on where it stopped
-                got = os.preadv(fd, views[first:first + _IOV_MAX], offset + total)
-                if got == 0:
-                    break
-                total += got
-                while first < len(views) and got >= len(views[first]):
-                    got -= len(views[first])
-                    first += 1
-                if got:
-                    views[first] = views[first][got:]
-            return total
+            return [_preadv_all(fd, offset, [memoryview(b).cast("B") for b in buffers]) for offset, buffers in pieces]
         finally:
             os.close(fd)
 
@@ -182,3 +170,20 @@ class LocalLocation(Location):
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         return True
+
+
+def _preadv_all(fd: int, offset: int, views: list[memoryview]) -> int:
+    """Fill ``views`` from ``offset`` on (at most IOV_MAX buffers per call; a short read goes on
+    where it stopped); the bytes read, fewer at the file's end."""
+    total, first = 0, 0
+    while first < len(views):
+        got = os.preadv(fd, views[first:first + _IOV_MAX], offset + total)
+        if got == 0:
+            break
+        total += got
+        while first < len(views) and got >= len(views[first]):
+            got -= len(views[first])
+            first += 1
+        if got:
+            views[first] = views[first][got:]
+    return total

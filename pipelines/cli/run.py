@@ -86,7 +86,8 @@ def extract(
     ignore_index: Annotated[Optional[int], typer.Option(help="segfolder: label value to ignore.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
     num_images: Annotated[Optional[int], typer.Option(help="shapes: images in the split.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, plain lines every "
+                                           "$MAXA_PROGRESS_S s elsewhere).")] = True,
     storage_option: StorageOptionList = None,
 ) -> None:
     """Run a frozen backbone once over a dataset split into a feature store (and its targets).
@@ -137,7 +138,11 @@ def probe(
     results_root: Annotated[Optional[str], typer.Option(help="Where runs and results go (default: the store root); "
                                                         "use your own with read-only access to a shared root.")] = None,
     min_large: Annotated[Optional[int], typer.Option(help="instances: eval images need this many large objects (3).")] = None,
-    progress: Annotated[bool, typer.Option(help="Print per-epoch progress.")] = True,
+    progress: Annotated[bool, typer.Option(help="Print progress: per epoch, and within epochs and the evaluation "
+                                           "(a bar on a terminal, plain lines every $MAXA_PROGRESS_S s elsewhere).")] = True,
+    tensorboard: Annotated[Optional[Path], typer.Option(help="Also log the curves to TensorBoard under this folder "
+                                                        "(needs the tensorboard package; the run's curves.jsonl is "
+                                                        "written either way).")] = None,
     storage_option: StorageOptionList = None,
 ) -> None:
     """Train the MAXA adapter (or a baseline head) on a store and evaluate it; record the result."""
@@ -151,7 +156,7 @@ def probe(
 
     result = train_probe(where(store), config, eval_features=where(eval_store), targets=where(targets),
                          eval_targets=where(eval_targets), results_root=where(results_root), device=device,
-                         show_progress=progress)
+                         show_progress=progress, tensorboard=tensorboard)
     out.print(_results_table([result.record], "probe result"))
     out.print(f"adapter: {result.run_dir}\nresult:  {result.result_path}", highlight=False)
 
