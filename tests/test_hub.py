@@ -104,8 +104,8 @@ def _closed_port() -> int:
 
 def _args(tmp_path: Path, weights: str | Path) -> list[str]:
     return ["extract", "--backbone", "test_vit", "--dataset", "shapes", "--split", "val", "--weights", str(weights),
-            "--num-images", "4", "--store-root", str(tmp_path / "stores"), "--device", "cpu", "--workers", "0",
-            "--no-progress", "--no-targets"]
+            "--num-images", "4", "--store-root", str(tmp_path / "stores"), "--device", "cpu", "--decode-workers", "0",
+            "--no-progress", "--no-build-targets"]
 
 
 def _extract(tmp_path: Path, weights: str | Path, **env: str) -> subprocess.CompletedProcess:

@@ -10,6 +10,8 @@ in :mod:`.errors`, shared options in :mod:`.options` and the output formats in :
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from pipelines.cli.errors import _worker_error, clean_errors  # noqa: F401 - tests import _worker_error from here
@@ -19,12 +21,31 @@ from pipelines.cli.stores import stores_info, stores_ls, stores_rm, stores_upgra
 
 __all__ = ["app", "main", "clean_errors"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+#: ``-h`` beside ``--help`` on every command
+HELP = {"help_option_names": ["-h", "--help"]}
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP,
                   help="Dense evaluation of frozen vision backbones with masked cross-attention adapters.")
-stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature and target stores.")
+stores_app = typer.Typer(no_args_is_help=True, context_settings=HELP,
+                         help="List, inspect and verify feature and target stores.")
 app.add_typer(stores_app, name="stores")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: backbone and adapter inference speed (paper §4.5).")
+bench_app = typer.Typer(no_args_is_help=True, context_settings=HELP,
+                        help="Benchmarks: backbone and adapter inference speed (paper §4.5).")
 app.add_typer(bench_app, name="bench")
+
+def _version(value: bool) -> None:
+    if value:
+        from runtime.provenance import tool_version
+
+        typer.echo(f"maxa {tool_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print maxa's version and exit.")] = False) -> None:
+    """Dense evaluation of frozen vision backbones with masked cross-attention adapters."""
+
 
 for _command in (backbones, datasets, extract, probe, predict, report, sweep, quickstart):
     app.command()(_command)

@@ -63,12 +63,22 @@ def _dataset_warnings_as_lines() -> Iterator[None]:
         yield
 
 
+def _renamed(old: str, new: str, old_value: Any, value: Any) -> Any:
+    """An option's value given under its old spelling (still accepted, with one warning line)."""
+    if old_value is None:
+        return value
+    err.print(f"[bold yellow]warning:[/] {old} is now {new}; the old spelling goes in a later version.",
+              soft_wrap=True, highlight=False)
+    return old_value
+
+
 # -- extract --------------------------------------------------------------------------------------
 @clean_errors
 def extract(
     backbone: Annotated[str, typer.Option(help="Registry name (see `maxa backbones`) or timm:NAME.")],
     dataset: Annotated[str, typer.Option(help="Dataset reader: coco, voc, cocostuff, nyuv2, segfolder, shapes.")],
-    split: Annotated[str, typer.Option(help="Dataset split.")] = "val",
+    split: Annotated[str, typer.Option(help="Dataset split: train, val, test (no default: a probe needs both "
+                                            "its training and its eval split).")],
     root: Annotated[Optional[Path], typer.Option(help="Dataset root directory (not needed for shapes).")] = None,
     store_root: Annotated[str, typer.Option(help="Where stores live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
     weights: Annotated[str, typer.Option(help="pretrained (timm hub / HF cache), random, or a checkpoint PATH.")] = "pretrained",
@@ -76,19 +86,22 @@ def extract(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = DEFAULT_BATCH_SIZE,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = DEFAULT_DEVICE,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decode workers (default: up to 4).")] = None,
+    decode_workers: Annotated[Optional[int], typer.Option(min=0, help="Image decode workers (default: up to 4).")] = None,
     shard_size: Annotated[Optional[int], typer.Option(min=1, help="Images per shard (default: ~256 MB).")] = None,
     compression: Annotated[Compression, typer.Option(help="Feature compression.")] = Compression.none,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record undecodable images and go on.")] = False,
-    targets: Annotated[bool, typer.Option(help="Also build the split's target store.")] = True,
+    build_targets: Annotated[bool, typer.Option(help="Also build the split's target store.")] = True,
     target_size: Annotated[int, typer.Option(min=8, help="Target (output) resolution, square.")] = DEFAULT_TARGET_SIZE[0],
     num_classes: Annotated[Optional[int], typer.Option(help="segfolder: number of classes.")] = None,
     ignore_index: Annotated[Optional[int], typer.Option(help="segfolder: label value to ignore.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
+    scene_seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
     num_images: Annotated[Optional[int], typer.Option(help="shapes: images in the split.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, plain lines every "
                                            "$MAXA_PROGRESS_S s elsewhere).")] = True,
     storage_option: StorageOptionList = None,
+    old_workers: Annotated[Optional[int], typer.Option("--workers", min=0, hidden=True)] = None,
+    old_targets: Annotated[Optional[bool], typer.Option("--targets/--no-targets", hidden=True)] = None,
+    old_seed: Annotated[Optional[int], typer.Option("--seed", hidden=True)] = None,
 ) -> None:
     """Run a frozen backbone once over a dataset split into a feature store (and its targets).
 
@@ -97,14 +110,17 @@ def extract(
     _passive_openmp()
     from extract.jobs import run_extract
 
-    options = {"num_classes": num_classes, "ignore_index": ignore_index, "seed": seed, "num_images": num_images}
+    decode_workers = _renamed("--workers", "--decode-workers", old_workers, decode_workers)
+    build_targets = _renamed("--targets/--no-targets", "--build-targets/--no-build-targets", old_targets, build_targets)
+    scene_seed = _renamed("--seed", "--scene-seed", old_seed, scene_seed)
+    options = {"num_classes": num_classes, "ignore_index": ignore_index, "seed": scene_seed, "num_images": num_images}
     with _dataset_warnings_as_lines():
         result = run_extract(
             backbone=backbone, dataset=dataset, split=split, root=root, store_root=_location(store_root, storage_option),
             dataset_options={k: v for k, v in options.items() if v is not None}, weights=weights,
             layers=_parse_layers(layers), batch_size=batch_size, device=device, limit=limit,
-            num_workers=workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
-            targets=targets, target_size=(target_size, target_size), show_progress=progress,
+            num_workers=decode_workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
+            targets=build_targets, target_size=(target_size, target_size), show_progress=progress,
         )
     f = result.features
     if f.reused:
@@ -240,7 +256,7 @@ def sweep(
     store_root: Annotated[str, typer.Option(help="Where stores and results live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
     workers: Annotated[Optional[int], typer.Option(min=0, help="LocalCluster workers (default: one per GPU, else a few CPU workers); 0 runs in this process.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler, e.g. tcp://head:8786.")] = None,
-    data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="NAME=PATH", help="Override a [datasets.NAME] root (repeatable).")] = None,
+    data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="NAME=PATH", help="Override a \\[datasets.NAME] root (repeatable).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (what would be extracted, probed, skipped) and stop.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
     storage_option: StorageOptionList = None,
