@@ -18,7 +18,7 @@ from store.location import Location
 from store.reader import FeatureStore, open_features
 from store.results import read_run_file
 
-__all__ = ["load_adapter", "predict", "colourise", "check_adapter_fits"]
+__all__ = ["load_adapter", "predict", "colourise", "check_adapter_fits", "output_values"]
 
 
 def load_adapter(run_dir: str | Path | Location) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -79,6 +79,21 @@ def check_adapter_fits(meta: dict[str, Any], fs: FeatureStore, run_dir: str | Pa
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+def output_values(out: np.ndarray, task: str) -> np.ndarray:
+    """What a raw ``(C, H, W)`` output means, as float32: semseg ``(C, H, W)`` class probabilities,
+    boundaries ``(H, W)`` boundary probability, depth and distance ``(H, W)`` values in the targets'
+    units, instances the ``(C, H, W)`` embedding."""
+    out = np.asarray(out, dtype=np.float64)
+    if task == "semseg":
+        e = np.exp(out - out.max(0, keepdims=True))
+        return (e / e.sum(0, keepdims=True)).astype(np.float32)
+    if task == "boundaries":
+        return (1.0 / (1.0 + np.exp(-out[0]))).astype(np.float32)
+    if task in ("depth", "distance"):
+        return out[0].astype(np.float32)
+    return out.astype(np.float32)
 
 
 def colourise(out: np.ndarray, task: str) -> Image.Image:

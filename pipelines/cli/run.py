@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
+import numpy as np
 import typer
 from rich.markup import escape as rich_escape
 
@@ -183,13 +184,24 @@ def predict(
     store: Annotated[str, typer.Option(help="Feature store holding the image (a path or s3://… URL).")],
     index: Annotated[int, typer.Option(help="Image index in the store.")] = 0,
     size: Annotated[int, typer.Option(min=8, help="Output resolution (any; the adapter takes positions).")] = DEFAULT_TARGET_SIZE[0],
-    out_path: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("pred.png"),
+    out_path: Annotated[Path, typer.Option("--out", help="An image to view (.png, .jpg) or the values as a NumPy "
+                                                         "array (.npy: semseg class probabilities (C,H,W), boundary "
+                                                         "probability (H,W), depth/distance values (H,W), instance "
+                                                         "embedding (C,H,W)).")] = Path("pred.png"),
     storage_option: StorageOptionList = None,
 ) -> None:
     """Render a trained adapter's prediction for one stored image at any output size."""
-    from probe.predict import colourise, predict as run_predict
+    from probe.predict import colourise, output_values, predict as run_predict
 
+    kind = out_path.suffix.lower()
+    if kind not in (".npy", ".png", ".jpg", ".jpeg"):
+        raise MaxaError(f"--out {out_path}: write .npy (the values) or .png/.jpg (an image to view).")
     raw, meta = run_predict(_location(adapter, storage_option), _location(store, storage_option), index, (size, size))
+    if kind == ".npy":
+        values = output_values(raw, meta["task"])
+        np.save(out_path, values)
+        out.print(f"wrote {out_path} ({' x '.join(map(str, values.shape))} float32, task {meta['task']})")
+        return
     colourise(raw, meta["task"]).save(out_path)
     out.print(f"wrote {out_path} ({size}x{size}, task {meta['task']})")
 
