@@ -36,8 +36,9 @@ def _clean(value: Any) -> Any:
 class RunCurves:
     """Writes a run's curves while it trains (see the module's docstring)."""
 
-    def __init__(self, run_dir: Location, tensorboard: str | Path | None = None) -> None:
+    def __init__(self, run_dir: Location, tensorboard: str | Path | None = None, *, write: bool = True) -> None:
         self.run_dir = run_dir
+        self.write = write  # False: keep the lines (and TensorBoard), write no curves.jsonl
         self.lines: list[str] = []
         self._tb: Any = None
         if tensorboard is not None:
@@ -75,7 +76,8 @@ class RunCurves:
 
     def _write(self, row: dict[str, Any]) -> None:
         self.lines.append(json.dumps(row, sort_keys=True))
-        write_run_files(self.run_dir, {CURVES_FILE: ("\n".join(self.lines) + "\n").encode()})
+        if self.write:
+            write_run_files(self.run_dir, {CURVES_FILE: ("\n".join(self.lines) + "\n").encode()})
 
 
 def read_curves(run_dir: Location) -> list[dict[str, Any]]:

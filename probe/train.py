@@ -47,9 +47,16 @@ MAX_CNN_CHANNELS = 64
 
 @dataclass
 class ProbeResult:
+    """What a probe gives: its ``record`` (the results table's row), where its run folder and
+    result went (empty strings when ``write=False``), and the trained ``model`` (in eval mode, on
+    the CPU) with the task's ``extra`` module, if any, and the per-epoch ``history``."""
+
     record: dict[str, Any]
     run_dir: str
     result_path: str
+    model: torch.nn.Module | None = None
+    extra: torch.nn.Module | None = None
+    history: list[dict[str, Any]] | None = None
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -95,6 +102,7 @@ def train_probe(
     show_progress: bool = True,
     log: Any = None,
     tensorboard: str | Path | None = None,
+    write: bool = True,
 ) -> ProbeResult:
     """Train ``config.task`` on the feature store ``features`` and evaluate on ``eval_features``.
 
@@ -114,6 +122,9 @@ def train_probe(
         log: callable for progress lines (default: print to stderr).
         tensorboard: also log the curves to TensorBoard under this folder (``probe.curves``; the
             run's ``curves.jsonl`` is written either way).
+        write: write the run folder (adapter, meta, curves) and append the record to the results
+            table; ``False`` (a notebook trying things): nothing is written, the result still holds
+            the record and the trained model.
 
     Every store and root may be a path, a URL (``s3://…``) or a store Location (which carries
     fsspec storage options). Probing only reads the stores: with ``results_root`` elsewhere nothing
@@ -124,12 +135,13 @@ def train_probe(
     torch.manual_seed(config.seed)
     stores = open_stores(features, eval_features, targets, eval_targets)
     out_root = as_location(results_root) if results_root is not None else stores.root
-    check_results_root(out_root)
+    if write:
+        check_results_root(out_root)
     say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))
     data = _prepare_data(config, stores, dev, in_memory, say)
     trainer = _Trainer(config, data, dev, show_progress)
     run_dir = _run_dir(config, stores, out_root)
-    curves = RunCurves(run_dir, tensorboard)
+    curves = RunCurves(run_dir, tensorboard, write=write)
     try:
         fitted = trainer.fit(say if show_progress else None, curves)
         # evaluation on the eval store
@@ -141,8 +153,8 @@ def train_probe(
         curves.final(metrics, fitted["best_epoch"] + 1)
     finally:
         curves.close()
-    return _save(config, stores, data, trainer, fitted, metrics, trivial, features=features, run_dir=run_dir,
-                 out_root=out_root, dev=dev, t_start=t_start)
+    return _save(config, stores, data, trainer, fitted, metrics, trivial, features=features,
+                 run_dir=run_dir if write else None, out_root=out_root, dev=dev, t_start=t_start)
 
 
 def _run_dir(config: ProbeConfig, stores: Stores, out_root: Location) -> Location:
@@ -300,9 +312,10 @@ class _Trainer:
 
 
 def _save(config: ProbeConfig, stores: Stores, data: _Data, trainer: _Trainer, fitted: dict[str, Any],
-          metrics: dict[str, float], trivial: dict[str, float], *, features: Where, run_dir: Location,
+          metrics: dict[str, float], trivial: dict[str, float], *, features: Where, run_dir: Location | None,
           out_root: Location, dev: torch.device, t_start: float) -> ProbeResult:
-    """Write the adapter and its meta under the run's folder and append the record to the results table."""
+    """Write the adapter and its meta under the run's folder and append the record to the results
+    table (``run_dir`` None: write nothing); the result holds the record and the trained model."""
     train_fs, train_ts, eval_fs, eval_ts = stores.train_fs, stores.train_ts, stores.eval_fs, stores.eval_ts
     task, model, extra, tspec = data.task, trainer.model, trainer.extra, train_ts.spec
     history, train_seconds = fitted["history"], fitted["train_s"]
@@ -330,13 +343,19 @@ def _save(config: ProbeConfig, stores: Stores, data: _Data, trainer: _Trainer, f
                    "task_options": task.options(), "lr": trainer.lr, "device": str(dev),
                    "in_memory": data.fit.in_memory, "memory_plan": data.memory_plan,
                    "threads": torch.get_num_threads()},
-        "run_dir": str(run_dir), "tool_version": tool_version(),
+        "run_dir": str(run_dir) if run_dir is not None else "", "tool_version": tool_version(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     meta = {**record, "history": history, "info": data.training.info.to_dict(), "out_size": list(data.out_size),
             "train_features": str(features), "eval_features": str(stores.eval_features),
             "layers": list(train_fs.spec.layer_names), "backbone_identity": train_fs.spec.backbone_identity()}
+    model.cpu().eval()
+    if extra is not None:
+        extra.cpu().eval()
+    if run_dir is None:
+        return ProbeResult(record=record, run_dir="", result_path="", model=model, extra=extra, history=history)
     write_run_files(run_dir, {"adapter.pt": adapter_bytes.getvalue(),
                               "meta.json": json.dumps(meta, indent=2, default=float).encode()})
     result_path = append_result(out_root, record)
-    return ProbeResult(record=record, run_dir=str(run_dir), result_path=result_path)
+    return ProbeResult(record=record, run_dir=str(run_dir), result_path=result_path, model=model, extra=extra,
+                       history=history)
