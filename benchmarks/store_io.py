@@ -11,7 +11,10 @@ then times, in one process and in alternating rounds:
   over the features alone (the target store holds one small array that the epoch does not read);
 * ``write_shard``: ``StoreWriter.write_shard`` of every shard into a fresh store, against
 * ``raw write+fsync``: the same bytes (the store's shard files) written to new files and fsynced
-  (``raw write`` without fsync beside it; ``write_shard`` itself does not fsync).
+  (``raw write`` without fsync beside it; ``write_shard`` itself does not fsync);
+* ``write_shard 1 thread`` / ``2 threads``: every shard of a fresh store written by a pool of that
+  many threads, each thread a different shard, as the extraction runner's writer pool does (the
+  time from the first submit to the last shard written).
 
 Reads are warm: the store was just written (or read in the round before), so the files sit in
 the page cache and every read row measures the reader's own cost, not the disk's. That is what
@@ -80,6 +83,30 @@ def build_feature_store(path: Path, n: int, shard_size: int, compression: str, p
         t0 = time.perf_counter()
         w.write_shard(s, data)
         spent += time.perf_counter() - t0
+    w.finalize()
+    return spent
+
+
+def write_store_threaded(path: Path, n: int, shard_size: int, compression: str, pool: np.ndarray,
+                         threads: int) -> float:
+    """Write the store at ``path`` with ``threads`` writer threads, one shard each at a time;
+    returns the seconds from the first ``write_shard`` call to the last one's end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from store.writer import StoreWriter, feature_arrays
+
+    ids, fspec, _ = _specs(n)
+    w = StoreWriter(path, kind="features", key=fspec.key, spec=fspec.to_dict(), arrays=feature_arrays(fspec),
+                    image_ids=ids, shard_size=shard_size, compression=compression).open()
+
+    def one(s: int) -> None:
+        a, b = w.shard_range(s)
+        w.write_shard(s, {"features/last": _shard_data(pool, b - a)})
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-writer") as ex:
+        t0 = time.perf_counter()
+        list(ex.map(one, w.missing_shards()))
+        spent = time.perf_counter() - t0
     w.finalize()
     return spent
 
@@ -161,13 +188,20 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
             rows["raw write+fsync"] = (raw_write(wfiles, tmp / "raw-fsync", fsync=True), n)
             rows["raw write"] = (raw_write(wfiles, tmp / "raw", fsync=False), n)
             shutil.rmtree(wpath)
+            order = (1, 2) if rnd % 2 == 0 else (2, 1)  # alternate which goes first
+            for threads in order:
+                tpath = tmp / f"write-{comp}-{rnd}-t{threads}.zarr"
+                secs = write_store_threaded(tpath, n, args.shard_size, comp, pool, threads)
+                rows[f"write_shard {threads} thread{'s' if threads > 1 else ''}"] = (secs, n)
+                shutil.rmtree(tpath)
         out[comp] = rows
     return out
 
 
 REFERENCE = {"read": "raw read", "write": "raw write+fsync"}
 ROWS = [("raw read", "read"), ("read_all", "read"), ("read_batch(16)", "read"), ("probe epoch(16)", "read"),
-        ("write_shard", "write"), ("raw write+fsync", "write"), ("raw write", "write")]
+        ("write_shard", "write"), ("raw write+fsync", "write"), ("raw write", "write"),
+        ("write_shard 1 thread", "write"), ("write_shard 2 threads", "write")]
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -186,6 +220,8 @@ def summarise(rounds: list[dict]) -> dict:
             if row in table[comp]:
                 ref = table[comp][REFERENCE[kind]]["img_per_s"]
                 table[comp][row]["x_raw"] = table[comp][row]["img_per_s"] / ref
+                if kind == "write" and "raw write" in table[comp]:
+                    table[comp][row]["x_raw_nofsync"] = table[comp][row]["img_per_s"] / table[comp]["raw write"]["img_per_s"]
     return table
 
 
@@ -194,11 +230,16 @@ def print_table(table: dict, meta: dict) -> None:
           f"({IMAGE_BYTES / 1e3:.0f} KB), shard size {meta['shard_size']}, median of {meta['rounds']} rounds; "
           f"{meta['cpus']} CPUs, {meta['date']}")
     print("reads are WARM (page cache): the store's files were just written or read; GB/s counts decoded features")
-    print(f"{'compression':<12}{'row':<18}{'img/s':>10}{'GB/s':>8}{'x raw':>8}")
+    print(f"{'compression':<12}{'row':<23}{'img/s':>10}{'GB/s':>8}{'x raw':>8}{'x nofsync':>10}")
     for comp, rows in table.items():
         for row, r in rows.items():
-            print(f"{comp:<12}{row:<18}{r['img_per_s']:>10.0f}{r['gb_per_s']:>8.2f}{r['x_raw']:>8.3f}")
-    print("x raw: reads against 'raw read' of the same store's files, writes against 'raw write+fsync'")
+            nofsync = f"{r['x_raw_nofsync']:>10.3f}" if "x_raw_nofsync" in r else ""
+            print(f"{comp:<12}{row:<23}{r['img_per_s']:>10.0f}{r['gb_per_s']:>8.2f}{r['x_raw']:>8.3f}{nofsync}")
+        if "write_shard 2 threads" in rows:
+            print(f"{comp:<12}{'2 threads / 1 thread':<23}"
+                  f"{rows['write_shard 2 threads']['img_per_s'] / rows['write_shard 1 thread']['img_per_s']:>10.2f}x")
+    print("x raw: reads against 'raw read' of the same store's files, writes against 'raw write+fsync'; "
+          "x nofsync: writes against 'raw write'")
 
 
 def main(argv: list[str] | None = None) -> None:
