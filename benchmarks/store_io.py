@@ -9,7 +9,8 @@ then times, in one process and in alternating rounds:
 * ``read_batch``: ``FeatureStore.read_batch`` of random batches of 16 (a shuffled permutation);
 * ``probe epoch``: a streamed, shuffled epoch ``ProbeData(..., in_memory=False).batches(16, shuffle=True)``
   over the features alone (the target store holds one small array that the epoch does not read);
-* ``write_shard``: ``StoreWriter.write_shard`` of every shard into a fresh store, against
+* ``write_shard``: ``StoreWriter.write_shard`` of every shard into a fresh store (``via zarr``: the
+  same through zarr-python alone, ``direct_writes=False``, the path before ``store.fastwrite``), against
 * ``raw write+fsync``: the same bytes (the store's shard files) written to new files and fsynced
   (``raw write`` without fsync beside it; ``write_shard`` itself does not fsync);
 * ``write_shard 1 thread`` / ``2 threads``: every shard of a fresh store written by a pool of that
@@ -69,13 +70,15 @@ def _shard_data(pool: np.ndarray, count: int) -> np.ndarray:
     return pool[:count]
 
 
-def build_feature_store(path: Path, n: int, shard_size: int, compression: str, pool: np.ndarray) -> float:
-    """Write the store at ``path``; returns the seconds spent in ``write_shard``."""
+def build_feature_store(path: Path, n: int, shard_size: int, compression: str, pool: np.ndarray, *,
+                        direct: bool = True) -> float:
+    """Write the store at ``path`` (``direct=False``: through zarr-python alone, the writer's path
+    before ``store.fastwrite``); returns the seconds spent in ``write_shard``."""
     from store.writer import StoreWriter, feature_arrays
 
     ids, fspec, _ = _specs(n)
     w = StoreWriter(path, kind="features", key=fspec.key, spec=fspec.to_dict(), arrays=feature_arrays(fspec),
-                    image_ids=ids, shard_size=shard_size, compression=compression).open()
+                    image_ids=ids, shard_size=shard_size, compression=compression, direct_writes=direct).open()
     spent = 0.0
     for s in w.missing_shards():
         a, b = w.shard_range(s)
@@ -182,8 +185,13 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
         gen = torch.Generator().manual_seed(rnd)
         rows["probe epoch(16)"] = (timed(lambda: sum(1 for _ in data.batches(16, shuffle=True, generator=gen))), ne)
         if not args.no_writes:
-            wpath = tmp / f"write-{comp}-{rnd}.zarr"
-            rows["write_shard"] = (build_feature_store(wpath, n, args.shard_size, comp, pool), n)
+            for direct in (True, False) if rnd % 2 == 0 else (False, True):  # alternate which goes first
+                zpath = tmp / f"write-{comp}-{rnd}-{direct}.zarr"
+                secs = build_feature_store(zpath, n, args.shard_size, comp, pool, direct=direct)
+                rows["write_shard" if direct else "write_shard via zarr"] = (secs, n)
+                if not direct:
+                    shutil.rmtree(zpath)
+            wpath = tmp / f"write-{comp}-{rnd}-True.zarr"
             wfiles = store_files(wpath)
             rows["raw write+fsync"] = (raw_write(wfiles, tmp / "raw-fsync", fsync=True), n)
             rows["raw write"] = (raw_write(wfiles, tmp / "raw", fsync=False), n)
@@ -200,7 +208,7 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
 
 REFERENCE = {"read": "raw read", "write": "raw write+fsync"}
 ROWS = [("raw read", "read"), ("read_all", "read"), ("read_batch(16)", "read"), ("probe epoch(16)", "read"),
-        ("write_shard", "write"), ("raw write+fsync", "write"), ("raw write", "write"),
+        ("write_shard", "write"), ("write_shard via zarr", "write"), ("raw write+fsync", "write"), ("raw write", "write"),
         ("write_shard 1 thread", "write"), ("write_shard 2 threads", "write")]
 
 
@@ -228,7 +236,7 @@ def summarise(rounds: list[dict]) -> dict:
 def print_table(table: dict, meta: dict) -> None:
     print(f"\nstore I/O, {meta['images']} images of {GRID[0]}x{GRID[1]}x{CHANNELS} float16 "
           f"({IMAGE_BYTES / 1e3:.0f} KB), shard size {meta['shard_size']}, median of {meta['rounds']} rounds; "
-          f"{meta['cpus']} CPUs, {meta['date']}")
+          f"{meta['cpus']} CPUs (an extraction here starts {meta['runner_writer_threads']} writer thread(s)), {meta['date']}")
     print("reads are WARM (page cache): the store's files were just written or read; GB/s counts decoded features")
     print(f"{'compression':<12}{'row':<23}{'img/s':>10}{'GB/s':>8}{'x raw':>8}{'x nofsync':>10}")
     for comp, rows in table.items():
@@ -240,6 +248,14 @@ def print_table(table: dict, meta: dict) -> None:
                   f"{rows['write_shard 2 threads']['img_per_s'] / rows['write_shard 1 thread']['img_per_s']:>10.2f}x")
     print("x raw: reads against 'raw read' of the same store's files, writes against 'raw write+fsync'; "
           "x nofsync: writes against 'raw write'")
+
+
+def _runner_writer_threads() -> int:
+    """The writer threads an extraction would start on this machine (default decode workers)."""
+    from extract.images import default_decode_workers
+    from extract.runner import default_writer_threads
+
+    return default_writer_threads(default_decode_workers(at_least=1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
                 "host": platform.node(), "zarr": zarr.__version__, "numpy": np.__version__,
                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                          text=True).stdout.strip(),
-                "warm": True, "batch_images": min(args.images, args.batch_images),
+                "runner_writer_threads": _runner_writer_threads(), "warm": True, "batch_images": min(args.images, args.batch_images),
                 "epoch_images": min(args.images, args.epoch_images)}
         table = summarise(rounds)
         print_table(table, meta)

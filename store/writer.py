@@ -86,6 +86,9 @@ class StoreWriter:
         wait_timeout: seconds to wait for another live writer of the same store (``None``: as
             long as its lease is live; ``$MAXA_LEASE_WAIT_S``).
         log: where "waiting for ..." messages go (default: stderr).
+        direct_writes: encode and write the shards of per-image arrays here (``store.fastwrite``,
+            the same bytes); ``False``: every array through zarr-python (the reference it is
+            measured and tested against).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class StoreWriter:
         provenance: dict[str, Any] | None = None,
         wait_timeout: float | None = None,
         log: Any = None,
+        direct_writes: bool = True,
     ) -> None:
         if not image_ids:
             raise StoreError(f"refusing to create an empty store at {path}: the dataset split has no images.")
@@ -121,6 +125,7 @@ class StoreWriter:
         self.provenance = provenance or {}
         self.wait_timeout = wait_timeout
         self.log = log
+        self.direct_writes = direct_writes
         self._group: zarr.Group | None = None
         self._lease: StoreLease | None = None
         self._shard_writers: dict[str, ShardWriter] = {}
@@ -185,7 +190,7 @@ class StoreWriter:
         self.complete = bool(meta.get("complete"))
         self._group = self.location.open_group(mode)
         self._shard_writers = {}
-        if mode != "r":  # the arrays whose shards are encoded here rather than by zarr (store.fastwrite)
+        if mode != "r" and self.direct_writes:  # the arrays whose shards are encoded here rather than by zarr (store.fastwrite)
             for a in self.arrays:
                 fast = ShardWriter.of(self.location, a.name, self._group[a.name]) if a.chunk_per_image else None
                 if fast is not None:

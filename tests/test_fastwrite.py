@@ -64,10 +64,9 @@ def _writer(path: Location, compression: str, *, direct: bool = True) -> StoreWr
     spec = TargetSpec(dataset="d", dataset_id="d", split="train", size=(6, 7), kinds=("semantic",), num_images=N,
                       image_ids_hash="h", num_classes=4)
     w = StoreWriter(path, kind="targets", key=spec.key, spec=spec.to_dict(), arrays=ARRAYS,
-                    image_ids=[f"i{k}" for k in range(N)], shard_size=SHARD, compression=compression).open()
-    assert set(w._shard_writers) == DIRECT
-    if not direct:
-        w._shard_writers = {}  # every array through zarr-python's own write path
+                    image_ids=[f"i{k}" for k in range(N)], shard_size=SHARD, compression=compression,
+                    direct_writes=direct).open()  # direct=False: every array through zarr-python
+    assert set(w._shard_writers) == (DIRECT if direct else set())
     return w
 
 
