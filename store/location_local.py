@@ -146,7 +146,8 @@ class LocalLocation(Location):
         os.makedirs(os.path.dirname(self.url) or ".", exist_ok=True)
         tmp = f"{self.url}.{uuid.uuid4().hex}.partial"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+            # mode 0o666 less the umask, as open(..., "wb") in zarr gives: a shared root keeps its group bits
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
             try:
                 _write_all(fd, [memoryview(b).cast("B") for b in buffers])
             finally:

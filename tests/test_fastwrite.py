@@ -95,6 +95,9 @@ def test_files_equal_zarr_python(tmp_path, where, compression, empty_shard):
     assert sorted(got) == sorted(want)
     for key in want:
         assert got[key] == want[key], key
+    if where == "local":  # the same permissions too (a shared root keeps its group bits)
+        for key in want:
+            assert os.stat(fast.location / key).st_mode == os.stat(slow.location / key).st_mode, key
     shard_files = [k for k in want if k.startswith("semantic/c/")]
     assert len(shard_files) == (2 if empty_shard else 3)  # a shard with no image is no file
     for w in (fast, slow):
