@@ -167,6 +167,12 @@ class Location(ABC):
     def write_bytes(self, data: bytes) -> None:
         """Replace the file's contents atomically (no reader sees half a file); creates folders."""
 
+    def write_buffers(self, buffers: Sequence[Any]) -> None:
+        """Replace the file's contents with ``buffers`` (bytes-like objects) one after another,
+        atomically, as :meth:`write_bytes` does; where the filesystem allows, without joining
+        them first (a shard's images are written from where they lie)."""
+        self.write_bytes(b"".join(buffers))  # one PUT on object storage
+
     @abstractmethod
     def create(self, data: bytes) -> bool:
         """Write ``data`` only if nothing is there, atomically; ``False`` if the name is taken."""

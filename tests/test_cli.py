@@ -422,7 +422,17 @@ def test_disk_full_names_the_store_and_nothing_unwritten_is_flagged(tmp_path, mo
             raise OSError(errno.ENOSPC, "No space left on device")  # a failed write() names no file
         return real_put(path, value, exclusive=exclusive)
 
+    from store.location_local import LocalLocation
+
+    real_write_buffers = LocalLocation.write_buffers
+
+    def full_disk_direct(self, buffers):  # shard files of per-image arrays (store.fastwrite)
+        if fail["when"](Path(self.url)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_buffers(self, buffers)
+
     monkeypatch.setattr(zarr_local, "_put", full_disk)
+    monkeypatch.setattr(LocalLocation, "write_buffers", full_disk_direct)
     args = extract_args(tmp_path, "--no-build-targets", "--shard-size", "4", "--batch-size", "4", n=8)
     line = one_line_error(*args, code=2)
     (path,) = tmp_path.rglob("*.zarr")
@@ -441,6 +451,7 @@ def test_disk_full_names_the_store_and_nothing_unwritten_is_flagged(tmp_path, mo
     assert not list(tmp_path.rglob("*.lease*"))
 
     monkeypatch.setattr(zarr_local, "_put", real_put)
+    monkeypatch.setattr(LocalLocation, "write_buffers", real_write_buffers)
     text = ok(*args)
     assert json.loads(ok("stores", "info", path, "--json"))["complete"] is True, text
 
