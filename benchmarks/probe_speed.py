@@ -2,7 +2,10 @@
 
 Both paths train the same MAXA adapter on the same images, batch size and number of epochs:
 
-* ``store``: features read from the feature store (what ``maxa probe`` does);
+* ``store``: features read from the feature store, held in memory (what ``maxa probe`` does when
+  they fit);
+* ``stream``: the same store streamed batch by batch (``ProbeData(in_memory=False)``: what
+  ``maxa probe`` does when they do not fit), page cache warm;
 * ``live``:  the frozen backbone runs on every batch (images decoded and resized once, in memory,
   so the live path is not charged for decoding), then the same adapter step.
 
@@ -10,6 +13,7 @@ Each path runs in its own subprocess so its peak memory (max RSS) is its own. Th
 extraction that fills the store is timed too, with the break-even number of epochs.
 
     python benchmarks/probe_speed.py --backbone random_b16 --images 48 --epochs 2
+    python benchmarks/probe_speed.py --paths store stream --epochs 3   # streamed vs in memory only
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def run_path(args) -> dict:
 
     torch.manual_seed(0)
     fs, ts = open_features(args.features), open_targets(args.targets)
-    data = ProbeData(fs, ts, [args.task], device="cpu")
+    data = ProbeData(fs, ts, [args.task], device="cpu", in_memory=False if args.path == "stream" else None)
     task, model = _adapter_and_task(args.task, args.variant, data, ts.spec)
     from probe import fused
 
@@ -86,7 +90,7 @@ def run_path(args) -> dict:
             loss.backward()
             opt.step()
         epoch_times.append(time.perf_counter() - t0)
-    return {"path": args.path, "epoch_seconds": epoch_times, "median_epoch_s": float(np.median(epoch_times)),
+    return {"path": args.path, "in_memory": data.in_memory, "epoch_seconds": epoch_times, "median_epoch_s": float(np.median(epoch_times)),
             "peak_rss_mb": _peak_rss_mb(), "images": len(fs),
             "threads": torch.get_num_threads()}
 
@@ -100,7 +104,9 @@ def main() -> None:
     p.add_argument("--task", default="boundaries")
     p.add_argument("--variant", default="base", help="adapter variant (no-sigma: both attention layers unmasked)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "probe_speed.json"))
-    p.add_argument("--path", choices=["store", "live"], help=argparse.SUPPRESS)
+    p.add_argument("--paths", nargs="+", choices=["store", "stream", "live"], default=["store", "stream", "live"],
+                   help="paths to compare (each run twice, alternated, except live: once)")
+    p.add_argument("--path", choices=["store", "stream", "live"], help=argparse.SUPPRESS)
     p.add_argument("--features", help=argparse.SUPPRESS)
     p.add_argument("--targets", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -116,25 +122,34 @@ def main() -> None:
                       weights="random", device="cpu", limit=args.images, show_progress=False)
     extract_s = time.perf_counter() - t0
     results = {}
-    for path in ("store", "live", "store"):  # store twice: the median tolerates a noisy neighbour
+    order = [p for p in args.paths if p != "live"]
+    order = order + (["live"] if "live" in args.paths else []) + order  # twice: the median tolerates a noisy neighbour
+    for path in order:
         cmd = [sys.executable, __file__, "--path", path, "--features", job.features.path,
                "--targets", job.targets.path, "--backbone", args.backbone, "--task", args.task, "--variant", args.variant,
                "--batch-size", str(args.batch_size), "--epochs", str(args.epochs)]
         out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout.splitlines()[-1])
         results.setdefault(path, []).append(out)
-    store_s = float(np.median([t for r in results["store"] for t in r["epoch_seconds"]]))
-    live_s = float(np.median([t for r in results["live"] for t in r["epoch_seconds"]]))
+    med = {k: float(np.median([t for r in v for t in r["epoch_seconds"]])) for k, v in results.items()}
     # the same without each run's first epoch (allocator and oneDNN warm-up), when there are later ones
     later = {k: [t for r in v for t in r["epoch_seconds"][1:]] for k, v in results.items()}
-    steady = float(np.median(later["live"]) / np.median(later["store"])) if all(later.values()) else None
     summary = {
         "backbone": args.backbone, "task": args.task, "variant": args.variant, "images": args.images, "batch_size": args.batch_size,
-        "epochs": args.epochs, "device": "cpu", "threads": results["store"][0]["threads"],
-        "epoch_s_store": store_s, "epoch_s_live": live_s, "speedup": live_s / store_s, "speedup_after_first_epoch": steady,
-        "extract_once_s": extract_s, "break_even_epochs": extract_s / max(live_s - store_s, 1e-9),
-        "peak_rss_mb_store": max(r["peak_rss_mb"] for r in results["store"]),
-        "peak_rss_mb_live": results["live"][0]["peak_rss_mb"],
+        "epochs": args.epochs, "device": "cpu", "threads": next(iter(results.values()))[0]["threads"],
+        **{f"epoch_s_{k}": v for k, v in med.items()},
     }
+    if "store" in med and "live" in med:
+        summary["speedup"] = med["live"] / med["store"]
+        if later["live"] and later["store"]:
+            summary["speedup_after_first_epoch"] = float(np.median(later["live"]) / np.median(later["store"]))
+        summary["extract_once_s"] = extract_s
+        summary["break_even_epochs"] = extract_s / max(med["live"] - med["store"], 1e-9)
+    if "store" in med and "stream" in med:
+        summary["stream_over_memory"] = med["stream"] / med["store"]
+        if later["stream"] and later["store"]:
+            summary["stream_over_memory_after_first_epoch"] = float(np.median(later["stream"]) / np.median(later["store"]))
+    for k, v in results.items():
+        summary[f"peak_rss_mb_{k}"] = max(r["peak_rss_mb"] for r in v)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"summary": summary, "runs": results}, indent=2))
     for k, v in summary.items():

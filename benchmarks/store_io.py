@@ -6,12 +6,18 @@ then times, in one process and in alternating rounds:
 
 * ``raw read``: every file of the store read with ``np.fromfile`` (the reference for reads);
 * ``read_all``: ``FeatureStore.read_all()``;
-* ``read_batch``: ``FeatureStore.read_batch`` of random batches of 16 (a shuffled permutation);
+* ``read_batch``: ``FeatureStore.read_batch`` of random batches of 16 (a shuffled permutation),
+  each into a fresh array, and ``read_batch(out=)``: the same batches into one reused array (what
+  a loader does: the streamed probe epoch reads into a ring of reused buffers);
 * ``probe epoch``: a streamed, shuffled epoch ``ProbeData(..., in_memory=False).batches(16, shuffle=True)``
   over the features alone (the target store holds one small array that the epoch does not read);
-* ``write_shard``: ``StoreWriter.write_shard`` of every shard into a fresh store, against
+* ``write_shard``: ``StoreWriter.write_shard`` of every shard into a fresh store (``via zarr``: the
+  same through zarr-python alone, ``direct_writes=False``, the path before ``store.fastwrite``), against
 * ``raw write+fsync``: the same bytes (the store's shard files) written to new files and fsynced
-  (``raw write`` without fsync beside it; ``write_shard`` itself does not fsync).
+  (``raw write`` without fsync beside it; ``write_shard`` itself does not fsync);
+* ``write_shard 1 thread`` / ``2 threads``: every shard of a fresh store written by a pool of that
+  many threads, each thread a different shard, as the extraction runner's writer pool does (the
+  time from the first submit to the last shard written).
 
 Reads are warm: the store was just written (or read in the round before), so the files sit in
 the page cache and every read row measures the reader's own cost, not the disk's. That is what
@@ -66,13 +72,15 @@ def _shard_data(pool: np.ndarray, count: int) -> np.ndarray:
     return pool[:count]
 
 
-def build_feature_store(path: Path, n: int, shard_size: int, compression: str, pool: np.ndarray) -> float:
-    """Write the store at ``path``; returns the seconds spent in ``write_shard``."""
+def build_feature_store(path: Path, n: int, shard_size: int, compression: str, pool: np.ndarray, *,
+                        direct: bool = True) -> float:
+    """Write the store at ``path`` (``direct=False``: through zarr-python alone, the writer's path
+    before ``store.fastwrite``); returns the seconds spent in ``write_shard``."""
     from store.writer import StoreWriter, feature_arrays
 
     ids, fspec, _ = _specs(n)
     w = StoreWriter(path, kind="features", key=fspec.key, spec=fspec.to_dict(), arrays=feature_arrays(fspec),
-                    image_ids=ids, shard_size=shard_size, compression=compression).open()
+                    image_ids=ids, shard_size=shard_size, compression=compression, direct_writes=direct).open()
     spent = 0.0
     for s in w.missing_shards():
         a, b = w.shard_range(s)
@@ -80,6 +88,30 @@ def build_feature_store(path: Path, n: int, shard_size: int, compression: str, p
         t0 = time.perf_counter()
         w.write_shard(s, data)
         spent += time.perf_counter() - t0
+    w.finalize()
+    return spent
+
+
+def write_store_threaded(path: Path, n: int, shard_size: int, compression: str, pool: np.ndarray,
+                         threads: int) -> float:
+    """Write the store at ``path`` with ``threads`` writer threads, one shard each at a time;
+    returns the seconds from the first ``write_shard`` call to the last one's end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from store.writer import StoreWriter, feature_arrays
+
+    ids, fspec, _ = _specs(n)
+    w = StoreWriter(path, kind="features", key=fspec.key, spec=fspec.to_dict(), arrays=feature_arrays(fspec),
+                    image_ids=ids, shard_size=shard_size, compression=compression).open()
+
+    def one(s: int) -> None:
+        a, b = w.shard_range(s)
+        w.write_shard(s, {"features/last": _shard_data(pool, b - a)})
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-writer") as ex:
+        t0 = time.perf_counter()
+        list(ex.map(one, w.missing_shards()))
+        spent = time.perf_counter() - t0
     w.finalize()
     return spent
 
@@ -150,24 +182,39 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
         order = rng.permutation(n)[:nb]
         batches = [order[i:i + 16] for i in range(0, nb, 16)]
         rows["read_batch(16)"] = (timed(lambda: [fs.read_batch(b) for b in batches]), nb)
+        buf = np.empty((16, *GRID, CHANNELS), np.float16)
+        rows["read_batch(16,out=)"] = (timed(lambda: [fs.read_batch(b, out=buf[:len(b)]) for b in batches]), nb)
         ne = min(n, args.epoch_images)
         data = ProbeData(fs, open_targets(tpath), [], indices=np.arange(ne), in_memory=False)
         gen = torch.Generator().manual_seed(rnd)
         rows["probe epoch(16)"] = (timed(lambda: sum(1 for _ in data.batches(16, shuffle=True, generator=gen))), ne)
         if not args.no_writes:
-            wpath = tmp / f"write-{comp}-{rnd}.zarr"
-            rows["write_shard"] = (build_feature_store(wpath, n, args.shard_size, comp, pool), n)
+            for direct in (True, False) if rnd % 2 == 0 else (False, True):  # alternate which goes first
+                zpath = tmp / f"write-{comp}-{rnd}-{direct}.zarr"
+                secs = build_feature_store(zpath, n, args.shard_size, comp, pool, direct=direct)
+                rows["write_shard" if direct else "write_shard via zarr"] = (secs, n)
+                if not direct:
+                    shutil.rmtree(zpath)
+            wpath = tmp / f"write-{comp}-{rnd}-True.zarr"
             wfiles = store_files(wpath)
             rows["raw write+fsync"] = (raw_write(wfiles, tmp / "raw-fsync", fsync=True), n)
             rows["raw write"] = (raw_write(wfiles, tmp / "raw", fsync=False), n)
             shutil.rmtree(wpath)
+            order = (1, 2) if rnd % 2 == 0 else (2, 1)  # alternate which goes first
+            for threads in order:
+                tpath = tmp / f"write-{comp}-{rnd}-t{threads}.zarr"
+                secs = write_store_threaded(tpath, n, args.shard_size, comp, pool, threads)
+                rows[f"write_shard {threads} thread{'s' if threads > 1 else ''}"] = (secs, n)
+                shutil.rmtree(tpath)
         out[comp] = rows
     return out
 
 
 REFERENCE = {"read": "raw read", "write": "raw write+fsync"}
-ROWS = [("raw read", "read"), ("read_all", "read"), ("read_batch(16)", "read"), ("probe epoch(16)", "read"),
-        ("write_shard", "write"), ("raw write+fsync", "write"), ("raw write", "write")]
+ROWS = [("raw read", "read"), ("read_all", "read"), ("read_batch(16)", "read"), ("read_batch(16,out=)", "read"),
+        ("probe epoch(16)", "read"),
+        ("write_shard", "write"), ("write_shard via zarr", "write"), ("raw write+fsync", "write"), ("raw write", "write"),
+        ("write_shard 1 thread", "write"), ("write_shard 2 threads", "write")]
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -186,19 +233,34 @@ def summarise(rounds: list[dict]) -> dict:
             if row in table[comp]:
                 ref = table[comp][REFERENCE[kind]]["img_per_s"]
                 table[comp][row]["x_raw"] = table[comp][row]["img_per_s"] / ref
+                if kind == "write" and "raw write" in table[comp]:
+                    table[comp][row]["x_raw_nofsync"] = table[comp][row]["img_per_s"] / table[comp]["raw write"]["img_per_s"]
     return table
 
 
 def print_table(table: dict, meta: dict) -> None:
     print(f"\nstore I/O, {meta['images']} images of {GRID[0]}x{GRID[1]}x{CHANNELS} float16 "
           f"({IMAGE_BYTES / 1e3:.0f} KB), shard size {meta['shard_size']}, median of {meta['rounds']} rounds; "
-          f"{meta['cpus']} CPUs, {meta['date']}")
+          f"{meta['cpus']} CPUs (an extraction here starts {meta['runner_writer_threads']} writer thread(s)), {meta['date']}")
     print("reads are WARM (page cache): the store's files were just written or read; GB/s counts decoded features")
-    print(f"{'compression':<12}{'row':<18}{'img/s':>10}{'GB/s':>8}{'x raw':>8}")
+    print(f"{'compression':<12}{'row':<23}{'img/s':>10}{'GB/s':>8}{'x raw':>8}{'x nofsync':>10}")
     for comp, rows in table.items():
         for row, r in rows.items():
-            print(f"{comp:<12}{row:<18}{r['img_per_s']:>10.0f}{r['gb_per_s']:>8.2f}{r['x_raw']:>8.3f}")
-    print("x raw: reads against 'raw read' of the same store's files, writes against 'raw write+fsync'")
+            nofsync = f"{r['x_raw_nofsync']:>10.3f}" if "x_raw_nofsync" in r else ""
+            print(f"{comp:<12}{row:<23}{r['img_per_s']:>10.0f}{r['gb_per_s']:>8.2f}{r['x_raw']:>8.3f}{nofsync}")
+        if "write_shard 2 threads" in rows:
+            print(f"{comp:<12}{'2 threads / 1 thread':<23}"
+                  f"{rows['write_shard 2 threads']['img_per_s'] / rows['write_shard 1 thread']['img_per_s']:>10.2f}x")
+    print("x raw: reads against 'raw read' of the same store's files, writes against 'raw write+fsync'; "
+          "x nofsync: writes against 'raw write'")
+
+
+def _runner_writer_threads() -> int:
+    """The writer threads an extraction would start on this machine (default decode workers)."""
+    from extract.images import default_decode_workers
+    from extract.runner import default_writer_threads
+
+    return default_writer_threads(default_decode_workers(at_least=1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
                 "host": platform.node(), "zarr": zarr.__version__, "numpy": np.__version__,
                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                          text=True).stdout.strip(),
-                "warm": True, "batch_images": min(args.images, args.batch_images),
+                "runner_writer_threads": _runner_writer_threads(), "warm": True, "batch_images": min(args.images, args.batch_images),
                 "epoch_images": min(args.images, args.epoch_images)}
         table = summarise(rounds)
         print_table(table, meta)

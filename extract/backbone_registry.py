@@ -3,7 +3,8 @@
 Entries are registered by decorator and created by name, as in timm's ``_registry.py``. The geometry of an
 entry (token grid and channels per layer, stride, parameter count) is computed on the ``meta`` device, so
 listing every backbone needs neither weights nor real memory. The entries themselves live in
-:mod:`extract.backbones`; loading weights lives in :mod:`extract.checkpoints`.
+:mod:`extract.backbones`; loading weights lives in :mod:`extract.checkpoints` (local files) and
+:mod:`extract.hub` (pretrained).
 """
 
 from __future__ import annotations

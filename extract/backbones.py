@@ -26,7 +26,8 @@ from extract.backbone_registry import (
     list_backbones,
     register_backbone,
 )
-from extract.checkpoints import create_pretrained, file_digest, load_weights_file
+from extract.checkpoints import file_digest, load_weights_file
+from extract.hub import create_pretrained
 from extract.sam2_neck import SAM2_BPLUS_CHECKPOINT_URL, SAM2_BPLUS_FPN, pretrained_unavailable_message
 from runtime.errors import WeightsUnavailableError
 

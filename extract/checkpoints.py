@@ -1,8 +1,6 @@
-"""Weights for a backbone: timm's hub (failing fast offline), a local file, or a checkpoint recipe.
+"""Weights for a backbone from a local file, passed through a checkpoint recipe where the entry has one.
 
-Three sources, one error type. ``pretrained`` goes through timm's own hub loading, so the Hugging Face
-cache and ``HF_HUB_OFFLINE`` behave as timm users expect; before timm is called we check the cache and the
-network cheaply, so a machine without either fails in well under a second instead of retrying for ~15 s.
+``pretrained`` weights come through timm's hub loading in :mod:`extract.hub`; both raise the same error type.
 A local file is read here (safetensors or torch), passed through the checkpoint recipe if the entry has
 one (MoCo v3, Phi-3.5-vision, SAM2), then through the ``checkpoint_filter_fn`` of the model's module
 (timm's own for timm architectures; :mod:`extract.sam2_neck`'s for the SAM2 image encoder, which maps the
@@ -13,16 +11,12 @@ random weights for a wrong file.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
-import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import timm
 import torch
 
 from extract.backbone_registry import BackboneEntry, CheckpointRecipe
@@ -32,16 +26,12 @@ __all__ = [
     "KEY_MAPS",
     "hf_clip_to_timm",
     "timm_to_hf_clip",
-    "create_pretrained",
     "load_weights_file",
     "read_state_dict",
     "apply_recipe",
     "file_digest",
-    "hf_cache_dir",
+    "first_line",
 ]
-
-HUB_HOST = ("huggingface.co", 443)
-_HUB_FILENAMES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
 # ---------------------------------------------------------------- key maps (HF CLIPVisionModel ↔ timm ViT)
@@ -131,7 +121,7 @@ KEY_MAPS: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 # ---------------------------------------------------------------- local files
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message (library errors can run to many lines)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0].rstrip(".") if lines else type(err).__name__
@@ -181,7 +171,7 @@ def read_state_dict(path: str | Path, keep_prefix: str = "") -> dict[str, torch.
                             sd[k] = fh.get_tensor(k)
             except Exception as err:  # SafetensorError: truncated or not a safetensors file at all
                 raise WeightsUnavailableError(
-                    f"cannot read weights file {f}: {_first_line(err)}; replace it with a valid safetensors file "
+                    f"cannot read weights file {f}: {first_line(err)}; replace it with a valid safetensors file "
                     "(or use --weights random)."
                 ) from err
         else:
@@ -190,7 +180,7 @@ def read_state_dict(path: str | Path, keep_prefix: str = "") -> dict[str, torch.
             except Exception as err:  # pickle, zip or format errors all mean "not a usable checkpoint"
                 why = (
                     "not a torch checkpoint, or it pickles objects other than tensors, which torch.load(weights_only=True) refuses"
-                    if "weights only load failed" in str(err).lower() else _first_line(err)
+                    if "weights only load failed" in str(err).lower() else first_line(err)
                 )
                 raise WeightsUnavailableError(
                     f"cannot read weights file {f}: {why}; re-save just the state dict (torch.save(model.state_dict(), "
@@ -250,7 +240,7 @@ def load_weights_file(model: torch.nn.Module, entry: BackboneEntry, path: str | 
         result = model.load_state_dict(sd, strict=False)
     except RuntimeError as err:  # shape mismatches
         raise WeightsUnavailableError(
-            f"weights file {path} does not fit backbone {entry.name} ({entry.timm_name}): {_first_line(err)}; "
+            f"weights file {path} does not fit backbone {entry.name} ({entry.timm_name}): {first_line(err)}; "
             "pass this backbone's checkpoint, or the backbone this file belongs to."
         ) from err
     bad = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
@@ -260,115 +250,3 @@ def load_weights_file(model: torch.nn.Module, entry: BackboneEntry, path: str | 
             f"weights file {path} does not fit backbone {entry.name} ({entry.timm_name}): {', '.join(bad[:4])}{more}; "
             "pass this backbone's checkpoint, or the backbone this file belongs to."
         )
-
-
-# ---------------------------------------------------------------- the hub
-
-def hf_cache_dir() -> Path:
-    """The hub cache huggingface_hub would use, read from the environment now (not at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def _offline_requested() -> bool:
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    try:
-        from huggingface_hub import constants
-
-        return flag or bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return flag
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """A TCP connect to the hub, DNS included, bounded by ``timeout`` seconds."""
-    def connect() -> None:
-        socket.create_connection(HUB_HOST, timeout=timeout).close()
-
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        pool.submit(connect).result(timeout=timeout)
-        return True
-    except Exception:
-        return False
-    finally:
-        pool.shutdown(wait=False)
-
-
-def _cached_hub_file(pretrained_cfg: dict[str, Any], cache_dir: Path) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    hub_id = pretrained_cfg.get("hf_hub_id")
-    if not hub_id:
-        return None
-    repo, _, revision = hub_id.partition("@")
-    names = [pretrained_cfg["hf_hub_filename"]] if pretrained_cfg.get("hf_hub_filename") else list(_HUB_FILENAMES)
-    for name in names:
-        hit = try_to_load_from_cache(repo, name, cache_dir=str(cache_dir), revision=revision or None)
-        if isinstance(hit, str):
-            return hit
-    return None
-
-
-def _cached_url_file(pretrained_cfg: dict[str, Any], cache_dir: Path) -> str | None:
-    url = pretrained_cfg.get("url")
-    if not url:
-        return None
-    for folder in (cache_dir, Path(torch.hub.get_dir()) / "checkpoints"):
-        if (folder / os.path.basename(url)).is_file():
-            return str(folder / os.path.basename(url))
-    return None
-
-
-def _unavailable(entry: BackboneEntry, why: str) -> WeightsUnavailableError:
-    return WeightsUnavailableError(
-        f"pretrained weights for backbone {entry.name} ({entry.timm_name}) are not available: {why}. "
-        f"Use a cached copy (run once online, then set HF_HUB_OFFLINE=1), or pass --weights PATH "
-        f"(a local safetensors or torch checkpoint), or --weights random."
-    )
-
-
-def _download_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OSError, RuntimeError, ValueError]
-    try:
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-        errors += [HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled]
-    except ImportError:
-        pass
-    for mod, name in (("httpx", "HTTPError"), ("requests", "RequestException")):
-        try:
-            errors.append(getattr(__import__(mod), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
-def create_pretrained(entry: BackboneEntry, hub_timeout: float = 2.0) -> torch.nn.Module:
-    """``timm.create_model(..., pretrained=True)``, failing within seconds when the weights cannot come.
-
-    Raises:
-        WeightsUnavailableError: one line naming the backbone and the three ways out.
-    """
-    kwargs = entry.create_kwargs()
-    pcfg = timm.models.get_pretrained_cfg(entry.timm_name)
-    if pcfg is None:
-        raise _unavailable(entry, "timm has no pretrained weights for this name")
-    pcfg = pcfg.to_dict()
-    cache_dir = hf_cache_dir()
-    cached = _cached_hub_file(pcfg, cache_dir) or _cached_url_file(pcfg, cache_dir)
-    if cached is None:
-        if _offline_requested():
-            raise _unavailable(entry, f"HF_HUB_OFFLINE is set and the hub cache {cache_dir} has no copy")
-        if not _hub_reachable(hub_timeout):
-            raise _unavailable(entry, f"{HUB_HOST[0]} cannot be reached and the hub cache {cache_dir} has no copy")
-    elif not _offline_requested() and not _hub_reachable(hub_timeout):
-        # cached but offline without HF_HUB_OFFLINE: read the cached file directly instead of letting
-        # huggingface_hub retry its metadata request.
-        kwargs["pretrained_cfg_overlay"] = {"file": cached}
-    try:
-        return timm.create_model(entry.timm_name, pretrained=True, cache_dir=str(cache_dir), **kwargs)
-    except _download_errors() as err:
-        raise _unavailable(entry, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err

@@ -24,7 +24,7 @@ from extract.config import DEFAULT_BATCH_SIZE, ExtractConfig
 from runtime.devices import resolve_device
 from extract.datasets.base import DatasetReader, image_ids_hash
 from extract.images import BackboneImages, collate_images, default_decode_workers
-from extract.progress import ProgressReporter
+from runtime.progress import ProgressReporter
 from runtime.provenance import provenance
 from store.location import Location
 from store.catalogue import feature_store_path
@@ -33,12 +33,16 @@ from store.reader import open_features
 from store.spec import FeatureSpec, LayerSpec
 from store.writer import StoreWriter, feature_array_name, feature_arrays
 
-__all__ = ["DEFAULT_BATCH_SIZE", "ExtractConfig", "ExtractResult", "extract_features", "feature_spec_for", "default_shard_size", "resolve_device",
+__all__ = ["DEFAULT_BATCH_SIZE", "ExtractConfig", "ExtractResult", "extract_features", "feature_spec_for", "default_shard_size",
+           "default_writer_threads", "resolve_device",
            "open_feature_store", "finalize_feature_store", "check_reusable"]
 
 FP16_MAX = 65504.0
 #: Target bytes per shard: big enough for efficient I/O, small enough to buffer.
 SHARD_BYTES = 256 * 2**20
+#: Most writer threads: each holds a shard (``SHARD_BYTES``) in memory while it encodes and writes
+#: it, and four already outrun a local disk without compression (~2 GB/s each on one core).
+MAX_WRITER_THREADS = 4
 
 
 @dataclass
@@ -66,6 +70,18 @@ class ExtractResult:
 def default_shard_size(spec_layers: tuple[LayerSpec, ...]) -> int:
     per_image = sum(l.grid[0] * l.grid[1] * l.channels * 2 for l in spec_layers)
     return int(max(1, min(1024, SHARD_BYTES // per_image)))
+
+
+def default_writer_threads(decode_workers: int, cpus: int | None = None) -> int:
+    """Threads that write finished shards, each its own shard, while the forward goes on.
+
+    Encoding a shard (crc32c, zstd; ``store.fastwrite``) releases the GIL, so the threads run in
+    parallel, on the cores left once the forward's thread and the ``decode_workers`` have theirs
+    (writes must not starve decoding): at least one, at most :data:`MAX_WRITER_THREADS`. Two cores
+    and one decode worker: one thread; a 16-core GPU host with four decode workers: four.
+    """
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    return max(1, min(MAX_WRITER_THREADS, cpus - 1 - decode_workers))
 
 
 def feature_spec_for(backbone: LoadedBackbone, reader: DatasetReader, image_ids: list[str]) -> FeatureSpec:
@@ -276,7 +292,8 @@ def _run_shards(model, reader, writer, shards, spec, dev, config, show_progress,
     shard_of = {s: writer.shard_range(s) for s in shards}
     buffers: dict[int, dict[str, np.ndarray]] = {}
     bad_flags: dict[int, np.ndarray] = {}
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maxa-writer")
+    threads = default_writer_threads(workers)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="maxa-writer")
     pending: list[Future] = []
     total = sum(stop - start for start, stop in shard_of.values())
     progress = ProgressReporter(f"extract {spec.backbone} {spec.dataset}/{spec.split}", total, enabled=show_progress)
@@ -321,7 +338,7 @@ def _run_shards(model, reader, writer, shards, spec, dev, config, show_progress,
                 result.images_written += len(idx)
                 if idx[-1] == stop - 1:  # last batch of the shard: hand it to a writer
                     pending = _reap(pending)
-                    while len(pending) >= 2:  # bound the memory held by shards in flight
+                    while len(pending) >= threads:  # bound the memory held by shards in flight
                         pending.pop(0).result()
                     pending.append(pool.submit(write, shard, buffers.pop(shard), bad_flags.pop(shard)))
             for f in pending:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from extract.datasets.base import DatasetReader, image_ids_hash
 from extract.images import default_decode_workers
-from extract.progress import ProgressReporter
+from runtime.progress import ProgressReporter
 from runtime.provenance import provenance
 from extract.targets import TARGET_OUTPUTS, build_targets
 from extract.targets import TargetConfig

@@ -58,7 +58,7 @@ NON_IDENTITY_FIELDS = frozenset({
     "device", "in_memory", "host", "hostname", "pid",
 })
 #: Keys of ``config`` that say where/how a run was executed, not what was run.
-NON_IDENTITY_CONFIG = frozenset({"device", "in_memory", "num_workers"})
+NON_IDENTITY_CONFIG = frozenset({"device", "in_memory", "memory_plan", "threads", "num_workers"})
 #: Metrics of two records of one experiment agree when they are this close (float noise).
 METRIC_RTOL, METRIC_ATOL = 1e-6, 1e-9
 

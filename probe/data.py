@@ -1,14 +1,14 @@
 """Batches of stored features and targets for training and evaluation (no images, no backbone).
 
 A :class:`ProbeData` pairs a feature store with its aligned target store. When the arrays a task
-needs fit in memory they are read once, shard by shard, into tensors (on the GPU when training
+needs fit in memory (:func:`plan_in_memory`: within the host's memory limit, cgroup-aware, and a
+GPU's free memory) they are read once, shard by shard, into tensors (on the GPU when training
 there), and a batch is a single gather. Otherwise batches are read from the stores by a background
 thread a few batches ahead, so the device never waits on a per-item loop.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from typing import Any, Iterator, Sequence
@@ -16,19 +16,55 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from runtime.memory import device_free_bytes, format_bytes, host_memory_limit
 from store.checks import check_aligned
 from store.reader import FeatureStore, TargetStore
 
-__all__ = ["ProbeData", "memory_budget_bytes"]
+__all__ = ["ProbeData", "estimate_bytes", "memory_budget_bytes", "plan_in_memory"]
 
 
-def memory_budget_bytes(fraction: float = 0.4) -> int:
-    """A fraction of this machine's physical memory."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 8 * 2**30
-    return int(total * fraction)
+#: Of the host's memory limit, the part the probe's in-memory data may take.
+HOST_FRACTION = 0.4
+#: Of a GPU's free memory, the part the probe's in-memory data may take (the rest: the adapter).
+DEVICE_FRACTION = 0.5
+
+
+def memory_budget_bytes(fraction: float = HOST_FRACTION) -> int:
+    """A fraction of the memory this process may use (its cgroup's or SLURM job's limit, if lower
+    than the machine's)."""
+    return int(host_memory_limit().bytes * fraction)
+
+
+def plan_in_memory(estimates: Sequence[int], device: torch.device | str = "cpu",
+                   names: Sequence[str] | None = None) -> tuple[list[bool], str]:
+    """Which of several data sets (in order of priority) to hold in memory, and a line saying why.
+
+    They are taken in order while their sum fits the budget: 40 % of the host's memory limit
+    (:func:`runtime.memory.host_memory_limit`: the cgroup or SLURM limit where there is one) and,
+    on a GPU, also half of the device's free memory (the tensors live there).
+    """
+    limit = host_memory_limit()
+    budget = int(limit.bytes * HOST_FRACTION)
+    why = f"{HOST_FRACTION:.0%} of {format_bytes(limit.bytes)} ({limit.source})"
+    free = device_free_bytes(torch.device(device))
+    if free is not None and free * DEVICE_FRACTION < budget:
+        budget = int(free * DEVICE_FRACTION)
+        why = f"{DEVICE_FRACTION:.0%} of {format_bytes(free)} free on {device}"
+    names = list(names) if names is not None else [f"set {k + 1}" for k in range(len(estimates))]
+    keep, used = [], 0
+    for need in estimates:
+        keep.append(used + need <= budget)
+        used += need if keep[-1] else 0
+    parts = [f"{n} {format_bytes(e)} {'in memory' if k else 'streamed'}" for n, e, k in zip(names, estimates, keep)]
+    return keep, f"{', '.join(parts)} (budget {format_bytes(budget)}: {why})"
+
+
+def estimate_bytes(features: FeatureStore, targets: TargetStore, needs: Sequence[str], count: int) -> int:
+    """Bytes of ``count`` images' features (float16) and needed targets held in memory."""
+    per_image = sum(l.grid[0] * l.grid[1] * l.channels * 2 for l in features.spec.layers)
+    h, w = targets.spec.size
+    per_image += sum(1 for n in needs if n in targets.array_names) * h * w * 4
+    return per_image * count
 
 
 def _to_tensor(a: np.ndarray) -> torch.Tensor:
@@ -71,8 +107,9 @@ class ProbeData:
         self.token_pos = [
             torch.from_numpy(features.token_centres(l).reshape(-1, 2)).to(self.device) for l in self.layers
         ]
-        need_bytes = self.nbytes_estimate()
-        self.in_memory = need_bytes <= memory_budget_bytes() if in_memory is None else in_memory
+        if in_memory is None:
+            in_memory = plan_in_memory([self.nbytes_estimate()], self.device)[0][0]
+        self.in_memory = in_memory
         self._feat: list[torch.Tensor] = []
         self._tgt: dict[str, torch.Tensor] = {}
         if self.in_memory:
@@ -90,10 +127,7 @@ class ProbeData:
         return tuple(self.features.spec.layer(l).grid for l in self.layers)
 
     def nbytes_estimate(self) -> int:
-        per_image = sum(g[0] * g[1] * c * 2 for g, c in zip(self.grids, self.in_channels))
-        h, w = self.targets.spec.size
-        per_image += len(self.needs) * h * w * 4
-        return per_image * len(self.indices)
+        return estimate_bytes(self.features, self.targets, self.needs, len(self.indices))
 
     def _load(self) -> None:
         idx = self.indices
@@ -106,18 +140,10 @@ class ProbeData:
             self._tgt[name] = _to_tensor(a).to(self.device)
 
     def _read(self, positions: np.ndarray) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """A batch by position in ``self.indices``, from memory or from the stores."""
-        if self.in_memory:
-            pos = torch.from_numpy(positions).to(self.device)
-            feats = [f.index_select(0, pos).float() for f in self._feat]
-            tgts = {k: v.index_select(0, pos) for k, v in self._tgt.items()}
-            return feats, tgts
-        idx = self.indices[positions]
-        feats = []
-        for l in self.layers:
-            a = self.features.read_batch(idx, l)
-            feats.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])).to(self.device).float())
-        tgts = {k: _to_tensor(self.targets.read(k, idx)).to(self.device) for k in self.needs}
+        """A batch by position in ``self.indices``, from memory (the in-memory path)."""
+        pos = torch.from_numpy(positions).to(self.device)
+        feats = [f.index_select(0, pos).float() for f in self._feat]
+        tgts = {k: v.index_select(0, pos) for k, v in self._tgt.items()}
         return feats, tgts
 
     def batches(
@@ -131,18 +157,33 @@ class ProbeData:
             for pos in chunks:
                 yield (self.indices[pos], *self._read(pos))
             return
-        yield from self._prefetched(chunks)
+        yield from self._prefetched(chunks, batch_size)
 
-    def _prefetched(self, chunks: list[np.ndarray]) -> Iterator[Any]:
+    def _prefetched(self, chunks: list[np.ndarray], batch_size: int) -> Iterator[Any]:
+        """Batches read from the stores by a background thread, ``prefetch`` batches ahead.
+
+        The thread reads each batch's float16 features into one of ``prefetch + 2`` reused buffers
+        (fresh memory for every batch costs about as much as reading it); this thread converts
+        them to float32 on the device before yielding, which frees the buffer. With ``prefetch``
+        batches queued and one being read, a buffer is never refilled before it is converted.
+        """
         q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         stop = threading.Event()
+        shapes = [(self.features.layer_shape(l), self.features.layer_dtype(l)) for l in self.layers]
+        ring = [[np.empty((batch_size, *shape), dtype=dtype) for shape, dtype in shapes]
+                for _ in range(max(1, self.prefetch) + 2)]
 
         def work() -> None:
             try:
-                for pos in chunks:
+                for k, pos in enumerate(chunks):
                     if stop.is_set():
                         return
-                    q.put((self.indices[pos], *self._read(pos)))
+                    idx = self.indices[pos]
+                    bufs = [b[: len(idx)] for b in ring[k % len(ring)]]
+                    for l, buf in zip(self.layers, bufs):
+                        self.features.read_batch(idx, l, out=buf)
+                    tgts = {name: _to_tensor(self.targets.read(name, idx)).to(self.device) for name in self.needs}
+                    q.put((idx, bufs, tgts))
                 q.put(None)
             except BaseException as e:  # hand errors to the consumer
                 q.put(e)
@@ -156,7 +197,8 @@ class ProbeData:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                idx, bufs, tgts = item
+                yield idx, [self._to_device(b) for b in bufs], tgts
         finally:
             stop.set()
             while t.is_alive():
@@ -164,6 +206,13 @@ class ProbeData:
                     q.get_nowait()
                 except queue.Empty:
                     t.join(timeout=0.05)
+
+    def _to_device(self, buf: np.ndarray) -> torch.Tensor:
+        """A float32 copy of a reused buffer on the device (converted there: half the bytes move)."""
+        t = torch.from_numpy(buf.reshape(buf.shape[0], -1, buf.shape[-1]))
+        if self.device.type == "cpu":
+            return t.to(torch.float32, copy=True)
+        return t.to(self.device).float()
 
     def numpy_batches(self, names: Sequence[str], batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
         """Target arrays only, as NumPy (for the trivial baselines); from memory when loaded."""

@@ -19,7 +19,7 @@ from store.location import Location
 from store.checks import check_aligned, check_eval_pair, check_target_definitions
 from store.reader import FeatureStore, TargetStore, open_features, open_targets
 
-__all__ = ["Stores", "Where", "open_stores", "usable_images"]
+__all__ = ["Stores", "Where", "find_targets", "open_stores", "usable_images"]
 
 #: A store or root: a local path, a URL, or a store Location (a URL with its storage options).
 Where = str | Path | Location
@@ -52,6 +52,12 @@ def _open_pair(features: Where | FeatureStore, targets_path: Where | None,
                 "run `maxa extract` for this split with targets (the default), or pass --targets / --eval-targets."
             )
     return fs, open_targets(targets_path)
+
+
+def find_targets(features: Where | FeatureStore) -> TargetStore:
+    """The complete target store aligned with a feature store (same dataset and image ids), found in
+    the feature store's root; a one-line :class:`StoreError` when there is none."""
+    return _open_pair(features, None)[1]
 
 
 def usable_images(features: FeatureStore, targets: TargetStore, count: int | None = None) -> tuple[np.ndarray, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from store.location import Location
 from store.reader import FeatureStore, open_features
 from store.results import read_run_file
 
-__all__ = ["load_adapter", "predict", "colourise", "check_adapter_fits"]
+__all__ = ["load_adapter", "predict", "predict_arrays", "colourise", "check_adapter_fits", "output_values"]
 
 
 def load_adapter(run_dir: str | Path | Location) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -44,14 +44,27 @@ def predict(run_dir: str | Path | Location, store: str | Path | Location, index:
     check_adapter_fits(meta, fs, run_dir)
     if not 0 <= index < len(fs):
         raise MaxaError(f"--index {index} is out of range: the store has {len(fs)} images.")
+    layers = fs.spec.layer_names
+    out = predict_arrays(model, [fs.read(index, l) for l in layers], [fs.token_centres(l) for l in layers], size)
+    return out[0], meta
+
+
+def predict_arrays(model: torch.nn.Module, features: Sequence[np.ndarray], token_centres: Sequence[np.ndarray],
+                   size: tuple[int, int]) -> np.ndarray:
+    """``(B, C, H, W)`` raw output of a trained ``model`` for features given as arrays: per layer
+    ``(B, h, w, C)`` (or one image's ``(h, w, C)``) and its ``(h, w, 2)`` token centres
+    (``FeatureStore.token_centres``). :func:`output_values` turns it into probabilities or values."""
     feats, pos = [], []
-    for layer in fs.spec.layer_names:
-        a = fs.read(index, layer).astype(np.float32)
-        feats.append(torch.from_numpy(a.reshape(1, -1, a.shape[-1])))
-        pos.append(torch.from_numpy(fs.token_centres(layer).reshape(-1, 2)))
+    for a, centres in zip(features, token_centres, strict=True):
+        a = np.asarray(a, dtype=np.float32)
+        a = a[None] if a.ndim == 3 else a
+        if a.ndim != 4:
+            raise MaxaError(f"features must be (h, w, C) or (B, h, w, C) per layer, not {a.shape}")
+        feats.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])))
+        pos.append(torch.from_numpy(np.asarray(centres, dtype=np.float32).reshape(-1, 2)))
+    model.eval()
     with torch.no_grad():
-        out = model(feats, pos, tuple(size))[0].numpy()
-    return out, meta
+        return model(feats, pos, tuple(size)).numpy()
 
 
 def check_adapter_fits(meta: dict[str, Any], fs: FeatureStore, run_dir: str | Path) -> None:
@@ -79,6 +92,21 @@ def check_adapter_fits(meta: dict[str, Any], fs: FeatureStore, run_dir: str | Pa
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+def output_values(out: np.ndarray, task: str) -> np.ndarray:
+    """What a raw ``(C, H, W)`` output means, as float32: semseg ``(C, H, W)`` class probabilities,
+    boundaries ``(H, W)`` boundary probability, depth and distance ``(H, W)`` values in the targets'
+    units, instances the ``(C, H, W)`` embedding."""
+    out = np.asarray(out, dtype=np.float64)
+    if task == "semseg":
+        e = np.exp(out - out.max(0, keepdims=True))
+        return (e / e.sum(0, keepdims=True)).astype(np.float32)
+    if task == "boundaries":
+        return (1.0 / (1.0 + np.exp(-out[0]))).astype(np.float32)
+    if task in ("depth", "distance"):
+        return out[0].astype(np.float32)
+    return out.astype(np.float32)
 
 
 def colourise(out: np.ndarray, task: str) -> Image.Image:

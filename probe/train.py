@@ -16,17 +16,20 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from runtime.devices import resolve_device
+from runtime.progress import ProgressReporter
 from runtime.provenance import tool_version
 from probe import fused
 from probe.adapter import AdapterConfig, count_parameters
-from probe.data import ProbeData
+from probe.data import ProbeData, estimate_bytes, plan_in_memory
 from probe.config import ProbeConfig
+from probe.curves import RunCurves
 from probe.heads import HEADS, build_head
 from probe.tasks import Task, TrainingTargets, create_task, get_task
 from probe.variants import variant_config
@@ -44,9 +47,16 @@ MAX_CNN_CHANNELS = 64
 
 @dataclass
 class ProbeResult:
+    """What a probe gives: its ``record`` (the results table's row), where its run folder and
+    result went (empty strings when ``write=False``), and the trained ``model`` (in eval mode, on
+    the CPU) with the task's ``extra`` module, if any, and the per-epoch ``history``."""
+
     record: dict[str, Any]
     run_dir: str
     result_path: str
+    model: torch.nn.Module | None = None
+    extra: torch.nn.Module | None = None
+    history: list[dict[str, Any]] | None = None
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -76,6 +86,7 @@ class _Data:
     train_bad: int
     eval_bad: int
     out_size: tuple[int, int]  # the targets' resolution: the adapter's output size
+    memory_plan: str  # which sets are held in memory, which streamed, and why
 
 
 def train_probe(
@@ -90,6 +101,8 @@ def train_probe(
     in_memory: bool | None = None,
     show_progress: bool = True,
     log: Any = None,
+    tensorboard: str | Path | None = None,
+    write: bool = True,
 ) -> ProbeResult:
     """Train ``config.task`` on the feature store ``features`` and evaluate on ``eval_features``.
 
@@ -103,8 +116,15 @@ def train_probe(
             reader with read-only access to a shared root keep results in their own.
         device: ``auto``, ``cpu``, ``cuda``.
         in_memory: force or forbid holding the stores in memory (default: if they fit).
-        show_progress: print per-epoch progress.
+        show_progress: print progress: a line per epoch, and within an epoch and the evaluation a
+            bar on a terminal or plain lines (images/s, steps/s, loss, ETA) every
+            ``$MAXA_PROGRESS_S`` seconds elsewhere (``runtime.progress``).
         log: callable for progress lines (default: print to stderr).
+        tensorboard: also log the curves to TensorBoard under this folder (``probe.curves``; the
+            run's ``curves.jsonl`` is written either way).
+        write: write the run folder (adapter, meta, curves) and append the record to the results
+            table; ``False`` (a notebook trying things): nothing is written, the result still holds
+            the record and the trained model.
 
     Every store and root may be a path, a URL (``s3://…``) or a store Location (which carries
     fsspec storage options). Probing only reads the stores: with ``results_root`` elsewhere nothing
@@ -115,19 +135,33 @@ def train_probe(
     torch.manual_seed(config.seed)
     stores = open_stores(features, eval_features, targets, eval_targets)
     out_root = as_location(results_root) if results_root is not None else stores.root
-    check_results_root(out_root)
+    if write:
+        check_results_root(out_root)
     say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))
     data = _prepare_data(config, stores, dev, in_memory, say)
-    trainer = _Trainer(config, data, dev)
-    fitted = trainer.fit(say if show_progress else None)
+    trainer = _Trainer(config, data, dev, show_progress)
+    run_dir = _run_dir(config, stores, out_root)
+    curves = RunCurves(run_dir, tensorboard, write=write)
+    try:
+        fitted = trainer.fit(say if show_progress else None, curves)
+        # evaluation on the eval store
+        t_eval = time.perf_counter()
+        metrics = trainer.score(data.task, data.evaluation, f"  {config.task} eval")
+        trivial = data.task.trivial_metrics(data.fit.numpy_batches(data.stored),
+                                            data.evaluation.numpy_batches(data.stored))
+        fitted["eval_s"] = time.perf_counter() - t_eval
+        curves.final(metrics, fitted["best_epoch"] + 1)
+    finally:
+        curves.close()
+    return _save(config, stores, data, trainer, fitted, metrics, trivial, features=features,
+                 run_dir=run_dir if write else None, out_root=out_root, dev=dev, t_start=t_start)
 
-    # evaluation on the eval store
-    t_eval = time.perf_counter()
-    metrics = trainer.score(data.task, data.evaluation)
-    trivial = data.task.trivial_metrics(data.fit.numpy_batches(data.stored), data.evaluation.numpy_batches(data.stored))
-    fitted["eval_s"] = time.perf_counter() - t_eval
-    return _save(config, stores, data, trainer, fitted, metrics, trivial, features=features, out_root=out_root,
-                 dev=dev, t_start=t_start)
+
+def _run_dir(config: ProbeConfig, stores: Stores, out_root: Location) -> Location:
+    """The run's folder: named by dataset, task, variant, head, seed and a key of the stores and config."""
+    run_key = content_key({"train": stores.train_fs.key, "eval": stores.eval_fs.key, "config": config.to_dict()})
+    return run_location(out_root, stores.train_fs.spec.backbone, f"{stores.train_ts.spec.dataset}-{config.task}-"
+                        f"{config.variant}-{config.head}-seed{config.seed}-{run_key}")
 
 
 def _prepare_data(config: ProbeConfig, stores: Stores, dev: torch.device, in_memory: bool | None, say) -> _Data:
@@ -161,17 +195,25 @@ def _prepare_data(config: ProbeConfig, stores: Stores, dev: torch.device, in_mem
     if usable.size - n_val < 1:
         raise MaxaError(f"the training store has {usable.size} usable image(s): too few to hold out a validation part.")
     val_idx, fit_idx = np.sort(usable[order[:n_val]]), np.sort(usable[order[n_val:]])
-    fit = ProbeData(train_fs, train_ts, stored, indices=fit_idx, device=dev, in_memory=in_memory)
-    val = ProbeData(train_fs, train_ts, stored, indices=val_idx, device=dev, in_memory=in_memory)
-    evaluation = ProbeData(eval_fs, eval_ts, stored, indices=eval_idx, device=dev, in_memory=in_memory)
-    return _Data(task, training, stored, fit, val, evaluation, train_bad, eval_bad, tuple(tspec.size))
+    sets = {"fit": (train_fs, train_ts, fit_idx), "held-out": (train_fs, train_ts, val_idx),
+            "eval": (eval_fs, eval_ts, eval_idx)}
+    if in_memory is None:  # one budget for the three sets, the training set first
+        keep, plan = plan_in_memory([estimate_bytes(fs, ts, stored, len(i)) for fs, ts, i in sets.values()], dev,
+                                    list(sets))
+    else:
+        keep, plan = [in_memory] * 3, ("in memory" if in_memory else "streamed") + " (as asked)"
+    say(f"  data: {plan}")
+    fit, val, evaluation = (ProbeData(fs, ts, stored, indices=i, device=dev, in_memory=k)
+                            for (fs, ts, i), k in zip(sets.values(), keep))
+    return _Data(task, training, stored, fit, val, evaluation, train_bad, eval_bad, tuple(tspec.size), plan)
 
 
 class _Trainer:
     """The model (and the task's extra module) with its optimiser: trains, selects an epoch, scores."""
 
-    def __init__(self, config: ProbeConfig, data: _Data, dev: torch.device) -> None:
+    def __init__(self, config: ProbeConfig, data: _Data, dev: torch.device, show_progress: bool = False) -> None:
         self.config, self.data, self.task = config, data, data.task
+        self.show_progress = show_progress
         self.out_size = data.out_size
         self.model, self.adapter_config = build_model(config, self.task, data.fit.in_channels, data.fit.grids)
         self.model.to(dev)
@@ -185,12 +227,17 @@ class _Trainer:
         self.opt = torch.optim.Adam(params, lr=self.lr)
         self.gen = torch.Generator().manual_seed(config.seed)
 
-    def run_epoch(self, data: ProbeData, train: bool) -> float:
+    def progress(self, what: str, data: ProbeData) -> ProgressReporter:
+        """Progress within one pass (a bar on a terminal, removed when done; else plain lines)."""
+        return ProgressReporter(what, len(data), enabled=self.show_progress, transient=True)
+
+    def run_epoch(self, data: ProbeData, train: bool, what: str = "") -> float:
         """One pass over ``data``: trains on it, or only measures its loss; the mean loss per image."""
         model, task = self.model, self.task
         model.train(train)
-        total, count = 0.0, 0
-        with torch.set_grad_enabled(train):
+        total, count, steps = 0.0, 0, 0
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(train), self.progress(what, data) as bar:
             for idx, feats, batch in data.batches(self.config.batch_size, shuffle=train, generator=self.gen):
                 task.derive(batch, idx, self.data.training)
                 loss = task.loss(model(feats, data.token_pos, self.out_size), batch, self.extra)
@@ -200,18 +247,22 @@ class _Trainer:
                     self.opt.step()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
+                steps += 1
+                bar.advance(len(idx), loss=total / count, **{"steps/s": f"{steps / (time.perf_counter() - t0):.2f}"})
         return total / max(count, 1)
 
-    def score(self, scorer: Task, data: ProbeData) -> dict[str, float]:
+    def score(self, scorer: Task, data: ProbeData, what: str = "") -> dict[str, float]:
         self.model.eval()
         state = scorer.metric_state()
-        with torch.no_grad():
-            for _idx, feats, batch in data.batches(self.config.batch_size):
+        with torch.no_grad(), self.progress(what, data) as bar:
+            for idx, feats, batch in data.batches(self.config.batch_size):
                 scorer.update(state, self.model(feats, data.token_pos, self.out_size), batch)
+                bar.advance(len(idx))
         return scorer.compute(state)
 
-    def fit(self, say) -> dict[str, Any]:
-        """Train up to ``max_epochs`` and keep the best epoch's weights (``say``: progress lines, or None).
+    def fit(self, say, curves: RunCurves | None = None) -> dict[str, Any]:
+        """Train up to ``max_epochs`` and keep the best epoch's weights (``say``: progress lines, or
+        None; ``curves``: where each epoch's values are written).
 
         Model selection on the held-out part: its loss, or, for a task whose loss cannot improve on
         held-out images, the metric of the task's ``selection_task()``.
@@ -224,12 +275,13 @@ class _Trainer:
         t_train = time.perf_counter()
         for epoch in range(config.max_epochs):
             t0 = time.perf_counter()
-            train_loss = self.run_epoch(fit, True)
+            what = f"  {config.task} epoch {epoch + 1}/{config.max_epochs}"
+            train_loss = self.run_epoch(fit, True, f"{what} train")
             entry = {"epoch": epoch, "train_loss": train_loss}
             if selector is None:
-                entry["val_loss"] = value = self.run_epoch(val, False)
+                entry["val_loss"] = value = self.run_epoch(val, False, f"{what} held-out")
             else:
-                entry[selection] = self.score(selector, val)[selector.primary_metric]
+                entry[selection] = self.score(selector, val, f"{what} held-out")[selector.primary_metric]
                 value = -entry[selection] if selector.higher_is_better else entry[selection]
                 if not math.isfinite(value):  # no held-out image the metric can score
                     raise MaxaError(f"task {config.task!r}: none of the {len(val)} held-out training images can be "
@@ -240,6 +292,8 @@ class _Trainer:
             improved = value < best[0]
             if improved:
                 best = (value, epoch, self._state())
+            if curves is not None:
+                curves.epoch(entry, improved)
             if say is not None:
                 say(f"  {config.task} epoch {epoch + 1:>3}/{config.max_epochs}  train {train_loss:.4f}  "
                     f"{selection.replace('_', ' ')} {entry[selection]:.4f}{'  *' if improved else ''}  "
@@ -258,16 +312,14 @@ class _Trainer:
 
 
 def _save(config: ProbeConfig, stores: Stores, data: _Data, trainer: _Trainer, fitted: dict[str, Any],
-          metrics: dict[str, float], trivial: dict[str, float], *, features: Where, out_root: Location,
-          dev: torch.device, t_start: float) -> ProbeResult:
-    """Write the adapter and its meta under the run's folder and append the record to the results table."""
+          metrics: dict[str, float], trivial: dict[str, float], *, features: Where, run_dir: Location | None,
+          out_root: Location, dev: torch.device, t_start: float) -> ProbeResult:
+    """Write the adapter and its meta under the run's folder and append the record to the results
+    table (``run_dir`` None: write nothing); the result holds the record and the trained model."""
     train_fs, train_ts, eval_fs, eval_ts = stores.train_fs, stores.train_ts, stores.eval_fs, stores.eval_ts
     task, model, extra, tspec = data.task, trainer.model, trainer.extra, train_ts.spec
     history, train_seconds = fitted["history"], fitted["train_s"]
     p_learn = count_parameters(model)
-    run_key = content_key({"train": train_fs.key, "eval": eval_fs.key, "config": config.to_dict()})
-    run_dir = run_location(out_root, train_fs.spec.backbone,
-                           f"{tspec.dataset}-{config.task}-{config.variant}-{config.head}-seed{config.seed}-{run_key}")
     adapter_bytes = io.BytesIO()
     torch.save({"model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None},
                adapter_bytes)
@@ -289,14 +341,21 @@ def _save(config: ProbeConfig, stores: Stores, data: _Data, trainer: _Trainer, f
                     "epoch_s": train_seconds / max(len(history), 1)},
         "config": {"probe": config.to_dict(), "adapter": trainer.adapter_config.to_dict(),
                    "task_options": task.options(), "lr": trainer.lr, "device": str(dev),
-                   "in_memory": data.fit.in_memory},
-        "run_dir": str(run_dir), "tool_version": tool_version(),
+                   "in_memory": data.fit.in_memory, "memory_plan": data.memory_plan,
+                   "threads": torch.get_num_threads()},
+        "run_dir": str(run_dir) if run_dir is not None else "", "tool_version": tool_version(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     meta = {**record, "history": history, "info": data.training.info.to_dict(), "out_size": list(data.out_size),
             "train_features": str(features), "eval_features": str(stores.eval_features),
             "layers": list(train_fs.spec.layer_names), "backbone_identity": train_fs.spec.backbone_identity()}
+    model.cpu().eval()
+    if extra is not None:
+        extra.cpu().eval()
+    if run_dir is None:
+        return ProbeResult(record=record, run_dir="", result_path="", model=model, extra=extra, history=history)
     write_run_files(run_dir, {"adapter.pt": adapter_bytes.getvalue(),
                               "meta.json": json.dumps(meta, indent=2, default=float).encode()})
     result_path = append_result(out_root, record)
-    return ProbeResult(record=record, run_dir=str(run_dir), result_path=result_path)
+    return ProbeResult(record=record, run_dir=str(run_dir), result_path=result_path, model=model, extra=extra,
+                       history=history)

@@ -22,11 +22,13 @@ __all__ = [
     "LEASE_POLL_S_VAR",
     "LEASE_STALE_S_VAR",
     "LEASE_WAIT_S_VAR",
+    "PROGRESS_S_VAR",
     "STORE_ROOT_VAR",
     "WORKER_BACKBONES_VAR",
     "WORKER_THREADS_VAR",
     "DEFAULT_LEASE_POLL_S",
     "DEFAULT_LEASE_STALE_S",
+    "DEFAULT_PROGRESS_S",
     "DEFAULT_STORE_ROOT",
     "DEFAULT_WORKER_BACKBONES",
     "cpu_kernels",
@@ -34,6 +36,7 @@ __all__ = [
     "lease_poll_s",
     "lease_stale_s",
     "lease_wait_s",
+    "progress_s",
     "store_root",
     "worker_backbones",
     "worker_threads",
@@ -47,11 +50,13 @@ WORKER_THREADS_VAR = "MAXA_WORKER_THREADS"
 LEASE_WAIT_S_VAR = "MAXA_LEASE_WAIT_S"
 LEASE_STALE_S_VAR = "MAXA_LEASE_STALE_S"
 LEASE_POLL_S_VAR = "MAXA_LEASE_POLL_S"
+PROGRESS_S_VAR = "MAXA_PROGRESS_S"
 
 DEFAULT_STORE_ROOT = "maxa-stores"
 DEFAULT_WORKER_BACKBONES = 1
 DEFAULT_LEASE_STALE_S = 300.0
 DEFAULT_LEASE_POLL_S = 2.0
+DEFAULT_PROGRESS_S = 30.0
 
 
 def _get(name: str) -> str | None:
@@ -125,3 +130,8 @@ def lease_stale_s() -> float:
 def lease_poll_s() -> float:
     """``$MAXA_LEASE_POLL_S``: seconds between looks at a store another writer holds (default 2)."""
     return float(_seconds(LEASE_POLL_S_VAR, DEFAULT_LEASE_POLL_S))
+
+
+def progress_s() -> float:
+    """``$MAXA_PROGRESS_S``: seconds between progress lines when stderr is not a terminal (default 30)."""
+    return float(_seconds(PROGRESS_S_VAR, DEFAULT_PROGRESS_S))

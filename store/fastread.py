@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
 import crc32c
 import numpy as np
@@ -65,11 +65,15 @@ class ShardedArray:
     zstd: bool
     fill_value: object
     shard_keys: tuple[str, ...]  # per shard, the shard file's path below ``folder``
+    #: the shard files no longer change (a complete store): each index is read and checked once
+    immutable: bool = False
+    _indexes: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def of(cls, store: Location, name: str, arr: zarr.Array) -> "ShardedArray | None":
+    def of(cls, store: Location, name: str, arr: zarr.Array, *, immutable: bool = False) -> "ShardedArray | None":
         """The fast reader of array ``name`` (``arr``) of the store at ``store``, or ``None`` if the
-        array's layout is not exactly the one this module reads."""
+        array's layout is not exactly the one this module reads. ``immutable``: the store is
+        complete, so shard indexes may be kept once read."""
         try:
             meta = arr.metadata
             if getattr(meta, "zarr_format", None) != 3 or len(meta.codecs) != 1:
@@ -104,7 +108,7 @@ class ShardedArray:
             keys = tuple(meta.encode_chunk_key((k, *zeros)) for k in range(num_shards))
             return cls(folder=store / name, name=name, num_images=shape[0], per_shard=shard[0],
                        item_shape=shape[1:], dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype,
-                       zstd=zstd, fill_value=meta.fill_value, shard_keys=keys)
+                       zstd=zstd, fill_value=meta.fill_value, shard_keys=keys, immutable=immutable)
         except Exception:  # noqa: BLE001 - metadata of another shape: zarr reads it
             return None
 
@@ -173,9 +177,9 @@ class ShardedArray:
     def _shard_file(self, shard: int) -> Location:
         return self.folder / self.shard_keys[shard]
 
-    def read_range(self, start: int, stop: int) -> np.ndarray:
-        """Images ``start:stop``, each shard file read once."""
-        out = self._empty(stop - start)
+    def read_range(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Images ``start:stop``, each shard file read once (into ``out`` if given)."""
+        out = self._empty(stop - start) if out is None else out
         for first, shard, count in self._shard_spans(start, stop):
             self.read_shard_into(shard, list(range(first, first + count)), list(out[first - start:first - start + count]))
         return out
@@ -191,11 +195,11 @@ class ShardedArray:
             i = end
         return spans
 
-    def read_rows(self, indices: Sequence[int]) -> np.ndarray:
+    def read_rows(self, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """Images ``indices`` (each in ``0..N-1``; any order, repeats allowed), the wanted images of
-        each shard read once."""
+        each shard read once (into ``out`` if given)."""
         idx = np.asarray(indices, dtype=np.int64)
-        out = self._empty(len(idx))
+        out = self._empty(len(idx)) if out is None else out
         if not len(idx):
             return out
         shards = idx // self.per_shard
@@ -213,23 +217,22 @@ class ShardedArray:
         """Images ``images`` (sorted, unique, all in shard ``shard``) into ``out`` (one array each).
 
         On object storage, a shard of which many images are wanted is read whole in one GET; else
-        the index is read first, then only the wanted chunks' bytes, one range per run of chunks
-        that lie end to end (concurrent GETs). On a local disk the runs are read in pieces while the
-        worker threads check and decode the pieces already read; uncompressed chunks are read
-        straight into ``out`` (their checksums beside it) with one scattered read per piece.
+        the index is read first (once per shard in a complete store), then only the wanted chunks'
+        bytes, one range per run of chunks that lie end to end (concurrent GETs). On a local disk the
+        runs are read in calls of up to ``_PIECE`` chunks (one open each) while the worker threads
+        check and decode the calls already read; uncompressed chunks are read straight into ``out``
+        (their checksums beside it) with one scattered read per run.
         """
         loc = self._shard_file(shard)
         count = min(self.per_shard, self.num_images - shard * self.per_shard)
         if not loc.random_access and len(images) >= _WHOLE_SHARD_FRACTION * count:
             self._read_whole_into(loc, shard, images, out)
             return
-        tails = loc.read_ranges([(-self.index_bytes, self.index_bytes)])
-        if tails is None:  # never written: zarr's fill value
+        index = self._shard_index(loc, shard)
+        if index is None:  # never written: zarr's fill value
             self._fill_all(out)
             return
-        if len(tails[0]) != self.index_bytes:
-            raise Damaged(f"shard {shard}: shorter than its index")
-        spans = self._spans(self._index(tails[0], shard), images, shard, None)
+        spans = self._spans(index, images, shard, None)
         pieces: list[list[int]] = []  # positions in ``images`` whose chunks lie end to end
         for k, span in enumerate(spans):
             if span is None:
@@ -252,13 +255,15 @@ class ShardedArray:
                     if crc32c.crc32c(flat[k]) != int.from_bytes(crcs[k].tobytes(), "little"):
                         raise Damaged(f"image {images[k]}: crc32c checksum mismatch")
 
-                for p in pieces:
-                    buffers = [b for k in p for b in (flat[k], crcs[k])]
-                    if loc.read_into(spans[p[0]][0], buffers) != sum(spans[k][1] for k in p):
+                for call in _calls(pieces):  # one open per call; checked while the next call reads
+                    got = loc.read_pieces([(spans[p[0]][0], [b for k in p for b in (flat[k], crcs[k])]) for p in call])
+                    if got is None:
+                        raise Damaged(f"shard {shard}: its file disappeared while read")
+                    if got != [sum(spans[k][1] for k in p) for p in call]:
                         raise Damaged(f"shard {shard}: shorter than its index says")
-                    work.add(verify, p)
+                    work.add(verify, [k for p in call for k in p])
                 return
-            batches = [[p] for p in pieces] if loc.random_access else [pieces]  # object storage: one round of GETs
+            batches = list(_calls(pieces)) if loc.random_access else [pieces]  # object storage: one round of GETs
             for batch in batches:
                 got = loc.read_ranges([(spans[p[0]][0], sum(spans[k][1] for k in p)) for p in batch])
                 if got is None:
@@ -269,6 +274,22 @@ class ShardedArray:
                         jobs.append((buf[pos:pos + spans[k][1]], k, images[k]))
                         pos += spans[k][1]
                     work.add(decode, jobs)
+
+    def _shard_index(self, loc: Location, shard: int) -> np.ndarray | None:
+        """The checked index of shard ``shard`` (kept when the store is immutable), or ``None`` if
+        its file was never written."""
+        index = self._indexes.get(shard)
+        if index is not None:
+            return index
+        tails = loc.read_ranges([(-self.index_bytes, self.index_bytes)])
+        if tails is None:
+            return None
+        if len(tails[0]) != self.index_bytes:
+            raise Damaged(f"shard {shard}: shorter than its index")
+        index = self._index(tails[0], shard)
+        if self.immutable:
+            self._indexes[shard] = index
+        return index
 
     def _read_whole_into(self, loc: Location, shard: int, images: list[int], out: Sequence[np.ndarray]) -> None:
         """Images ``images`` of shard ``shard`` from one read of the whole shard file."""
@@ -289,6 +310,21 @@ class ShardedArray:
         with _Work(parallel=len(jobs) >= (2 if self.zstd else _PIECE)) as work:
             for i in range(0, len(jobs), _PIECE):
                 work.add(lambda job: self._decode(job[0], out[job[1]], job[2]), jobs[i:i + _PIECE])
+
+
+def _calls(pieces: list[list[int]]) -> Iterator[list[list[int]]]:
+    """Consecutive pieces grouped so that each group holds at most ``_PIECE`` chunks (a piece
+    longer than that is a group of its own)."""
+    group: list[list[int]] = []
+    size = 0
+    for p in pieces:
+        if group and size + len(p) > _PIECE:
+            yield group
+            group, size = [], 0
+        group.append(p)
+        size += len(p)
+    if group:
+        yield group
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None

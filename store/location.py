@@ -134,16 +134,26 @@ class Location(ABC):
     def read_into(self, offset: int, buffers: Sequence[Any]) -> int | None:
         """Fill ``buffers`` (writable bytes-like objects), in order, with the file's bytes from
         ``offset`` on; the number of bytes read (fewer at the file's end), or ``None`` if it is not there."""
-        views = [memoryview(b).cast("B") for b in buffers]
-        got = self.read_ranges([(offset, sum(len(v) for v in views))])
+        got = self.read_pieces([(offset, buffers)])
+        return None if got is None else got[0]
+
+    def read_pieces(self, pieces: Sequence[tuple[int, Sequence[Any]]]) -> list[int] | None:
+        """:meth:`read_into` for each ``(offset, buffers)`` piece, the file opened once (one round of
+        concurrent ranged GETs on object storage); the bytes read per piece, or ``None`` if the file
+        is not there."""
+        views = [[memoryview(b).cast("B") for b in buffers] for _, buffers in pieces]
+        got = self.read_ranges([(offset, sum(len(v) for v in vs)) for (offset, _), vs in zip(pieces, views)])
         if got is None:
             return None
-        data, pos = memoryview(got[0]), 0
-        for v in views:
-            n = min(len(v), len(data) - pos)
-            v[:n] = data[pos:pos + n]
-            pos += n
-        return pos
+        counts = []
+        for vs, data in zip(views, got):
+            data, pos = memoryview(data), 0
+            for v in vs:
+                n = min(len(v), len(data) - pos)
+                v[:n] = data[pos:pos + n]
+                pos += n
+            counts.append(pos)
+        return counts
 
     #: Whether many small reads cost about what their bytes cost (a local disk), rather than a
     #: request each (object storage): readers then read byte ranges rather than whole files.
@@ -156,6 +166,12 @@ class Location(ABC):
     @abstractmethod
     def write_bytes(self, data: bytes) -> None:
         """Replace the file's contents atomically (no reader sees half a file); creates folders."""
+
+    def write_buffers(self, buffers: Sequence[Any]) -> None:
+        """Replace the file's contents with ``buffers`` (bytes-like objects) one after another,
+        atomically, as :meth:`write_bytes` does; where the filesystem allows, without joining
+        them first (a shard's images are written from where they lie)."""
+        self.write_bytes(b"".join(buffers))  # one PUT on object storage
 
     @abstractmethod
     def create(self, data: bytes) -> bool:

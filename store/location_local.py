@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -13,7 +14,7 @@ import zarr
 
 from store.location import Location
 
-_IOV_MAX = 1024  # buffers per preadv call (POSIX guarantees at least 16; Linux allows 1024)
+_IOV_MAX = 1024  # buffers per preadv/writev call (POSIX guarantees at least 16; Linux allows 1024)
 
 
 class LocalLocation(Location):
@@ -94,27 +95,15 @@ class LocalLocation(Location):
 
     random_access = True
 
-    def read_into(self, offset: int, buffers: Sequence[Any]) -> int | None:
-        views = [memoryview(b).cast("B") for b in buffers]
+    def read_pieces(self, pieces: Sequence[tuple[int, Sequence[Any]]]) -> list[int] | None:
+        if not hasattr(os, "preadv"):  # one read per piece, then copies (Windows)
+            return super().read_pieces(pieces)
         try:
             fd = os.open(self.url, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         try:
-            if not hasattr(os, "preadv"):  # one read, then copies (Windows)
-                return super().read_into(offset, views)
-            total, first = 0, 0
-            while first < len(views):  # at most IOV_MAX buffers per call; a short read goes on where it stopped
-                got = os.preadv(fd, views[first:first + _IOV_MAX], offset + total)
-                if got == 0:
-                    break
-                total += got
-                while first < len(views) and got >= len(views[first]):
-                    got -= len(views[first])
-                    first += 1
-                if got:
-                    views[first] = views[first][got:]
-            return total
+            return [_preadv_all(fd, offset, [memoryview(b).cast("B") for b in buffers]) for offset, buffers in pieces]
         finally:
             os.close(fd)
 
@@ -131,6 +120,26 @@ class LocalLocation(Location):
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
+            os.replace(tmp, self.url)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
+
+    def write_buffers(self, buffers: Sequence[Any]) -> None:
+        # as zarr's local store: a ``<name>.<hex>.partial`` file renamed into place, so a killed
+        # writer leaves no torn file (``partial_files`` finds the leftover); no buffer is copied
+        os.makedirs(os.path.dirname(self.url) or ".", exist_ok=True)
+        tmp = f"{self.url}.{uuid.uuid4().hex}.partial"
+        try:
+            # mode 0o666 less the umask, as open(..., "wb") in zarr gives: a shared root keeps its group bits
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+            try:
+                _write_all(fd, [memoryview(b).cast("B") for b in buffers])
+            finally:
+                os.close(fd)
             os.replace(tmp, self.url)
         except BaseException:
             try:
@@ -182,3 +191,40 @@ class LocalLocation(Location):
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         return True
+
+
+def _preadv_all(fd: int, offset: int, views: list[memoryview]) -> int:
+    """Fill ``views`` from ``offset`` on (at most IOV_MAX buffers per call; a short read goes on
+    where it stopped); the bytes read, fewer at the file's end."""
+    total, first = 0, 0
+    while first < len(views):
+        got = os.preadv(fd, views[first:first + _IOV_MAX], offset + total)
+        if got == 0:
+            break
+        total += got
+        while first < len(views) and got >= len(views[first]):
+            got -= len(views[first])
+            first += 1
+        if got:
+            views[first] = views[first][got:]
+    return total
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` one after another at ``fd``'s position: scattered writes of at most
+    IOV_MAX buffers each, a short write going on where it stopped."""
+    if not hasattr(os, "writev"):  # Windows
+        for v in views:
+            while len(v):
+                v = v[os.write(fd, v):]
+        return
+    first = 0
+    while first < len(views):
+        got = os.writev(fd, views[first:first + _IOV_MAX])
+        if got == 0 and any(len(v) for v in views[first:first + _IOV_MAX]):
+            raise OSError(errno.EIO, "a write made no progress")
+        while first < len(views) and got >= len(views[first]):
+            got -= len(views[first])
+            first += 1
+        if got:
+            views[first] = views[first][got:]

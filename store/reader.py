@@ -105,50 +105,52 @@ class _Store:
     def _fast(self, name: str, arr: zarr.Array) -> ShardedArray | None:
         """The direct reader of array ``name`` (:mod:`store.fastread`), or ``None`` where zarr reads it."""
         if name not in self._fast_readers:
-            self._fast_readers[name] = ShardedArray.of(self.location, name, arr)
+            self._fast_readers[name] = ShardedArray.of(self.location, name, arr, immutable=self.complete)
         return self._fast_readers[name]
 
-    def _read_rows(self, name: str, indices: Sequence[int]) -> np.ndarray:
+    def _read_rows(self, name: str, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``indices`` of array ``name``: from the shard files (:mod:`store.fastread`), else one
-        concurrent zarr request per image.
+        concurrent zarr request per image; into ``out`` if given (its shape and dtype checked).
 
         Raises:
             StoreError: an image's chunk is damaged (checksum mismatch): names the images and the fix.
         """
         arr = self._array(name)
         idx = [int(i) for i in indices]
+        _check_out(out, (len(idx), *arr.shape[1:]), arr.dtype, name)
         if not idx:
-            return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+            return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype) if out is None else out
         n = arr.shape[0]
         for i in idx:
             if not -n <= i < n:
                 raise IndexError(f"image index {i} out of range for a store of {n} images")
         idx = [i % n for i in idx]  # a negative index counts from the end (and a run of them stays a run)
         if _is_run(idx):  # a contiguous range reads whole shards in one call
-            return self._read_range(name, arr, idx[0], idx[-1] + 1)
+            return self._read_range(name, arr, idx[0], idx[-1] + 1, out)
         fast = self._fast(name, arr)
         if fast is not None:
             try:
-                return fast.read_rows(idx)
+                return fast.read_rows(idx, out)
             except Damaged:
                 pass  # read again through zarr, which names the damaged images
         rows = sync(_gather(arr, idx))
         failed = _failures(idx, rows)
         if failed:
             raise self._damaged_error(name, arr, failed) from failed[0][1]
-        return np.stack([np.asarray(r) for r in rows])
+        return _into(out, np.stack([np.asarray(r) for r in rows]))
 
-    def _read_range(self, name: str, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
-        """Images ``start:stop`` of ``arr`` in one call; on a damaged chunk, a :class:`StoreError`
-        naming the damaged images (found by re-reading only after the failure)."""
+    def _read_range(self, name: str, arr: zarr.Array, start: int, stop: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """Images ``start:stop`` of ``arr`` in one call (into ``out`` if given); on a damaged chunk,
+        a :class:`StoreError` naming the damaged images (found by re-reading only after the failure)."""
         fast = self._fast(name, arr)
         if fast is not None:
             try:
-                return fast.read_range(start, stop)
+                return fast.read_range(start, stop, out)
             except Damaged:
                 pass  # read again through zarr, which names the damaged images
         try:
-            return np.asarray(arr[start:stop])
+            return _into(out, np.asarray(arr[start:stop]))
         except Exception as err:
             if not _is_damage(err):
                 raise
@@ -181,6 +183,24 @@ class _Store:
     def nbytes_stored(self) -> int:
         """Bytes stored (local disk or object storage)."""
         return self.location.tree_bytes()
+
+
+def _check_out(out: np.ndarray | None, shape: tuple[int, ...], dtype: Any, name: str) -> None:
+    """Refuse an ``out`` array the rows cannot be read into as they are."""
+    if out is None:
+        return
+    if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != np.dtype(dtype):
+        got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"out= for {name} must be a {tuple(shape)} {np.dtype(dtype)} array, not {got}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"out= for {name} must be a writeable C-contiguous array")
+
+
+def _into(out: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    if out is None:
+        return rows
+    out[...] = rows
+    return out
 
 
 def _is_run(idx: list[int]) -> bool:
@@ -292,9 +312,23 @@ class FeatureStore(_Store):
     def read(self, index: int, layer: str | None = None) -> np.ndarray:
         return self._read_rows(self._layer_array_name(layer), [index])[0]
 
-    def read_batch(self, indices: Sequence[int], layer: str | None = None) -> np.ndarray:
-        """``(B, h, w, C)`` features of ``indices`` (any order, repeats allowed)."""
-        return self._read_rows(self._layer_array_name(layer), indices)
+    def read_batch(self, indices: Sequence[int], layer: str | None = None, *,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """``(B, h, w, C)`` features of ``indices`` (any order, repeats allowed).
+
+        ``out``: a C-contiguous ``(B, h, w, C)`` array of the store's dtype to read into (a loader
+        that reuses one buffer per batch saves the cost of fresh memory, about half a read's time).
+        """
+        return self._read_rows(self._layer_array_name(layer), indices, out)
+
+    def layer_shape(self, layer: str | None = None) -> tuple[int, int, int]:
+        """``(h, w, C)`` of one image's features of ``layer``."""
+        spec = self.spec.layer(layer)
+        return (*spec.grid, spec.channels)
+
+    def layer_dtype(self, layer: str | None = None) -> np.dtype:
+        """The dtype :meth:`read_batch` returns for ``layer``."""
+        return np.dtype(self._array(self._layer_array_name(layer)).dtype)
 
     def read_all(self, layer: str | None = None) -> np.ndarray:
         """The whole ``(N, h, w, C)`` layer, read shard by shard."""

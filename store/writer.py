@@ -30,6 +30,7 @@ import zarr
 from runtime import settings
 from store import _layout as L
 from runtime.errors import StoreError
+from store.fastwrite import ShardWriter
 from store.lease import StoreLease, acquire_lease, read_lease, remove_lease
 from store.location import Location, as_location
 from store.spec import FORMAT_VERSION, FeatureSpec
@@ -85,6 +86,9 @@ class StoreWriter:
         wait_timeout: seconds to wait for another live writer of the same store (``None``: as
             long as its lease is live; ``$MAXA_LEASE_WAIT_S``).
         log: where "waiting for ..." messages go (default: stderr).
+        direct_writes: encode and write the shards of per-image arrays here (``store.fastwrite``,
+            the same bytes); ``False``: every array through zarr-python (the reference it is
+            measured and tested against).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class StoreWriter:
         provenance: dict[str, Any] | None = None,
         wait_timeout: float | None = None,
         log: Any = None,
+        direct_writes: bool = True,
     ) -> None:
         if not image_ids:
             raise StoreError(f"refusing to create an empty store at {path}: the dataset split has no images.")
@@ -120,8 +125,10 @@ class StoreWriter:
         self.provenance = provenance or {}
         self.wait_timeout = wait_timeout
         self.log = log
+        self.direct_writes = direct_writes
         self._group: zarr.Group | None = None
         self._lease: StoreLease | None = None
+        self._shard_writers: dict[str, ShardWriter] = {}
         self.complete = False
 
     # -- creation -------------------------------------------------------------------------------
@@ -182,6 +189,12 @@ class StoreWriter:
         self.num_shards = int(meta["num_shards"])
         self.complete = bool(meta.get("complete"))
         self._group = self.location.open_group(mode)
+        self._shard_writers = {}
+        if mode != "r" and self.direct_writes:  # the arrays whose shards are encoded here rather than by zarr (store.fastwrite)
+            for a in self.arrays:
+                fast = ShardWriter.of(self.location, a.name, self._group[a.name]) if a.chunk_per_image else None
+                if fast is not None:
+                    self._shard_writers[a.name] = fast
         return self
 
     def close(self) -> None:
@@ -292,7 +305,11 @@ class StoreWriter:
         try:
             for a in self.arrays:
                 name = a.name
-                self.group[a.name][start:stop] = data[a.name]
+                fast = self._shard_writers.get(a.name)
+                if fast is not None and fast.fits(shard, data[a.name]):
+                    fast.write(shard, data[a.name])  # the same bytes as zarr's, without its per-chunk tasks
+                else:
+                    self.group[a.name][start:stop] = data[a.name]
             if bad is not None and np.any(bad):
                 name = L.BAD
                 self.group[L.BAD][start:stop] = np.asarray(bad, dtype="uint8")

@@ -54,7 +54,7 @@ def one_line_error(*args: str, env=None, code: int | None = None) -> str:
 
 def extract_args(store_root: Path, *extra: str, backbone: str = "test_vit", n: int = 8) -> list[str]:
     return ["extract", "--backbone", backbone, "--dataset", "shapes", "--split", "val", "--weights", "random",
-            "--num-images", str(n), "--store-root", str(store_root), "--device", "cpu", "--workers", "0",
+            "--num-images", str(n), "--store-root", str(store_root), "--device", "cpu", "--decode-workers", "0",
             "--no-progress", *extra]
 
 
@@ -151,7 +151,7 @@ def test_verify_finds_a_flipped_byte(shapes_root, tmp_path):
 
 
 def test_timm_prefix_and_layers(tmp_path):
-    text = ok(*extract_args(tmp_path, "--no-targets", "--layers", "-1,-2", backbone="timm:test_vit", n=4))
+    text = ok(*extract_args(tmp_path, "--no-build-targets", "--layers", "-1,-2", backbone="timm:test_vit", n=4))
     path = store_path_from(text)
     assert "timm-test_vit" in str(path)
     info = json.loads(ok("stores", "info", path, "--json"))
@@ -184,7 +184,7 @@ def test_unknown_backbone_and_dataset(tmp_path):
 
 def _extract_root(dataset: str, root: Path, store_root: Path, *extra: str, split: str = "val") -> list[str]:
     return ["extract", "--backbone", "test_vit", "--dataset", dataset, "--split", split, "--root", str(root),
-            "--weights", "random", "--store-root", str(store_root), "--device", "cpu", "--workers", "0",
+            "--weights", "random", "--store-root", str(store_root), "--device", "cpu", "--decode-workers", "0",
             "--no-progress", *extra]
 
 
@@ -249,7 +249,7 @@ def test_segfolder_options(tmp_path):
     assert "ignore_index 3" in line and "ignore_index >=" in line
     # labels beyond --num-classes: found while building targets in a DataLoader worker
     args = _extract_root("segfolder", root, stores, "--num-classes", "5", split="train")
-    args[args.index("--workers") + 1] = "1"
+    args[args.index("--decode-workers") + 1] = "1"
     line = one_line_error(*args)
     assert "trainannot" in line and "--num-classes" in line and "--ignore-index" in line
     assert all(not r["complete"] for r in json.loads(ok("stores", "ls", stores, "--json")))
@@ -309,20 +309,20 @@ def test_weights_files(tmp_path):
 
 
 def test_store_path_holding_something_else(tmp_path):
-    first = ok(*extract_args(tmp_path, "--no-targets", n=4))
+    first = ok(*extract_args(tmp_path, "--no-build-targets", n=4))
     path = store_path_from(first)
     shutil.rmtree(path)
     path.mkdir()
     (path / "notes.txt").write_text("mine")
-    line = one_line_error(*extract_args(tmp_path, "--no-targets", n=4))
+    line = one_line_error(*extract_args(tmp_path, "--no-build-targets", n=4))
     assert str(path) in line and "not a maxa store" in line and "remove it" in line
     assert sorted(p.name for p in path.iterdir()) == ["notes.txt"] and (path / "notes.txt").read_text() == "mine"
     # another store's data at this path: refused, left as it was
     shutil.rmtree(path)
-    other = store_path_from(ok(*extract_args(tmp_path, "--no-targets", "--layers", "2", n=4)))
+    other = store_path_from(ok(*extract_args(tmp_path, "--no-build-targets", "--layers", "2", n=4)))
     shutil.copytree(other, path)
     before = (path / "zarr.json").read_bytes()
-    line = one_line_error(*extract_args(tmp_path, "--no-targets", n=4))
+    line = one_line_error(*extract_args(tmp_path, "--no-build-targets", n=4))
     assert str(path) in line and "another store" in line and "remove it" in line
     assert (path / "zarr.json").read_bytes() == before
     # a file where the store root should be
@@ -378,7 +378,7 @@ def test_interrupted_extraction_is_marked_incomplete_and_resumes(tmp_path, monke
         return real(*args, **kwargs, on_shard=on_shard)
 
     monkeypatch.setattr(jobs, "extract_features", interrupt_after_first_shard)
-    args = extract_args(tmp_path, "--no-targets", "--shard-size", "4", "--batch-size", "4", n=12)
+    args = extract_args(tmp_path, "--no-build-targets", "--shard-size", "4", "--batch-size", "4", n=12)
     result = invoke(*args)
     assert result.exit_code == 130 and "interrupted" in result.output and "Traceback" not in result.output
     rows = json.loads(ok("stores", "ls", tmp_path, "--json"))
@@ -401,9 +401,9 @@ def test_unexpected_errors_are_one_line_unless_debugging(tmp_path, monkeypatch):
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(jobs, "extract_features", boom)
-    line = one_line_error(*extract_args(tmp_path, "--no-targets", n=4), code=1)
+    line = one_line_error(*extract_args(tmp_path, "--no-build-targets", n=4), code=1)
     assert "ZeroDivisionError" in line and "MAXA_DEBUG=1" in line
-    result = invoke(*extract_args(tmp_path, "--no-targets", n=4), env={"MAXA_DEBUG": "1"})
+    result = invoke(*extract_args(tmp_path, "--no-build-targets", n=4), env={"MAXA_DEBUG": "1"})
     assert isinstance(result.exception, ZeroDivisionError)
 
 
@@ -422,8 +422,18 @@ def test_disk_full_names_the_store_and_nothing_unwritten_is_flagged(tmp_path, mo
             raise OSError(errno.ENOSPC, "No space left on device")  # a failed write() names no file
         return real_put(path, value, exclusive=exclusive)
 
+    from store.location_local import LocalLocation
+
+    real_write_buffers = LocalLocation.write_buffers
+
+    def full_disk_direct(self, buffers):  # shard files of per-image arrays (store.fastwrite)
+        if fail["when"](Path(self.url)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_buffers(self, buffers)
+
     monkeypatch.setattr(zarr_local, "_put", full_disk)
-    args = extract_args(tmp_path, "--no-targets", "--shard-size", "4", "--batch-size", "4", n=8)
+    monkeypatch.setattr(LocalLocation, "write_buffers", full_disk_direct)
+    args = extract_args(tmp_path, "--no-build-targets", "--shard-size", "4", "--batch-size", "4", n=8)
     line = one_line_error(*args, code=2)
     (path,) = tmp_path.rglob("*.zarr")
     assert f"cannot write {path} (array features/" in line and "shard 0" in line, line
@@ -441,6 +451,7 @@ def test_disk_full_names_the_store_and_nothing_unwritten_is_flagged(tmp_path, mo
     assert not list(tmp_path.rglob("*.lease*"))
 
     monkeypatch.setattr(zarr_local, "_put", real_put)
+    monkeypatch.setattr(LocalLocation, "write_buffers", real_write_buffers)
     text = ok(*args)
     assert json.loads(ok("stores", "info", path, "--json"))["complete"] is True, text
 
@@ -455,12 +466,34 @@ def test_os_errors_name_a_path(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(jobs, "extract_features", full)
-    line = one_line_error(*extract_args(tmp_path, "--no-targets", n=4), code=2)
+    line = one_line_error(*extract_args(tmp_path, "--no-build-targets", n=4), code=2)
     assert f"while writing under --store-root {tmp_path}" in line and "free space there" in line, line
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "features"))
 
     monkeypatch.setattr(jobs, "extract_features", denied)
-    line = one_line_error(*extract_args(tmp_path, "--no-targets", n=4), code=2)
+    line = one_line_error(*extract_args(tmp_path, "--no-build-targets", n=4), code=2)
     assert f"Permission denied: {tmp_path / 'features'} (PermissionError)" in line and "permissions" in line, line
+
+
+def test_one_vocabulary_old_spellings_still_work(tmp_path):
+    """extract's --workers/--targets/--seed are now --decode-workers/--build-targets/--scene-seed;
+    the old spellings still work, with one warning line each."""
+    args = extract_args(tmp_path, n=4)
+    args[args.index("--decode-workers")] = "--workers"
+    text = ok(*args, "--no-targets", "--seed", "3")
+    for old, new in (("--workers", "--decode-workers"), ("--targets/--no-targets", "--build-targets/--no-build-targets"),
+                     ("--seed", "--scene-seed")):
+        assert f"warning: {old} is now {new}" in " ".join(text.split()), text
+    assert "targets:" not in text  # --no-targets still meant: no target store
+    new = ok(*extract_args(tmp_path, "--no-build-targets", "--scene-seed", "3", n=4))
+    assert "complete store found" in new and "warning" not in new  # the same store: same scene seed
+
+
+def test_help_short_flag_version_and_required_split():
+    assert "Usage: " in ok("-h") and "Image decode" in ok("extract", "-h")
+    assert "\\[datasets.NAME]" not in ok("sweep", "-h") and "[datasets.NAME]" in " ".join(ok("sweep", "-h").split())
+    assert ok("--version").startswith("maxa ")
+    result = invoke("extract", "--backbone", "test_vit", "--dataset", "shapes")
+    assert result.exit_code == 2 and "--split" in result.output

@@ -682,7 +682,7 @@ def test_cli_prints_dataset_warnings_once(tmp_path: Path) -> None:
 
     root = _coco_with_orphan_annotation(tmp_path / "data")
     args = ["extract", "--backbone", "test_vit", "--dataset", "coco", "--split", "val", "--root", str(root),
-            "--weights", "random", "--store-root", str(tmp_path / "stores"), "--device", "cpu", "--workers", "0",
+            "--weights", "random", "--store-root", str(tmp_path / "stores"), "--device", "cpu", "--decode-workers", "0",
             "--no-progress", "--target-size", "16"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -280,7 +280,7 @@ def _extract_args(root: Path, stores: Path, *extra: str) -> list[str]:
             "--no-progress", *extra]
 
 
-@pytest.mark.parametrize("extra", [("--workers", "1"), ("--workers", "1", "--no-targets"), ("--workers", "0", "--no-targets")])
+@pytest.mark.parametrize("extra", [("--decode-workers", "1"), ("--decode-workers", "1", "--no-build-targets"), ("--decode-workers", "0", "--no-build-targets")])
 def test_cli_size_mismatch_stops_even_with_skip_bad(tmp_path: Path, extra: tuple[str, ...]) -> None:
     from pipelines.cli import app
 

@@ -156,3 +156,12 @@ def test_coco_mini_real_photos(tmp_path):
     fs, ts = open_features(job.features.path), open_targets(job.targets.path)
     assert len(fs) == len(ts) == 6 and fs.spec.image_ids_hash == ts.spec.image_ids_hash
     assert ts.read_all("instance_count").sum() > 0
+
+
+def test_writer_threads_leave_cores_to_decoding():
+    from extract.runner import MAX_WRITER_THREADS, default_writer_threads
+
+    assert default_writer_threads(1, cpus=2) == 1  # this machine: the forward and one decode worker
+    assert default_writer_threads(4, cpus=16) == MAX_WRITER_THREADS == 4  # a 16-core GPU host
+    assert default_writer_threads(4, cpus=8) == 3
+    assert default_writer_threads(0, cpus=1) == 1  # always one

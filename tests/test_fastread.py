@@ -198,3 +198,41 @@ def test_target_arrays_match_zarr(tmp_path, where):
         for b in ([22, 0, 9, 9, -1], rng.permutation(n)[:10], [16, 17]):
             got = ts.read(name, b)
             assert np.array_equal(got.view(np.uint8), ref[np.asarray(b) % n].view(np.uint8)), (name, b)
+
+
+def test_read_batch_into_a_reused_buffer(written):
+    """``out=``: the same bits as a fresh read, into the caller's array, whatever it held before."""
+    path, _ = written
+    ref = _zarr_read(path)
+    fs = open_features(path)
+    rng = np.random.default_rng(2)
+    buf = np.full((16, 4, 5, 6), np.nan, dtype=np.float16)
+    for b in [rng.permutation(N)[:16] for _ in range(3)] + [np.r_[5, 5, 36, 0] % N, np.arange(3, 19), np.arange(16)]:
+        out = buf[: len(b)]
+        got = fs.read_batch(b, out=out)
+        assert got is out and np.array_equal(bits(out), bits(ref[np.asarray(b) % N])), b
+    whole = np.zeros((N, 4, 5, 6), np.float16)
+    assert np.array_equal(bits(fs.read_batch(np.arange(N), out=whole)), bits(ref))
+
+
+def test_read_batch_refuses_a_wrong_out(written):
+    path, _ = written
+    fs = open_features(path)
+    for bad in (np.zeros((2, 4, 5, 6), np.float32), np.zeros((3, 4, 5, 6), np.float16),
+                np.zeros((2, 4, 5, 12), np.float16)[..., ::2], [[0]]):
+        with pytest.raises(ValueError, match="out= for features/last must be"):
+            fs.read_batch([0, 1], out=bad)
+
+
+def test_shard_indexes_are_kept_only_for_complete_stores(tmp_path):
+    w = make_writer(tmp_path, make_spec(n=N), shard_size=SHARD)
+    data = _data()
+    fill(w, data, shards=[0])
+    incomplete = open_features(w.path, allow_incomplete=True)
+    assert np.array_equal(bits(incomplete.read_batch([1, 2])), bits(data[[1, 2]]))
+    assert not incomplete._fast(NAME, incomplete._array(NAME))._indexes  # may still change: read each time
+    fill(w, data, shards=[1, 2])
+    w.finalize()
+    fs = open_features(w.path)
+    assert np.array_equal(bits(fs.read_batch([1, 20, 33])), bits(data[[1, 20, 33]]))
+    assert sorted(fs._fast(NAME, fs._array(NAME))._indexes) == [0, 1, 2]

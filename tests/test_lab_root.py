@@ -252,8 +252,8 @@ def test_sigterm_during_extract_releases_the_lease_and_resumes(tmp_path):
 
     root = tmp_path / "root"
     args = ["extract", "--backbone", "test_vit", "--dataset", "shapes", "--split", "val", "--weights", "random",
-            "--device", "cpu", "--num-images", "600", "--batch-size", "8", "--shard-size", "16", "--workers", "1",
-            "--no-targets", "--no-progress", "--store-root", str(root)]
+            "--device", "cpu", "--num-images", "600", "--batch-size", "8", "--shard-size", "16", "--decode-workers", "1",
+            "--no-build-targets", "--no-progress", "--store-root", str(root)]
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

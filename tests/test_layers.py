@@ -23,7 +23,17 @@ MAY_IMPORT: dict[str, tuple[tuple[str, ...], str]] = {
     "extract": (("store", "runtime"), "extract imports store and runtime, never probe or pipelines"),
     "probe": (("store", "runtime"), "probe imports store and runtime, never extract or pipelines"),
     "pipelines": (("extract", "probe", "store", "runtime"), "pipelines may import every package"),
+    "maxa": (("extract", "probe", "store", "runtime"), "maxa (the public API) re-exports the libraries, not pipelines"),
 }
+
+
+def test_public_api_names_only_library_modules():
+    """``maxa`` resolves its names lazily by module path (strings the import scan does not see)."""
+    import maxa
+
+    for name, module in maxa._NAMES.items():
+        top = module.split(".")[0]
+        assert top in MAY_IMPORT["maxa"][0], f"maxa.{name} comes from {module}: {MAY_IMPORT['maxa'][1]}"
 
 
 def _packages() -> list[str]:

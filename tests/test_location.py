@@ -53,6 +53,16 @@ def test_bytes(root):
     assert f.read_bytes() is None
 
 
+def test_write_buffers(root):
+    f = root / "d/w.bin"
+    pieces = [bytes([k % 251]) * (k % 7) for k in range(2500)]  # more than one writev's worth, some empty
+    pieces.append(np.arange(1000, dtype="<u4"))
+    f.write_buffers(pieces)
+    assert f.read_bytes() == b"".join(pieces)
+    f.write_buffers([b"two"])  # replaced whole
+    assert f.read_bytes() == b"two" and root.partial_files() == []
+
+
 def test_read_ranges(root):
     f = root / "d/r.bin"
     assert f.read_ranges([(0, 4)]) is None

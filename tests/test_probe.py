@@ -77,6 +77,21 @@ def test_record_run_dir_and_predict_any_size(shapes_root, tmp_path):
     assert small.shape == (5, 224, 224) and big.shape == (5, 448, 448)
     pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(big)[None], 2)[0].numpy()
     assert np.corrcoef(pooled.ravel(), small.ravel())[0, 1] > 0.9
+    # the command line writes the values as an array (.npy) or an image, and refuses anything else
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from probe.predict import output_values
+
+    base = ["predict", "--adapter", r.run_dir, "--store", shapes_root["val"], "--index", "1", "--size", "224"]
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "pred.npy")])
+    assert res.exit_code == 0, res.output
+    probs = np.load(tmp_path / "pred.npy")
+    assert probs.shape == (5, 224, 224) and probs.dtype == np.float32 and np.allclose(probs.sum(0), 1, atol=1e-5)
+    assert np.allclose(probs, output_values(small, "semseg")) and (probs.argmax(0) == small.argmax(0)).all()
+    assert CliRunner().invoke(app, [*base, "--out", str(tmp_path / "pred.png")]).exit_code == 0
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "pred.txt")])
+    assert bad.exit_code == 2 and "write .npy (the values) or .png/.jpg" in bad.output
 
 
 def test_deterministic_on_cpu_for_a_seed(shapes_root, tmp_path):

@@ -4,11 +4,14 @@ Bad input (``MaxaError``) prints one line naming the problem and the fix, and ex
 ``MAXA_DEBUG=1`` for the traceback.
 
 This module builds the typer apps and registers the commands, in the order ``maxa --help`` lists
-them; the commands live in :mod:`.listings`, :mod:`.run`, :mod:`.stores` and :mod:`.results`, the failure handling
-in :mod:`.errors`, shared options in :mod:`.options` and the output formats in :mod:`.render`.
+them; the commands live in :mod:`.listings`, :mod:`.run`, :mod:`.stores` and :mod:`.results`, the
+failure handling in :mod:`.errors`, shared options in :mod:`.options` and the output formats in
+:mod:`.render`.
 """
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
@@ -20,16 +23,35 @@ from pipelines.cli.stores import stores_info, stores_ls, stores_rm, stores_upgra
 
 __all__ = ["app", "main", "clean_errors"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+#: ``-h`` beside ``--help`` on every command
+HELP = {"help_option_names": ["-h", "--help"]}
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP,
                   help="Dense evaluation of frozen vision backbones with masked cross-attention adapters.")
-stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature and target stores.")
+stores_app = typer.Typer(no_args_is_help=True, context_settings=HELP,
+                         help="List, inspect and verify feature and target stores.")
 app.add_typer(stores_app, name="stores")
-results_app = typer.Typer(cls=ListByDefault, no_args_is_help=True,
+results_app = typer.Typer(cls=ListByDefault, no_args_is_help=True, context_settings=HELP,
                           help="The results table: `maxa results ROOT` lists and filters it, exports CSV / JSON; "
                                "`maxa results upgrade ROOT` rewrites old record files.")
 app.add_typer(results_app, name="results")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: backbone and adapter inference speed (paper §4.5).")
+bench_app = typer.Typer(no_args_is_help=True, context_settings=HELP,
+                        help="Benchmarks: backbone and adapter inference speed (paper §4.5).")
 app.add_typer(bench_app, name="bench")
+
+def _version(value: bool) -> None:
+    if value:
+        from runtime.provenance import tool_version
+
+        typer.echo(f"maxa {tool_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print maxa's version and exit.")] = False) -> None:
+    """Dense evaluation of frozen vision backbones with masked cross-attention adapters."""
+
 
 for _command in (backbones, datasets, extract, probe, predict, report, sweep, quickstart):
     app.command()(_command)

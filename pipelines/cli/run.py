@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
+import numpy as np
 import typer
 from rich.markup import escape as rich_escape
 
@@ -63,12 +64,22 @@ def _dataset_warnings_as_lines() -> Iterator[None]:
         yield
 
 
+def _renamed(old: str, new: str, old_value: Any, value: Any) -> Any:
+    """An option's value given under its old spelling (still accepted, with one warning line)."""
+    if old_value is None:
+        return value
+    err.print(f"[bold yellow]warning:[/] {old} is now {new}; the old spelling goes in a later version.",
+              soft_wrap=True, highlight=False)
+    return old_value
+
+
 # -- extract --------------------------------------------------------------------------------------
 @clean_errors
 def extract(
     backbone: Annotated[str, typer.Option(help="Registry name (see `maxa backbones`) or timm:NAME.")],
     dataset: Annotated[str, typer.Option(help="Dataset reader: coco, voc, cocostuff, nyuv2, segfolder, shapes.")],
-    split: Annotated[str, typer.Option(help="Dataset split.")] = "val",
+    split: Annotated[str, typer.Option(help="Dataset split: train, val, test (no default: a probe needs both "
+                                            "its training and its eval split).")],
     root: Annotated[Optional[Path], typer.Option(help="Dataset root directory (not needed for shapes).")] = None,
     store_root: Annotated[str, typer.Option(help="Where stores live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
     weights: Annotated[str, typer.Option(help="pretrained (timm hub / HF cache), random, or a checkpoint PATH.")] = "pretrained",
@@ -76,18 +87,22 @@ def extract(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = DEFAULT_BATCH_SIZE,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = DEFAULT_DEVICE,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decode workers (default: up to 4).")] = None,
+    decode_workers: Annotated[Optional[int], typer.Option(min=0, help="Image decode workers (default: up to 4).")] = None,
     shard_size: Annotated[Optional[int], typer.Option(min=1, help="Images per shard (default: ~256 MB).")] = None,
     compression: Annotated[Compression, typer.Option(help="Feature compression.")] = Compression.none,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record undecodable images and go on.")] = False,
-    targets: Annotated[bool, typer.Option(help="Also build the split's target store.")] = True,
+    build_targets: Annotated[bool, typer.Option(help="Also build the split's target store.")] = True,
     target_size: Annotated[int, typer.Option(min=8, help="Target (output) resolution, square.")] = DEFAULT_TARGET_SIZE[0],
     num_classes: Annotated[Optional[int], typer.Option(help="segfolder: number of classes.")] = None,
     ignore_index: Annotated[Optional[int], typer.Option(help="segfolder: label value to ignore.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
+    scene_seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
     num_images: Annotated[Optional[int], typer.Option(help="shapes: images in the split.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, plain lines every "
+                                           "$MAXA_PROGRESS_S s elsewhere).")] = True,
     storage_option: StorageOptionList = None,
+    old_workers: Annotated[Optional[int], typer.Option("--workers", min=0, hidden=True)] = None,
+    old_targets: Annotated[Optional[bool], typer.Option("--targets/--no-targets", hidden=True)] = None,
+    old_seed: Annotated[Optional[int], typer.Option("--seed", hidden=True)] = None,
 ) -> None:
     """Run a frozen backbone once over a dataset split into a feature store (and its targets).
 
@@ -96,14 +111,17 @@ def extract(
     _passive_openmp()
     from extract.jobs import run_extract
 
-    options = {"num_classes": num_classes, "ignore_index": ignore_index, "seed": seed, "num_images": num_images}
+    decode_workers = _renamed("--workers", "--decode-workers", old_workers, decode_workers)
+    build_targets = _renamed("--targets/--no-targets", "--build-targets/--no-build-targets", old_targets, build_targets)
+    scene_seed = _renamed("--seed", "--scene-seed", old_seed, scene_seed)
+    options = {"num_classes": num_classes, "ignore_index": ignore_index, "seed": scene_seed, "num_images": num_images}
     with _dataset_warnings_as_lines():
         result = run_extract(
             backbone=backbone, dataset=dataset, split=split, root=root, store_root=_location(store_root, storage_option),
             dataset_options={k: v for k, v in options.items() if v is not None}, weights=weights,
             layers=_parse_layers(layers), batch_size=batch_size, device=device, limit=limit,
-            num_workers=workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
-            targets=targets, target_size=(target_size, target_size), show_progress=progress,
+            num_workers=decode_workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
+            targets=build_targets, target_size=(target_size, target_size), show_progress=progress,
         )
     f = result.features
     if f.reused:
@@ -137,7 +155,11 @@ def probe(
     results_root: Annotated[Optional[str], typer.Option(help="Where runs and results go (default: the store root); "
                                                         "use your own with read-only access to a shared root.")] = None,
     min_large: Annotated[Optional[int], typer.Option(help="instances: eval images need this many large objects (3).")] = None,
-    progress: Annotated[bool, typer.Option(help="Print per-epoch progress.")] = True,
+    progress: Annotated[bool, typer.Option(help="Print progress: per epoch, and within epochs and the evaluation "
+                                           "(a bar on a terminal, plain lines every $MAXA_PROGRESS_S s elsewhere).")] = True,
+    tensorboard: Annotated[Optional[Path], typer.Option(help="Also log the curves to TensorBoard under this folder "
+                                                        "(needs the tensorboard package; the run's curves.jsonl is "
+                                                        "written either way).")] = None,
     storage_option: StorageOptionList = None,
 ) -> None:
     """Train the MAXA adapter (or a baseline head) on a store and evaluate it; record the result."""
@@ -151,7 +173,7 @@ def probe(
 
     result = train_probe(where(store), config, eval_features=where(eval_store), targets=where(targets),
                          eval_targets=where(eval_targets), results_root=where(results_root), device=device,
-                         show_progress=progress)
+                         show_progress=progress, tensorboard=tensorboard)
     out.print(_results_table([result.record], "probe result"))
     out.print(f"adapter: {result.run_dir}\nresult:  {result.result_path}", highlight=False)
 
@@ -162,13 +184,24 @@ def predict(
     store: Annotated[str, typer.Option(help="Feature store holding the image (a path or s3://… URL).")],
     index: Annotated[int, typer.Option(help="Image index in the store.")] = 0,
     size: Annotated[int, typer.Option(min=8, help="Output resolution (any; the adapter takes positions).")] = DEFAULT_TARGET_SIZE[0],
-    out_path: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("pred.png"),
+    out_path: Annotated[Path, typer.Option("--out", help="An image to view (.png, .jpg) or the values as a NumPy "
+                                                         "array (.npy: semseg class probabilities (C,H,W), boundary "
+                                                         "probability (H,W), depth/distance values (H,W), instance "
+                                                         "embedding (C,H,W)).")] = Path("pred.png"),
     storage_option: StorageOptionList = None,
 ) -> None:
     """Render a trained adapter's prediction for one stored image at any output size."""
-    from probe.predict import colourise, predict as run_predict
+    from probe.predict import colourise, output_values, predict as run_predict
 
+    kind = out_path.suffix.lower()
+    if kind not in (".npy", ".png", ".jpg", ".jpeg"):
+        raise MaxaError(f"--out {out_path}: write .npy (the values) or .png/.jpg (an image to view).")
     raw, meta = run_predict(_location(adapter, storage_option), _location(store, storage_option), index, (size, size))
+    if kind == ".npy":
+        values = output_values(raw, meta["task"])
+        np.save(out_path, values)
+        out.print(f"wrote {out_path} ({' x '.join(map(str, values.shape))} float32, task {meta['task']})")
+        return
     colourise(raw, meta["task"]).save(out_path)
     out.print(f"wrote {out_path} ({size}x{size}, task {meta['task']})")
 
@@ -235,7 +268,7 @@ def sweep(
     store_root: Annotated[str, typer.Option(help="Where stores and results live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
     workers: Annotated[Optional[int], typer.Option(min=0, help="LocalCluster workers (default: one per GPU, else a few CPU workers); 0 runs in this process.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler, e.g. tcp://head:8786.")] = None,
-    data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="NAME=PATH", help="Override a [datasets.NAME] root (repeatable).")] = None,
+    data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="NAME=PATH", help="Override a \\[datasets.NAME] root (repeatable).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (what would be extracted, probed, skipped) and stop.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
     storage_option: StorageOptionList = None,

@@ -1,0 +1,53 @@
+"""Batches a probe trains on: the streamed path (background reads into reused buffers) hands over
+exactly what the in-memory path does, batch for batch, and no batch changes after it was handed over."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from probe.data import ProbeData
+from store import open_features, open_targets
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import make_synthetic_root  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    paths = make_synthetic_root(tmp_path_factory.mktemp("root"), n_train=23, n_val=4)
+    fs = open_features(paths["train"])
+    root = Path(paths["train"]).parents[2]
+    ts = next(t for t in map(open_targets, (root / "targets").rglob("*.zarr")) if t.image_ids == fs.image_ids)
+    return fs, ts
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_streamed_batches_equal_in_memory_batches(pair, prefetch):
+    fs, ts = pair
+    indices = [0, 2, 3, 5, 7, 8, 9, 11, 12, 13, 15, 16, 17, 19, 20, 21, 22]
+    ram = ProbeData(fs, ts, ["semantic"], indices=indices, in_memory=True)
+    disk = ProbeData(fs, ts, ["semantic"], indices=indices, in_memory=False, prefetch=prefetch)
+    assert not disk.in_memory
+    want = list(ram.batches(2, shuffle=True, generator=torch.Generator().manual_seed(4)))
+    got = list(disk.batches(2, shuffle=True, generator=torch.Generator().manual_seed(4)))  # all held at once
+    assert len(got) == len(want) == 9 and len(got[-1][0]) == 1  # more batches than buffers; a partial last one
+    for (i0, f0, t0), (i1, f1, t1) in zip(want, got):
+        assert np.array_equal(i0, i1)
+        assert all(a.dtype == b.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(f0, f1))
+        assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
+
+
+def test_streamed_epoch_stopped_early_then_again(pair):
+    fs, ts = pair
+    disk = ProbeData(fs, ts, [], in_memory=False, prefetch=1)
+    for k, _ in enumerate(disk.batches(4)):
+        if k == 1:
+            break
+    first = [f for _, f, _ in disk.batches(4)]
+    assert len(first) == 6 and torch.equal(first[0][0], torch.from_numpy(
+        fs.read_batch(range(4)).reshape(4, -1, fs.layer_shape()[-1]).astype(np.float32)))
