@@ -138,7 +138,7 @@ def train_probe(
     if write:
         check_results_root(out_root)
     say = log or (lambda msg: print(msg, flush=True, file=sys.stderr))
-    data = _prepare_data(config, stores, dev, in_memory, say)
+    data = _prepare_data(config, stores, dev, in_memory, say, show_plan=show_progress)
     trainer = _Trainer(config, data, dev, show_progress)
     run_dir = _run_dir(config, stores, out_root)
     curves = RunCurves(run_dir, tensorboard, write=write)
@@ -164,7 +164,8 @@ def _run_dir(config: ProbeConfig, stores: Stores, out_root: Location) -> Locatio
                         f"{config.variant}-{config.head}-seed{config.seed}-{run_key}")
 
 
-def _prepare_data(config: ProbeConfig, stores: Stores, dev: torch.device, in_memory: bool | None, say) -> _Data:
+def _prepare_data(config: ProbeConfig, stores: Stores, dev: torch.device, in_memory: bool | None, say,
+                  show_plan: bool = True) -> _Data:
     """The task, sized from the training targets, and its fit / held-out / eval image sets."""
     train_fs, train_ts, eval_fs, eval_ts = stores.train_fs, stores.train_ts, stores.eval_fs, stores.eval_ts
     task_class = get_task(config.task)
@@ -202,7 +203,8 @@ def _prepare_data(config: ProbeConfig, stores: Stores, dev: torch.device, in_mem
                                     list(sets))
     else:
         keep, plan = [in_memory] * 3, ("in memory" if in_memory else "streamed") + " (as asked)"
-    say(f"  data: {plan}")
+    if show_plan:
+        say(f"  data: {plan}")
     fit, val, evaluation = (ProbeData(fs, ts, stored, indices=i, device=dev, in_memory=k)
                             for (fs, ts, i), k in zip(sets.values(), keep))
     return _Data(task, training, stored, fit, val, evaluation, train_bad, eval_bad, tuple(tspec.size), plan)
