@@ -162,28 +162,26 @@ class ProbeData:
     def _prefetched(self, chunks: list[np.ndarray], batch_size: int) -> Iterator[Any]:
         """Batches read from the stores by a background thread, ``prefetch`` batches ahead.
 
-        The thread reads each batch's float16 features into one of ``prefetch + 2`` reused buffers
-        (fresh memory for every batch costs about as much as reading it); this thread converts
-        them to float32 on the device before yielding, which frees the buffer. With ``prefetch``
-        batches queued and one being read, a buffer is never refilled before it is converted.
+        The thread reads each batch's float16 features into one reused buffer per layer (fresh
+        memory for every batch costs about as much as reading it), then makes the float32 batch
+        from it on the device (on a GPU after moving the float16: half the bytes cross the bus).
         """
         q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         stop = threading.Event()
-        shapes = [(self.features.layer_shape(l), self.features.layer_dtype(l)) for l in self.layers]
-        ring = [[np.empty((batch_size, *shape), dtype=dtype) for shape, dtype in shapes]
-                for _ in range(max(1, self.prefetch) + 2)]
+        scratch = [np.empty((batch_size, *self.features.layer_shape(l)), dtype=self.features.layer_dtype(l))
+                   for l in self.layers]
 
         def work() -> None:
             try:
-                for k, pos in enumerate(chunks):
+                for pos in chunks:
                     if stop.is_set():
                         return
                     idx = self.indices[pos]
-                    bufs = [b[: len(idx)] for b in ring[k % len(ring)]]
-                    for l, buf in zip(self.layers, bufs):
-                        self.features.read_batch(idx, l, out=buf)
+                    feats = []
+                    for l, buf in zip(self.layers, scratch):
+                        feats.append(self._to_device(self.features.read_batch(idx, l, out=buf[: len(idx)])))
                     tgts = {name: _to_tensor(self.targets.read(name, idx)).to(self.device) for name in self.needs}
-                    q.put((idx, bufs, tgts))
+                    q.put((idx, feats, tgts))
                 q.put(None)
             except BaseException as e:  # hand errors to the consumer
                 q.put(e)
@@ -197,8 +195,7 @@ class ProbeData:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                idx, bufs, tgts = item
-                yield idx, [self._to_device(b) for b in bufs], tgts
+                yield item
         finally:
             stop.set()
             while t.is_alive():
@@ -208,7 +205,7 @@ class ProbeData:
                     t.join(timeout=0.05)
 
     def _to_device(self, buf: np.ndarray) -> torch.Tensor:
-        """A float32 copy of a reused buffer on the device (converted there: half the bytes move)."""
+        """A float32 copy of a reused float16 buffer on the device (converted there on a GPU)."""
         t = torch.from_numpy(buf.reshape(buf.shape[0], -1, buf.shape[-1]))
         if self.device.type == "cpu":
             return t.to(torch.float32, copy=True)
