@@ -119,18 +119,23 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the same for both stores)")
     p.add_argument("--only", nargs="*", default=None, help="store sets: synthetic instances coco_mini camvid_small")
+    p.add_argument("--tasks", nargs="*", default=None, help="only these tasks")
+    p.add_argument("--epochs", type=int, default=60, help="real data: epoch cap (real_data_table.py's 60)")
+    p.add_argument("--patience", type=int, default=10, help="real data: early-stopping patience")
     p.add_argument("--store-root", default=None)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "lossy.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     root = args.store_root or tempfile.mkdtemp(prefix="maxa-lossy-")
-    real = dict(max_epochs=60, patience=10, batch_size=4)
+    real = dict(max_epochs=args.epochs, patience=args.patience, batch_size=4)
     rows = []
     for label, which, stores, tasks in pairs(root, args):
         size = {c: bytes_per_image(train) for c, (train, _) in stores.items()}
         jobs = [(t, kw, m) for s, t, kw, m in KNOWN if s == which] or \
                [(t, {**real, "task_options": {"min_large": 3} if t == "instances" else {}}, m) for t, m in tasks.items()]
         for task, kwargs, metrics in jobs:
+            if args.tasks and task not in args.tasks:
+                continue
             t0 = time.perf_counter()
             got = {c: probe(tr, ev, task, kwargs, args.seed, f"{root}/results-{c}") for c, (tr, ev) in stores.items()}
             for metric in metrics:
@@ -145,7 +150,8 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(f"\nbackbone {args.backbone} (random init), seed {args.seed}, {args.threads} torch threads\n")
+    print(f"\nbackbone {args.backbone} (random init), seed {args.seed}, {args.threads} torch threads, real data: "
+          f"at most {args.epochs} epochs, patience {args.patience}\n")
     print("| dataset | task | metric | float16 | int8 | delta | within bar | B/img float16 | B/img int8 | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
