@@ -96,6 +96,9 @@ def test_fast_reader_and_zarr_agree_bitwise(stores):
     q, s = g["features/last"].oindex[rows], g["feature_scales/last"].oindex[rows]
     assert np.array_equal(fast, dequantize(q, s))
     assert np.array_equal(fs.read(5), fs.read_all()[5])
+    assert fs.layer_dtype() == np.float16 and fs.layer_shape() == (4, 5, 6)
+    buf = np.empty((len(rows), *fs.layer_shape()), dtype=fs.layer_dtype())
+    assert fs.read_batch(rows, out=buf) is buf and np.array_equal(buf, fast)
     shards = list(fs.layer_shards())
     assert [start for start, _ in shards] == [0, 4, 8]
     assert np.array_equal(np.concatenate([v for _, v in shards]), fs.read_all())
@@ -141,3 +144,24 @@ def test_cli_extract_int8_end_to_end(tmp_path):
     assert "int8, lossy" in listing
     info = ok("stores", "info", lossy_row["path"])
     assert "quantization: int8" in info
+
+
+def test_probe_trains_and_scores_on_int8_stores(tmp_path):
+    """A probe from int8 stores: the eval store found is the int8 one, the record says so."""
+    from extract.jobs import run_extract
+    from probe.train import ProbeConfig, train_probe
+
+    paths = {}
+    for split, n in (("train", 12), ("val", 6)):
+        for comp in ("none", "int8"):
+            job = run_extract(backbone="test_vit", dataset="shapes", split=split, store_root=tmp_path, weights="random",
+                              device="cpu", dataset_options={"num_images": n}, num_workers=0, show_progress=False,
+                              compression=comp)
+            paths[split, comp] = job.features.path
+    r = train_probe(paths["train", "int8"], ProbeConfig(task="semseg", max_epochs=1, batch_size=4), device="cpu",
+                    show_progress=False)
+    assert r.record["quantization"] == "int8"
+    assert r.record["eval_store"] == open_features(paths["val", "int8"]).key
+    plain = train_probe(paths["train", "none"], ProbeConfig(task="semseg", max_epochs=1, batch_size=4), device="cpu",
+                        show_progress=False)
+    assert "quantization" not in plain.record and plain.record["eval_store"] == open_features(paths["val", "none"]).key
