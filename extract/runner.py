@@ -30,6 +30,7 @@ from store.location import Location
 from store.catalogue import feature_store_path
 from runtime.errors import BadImageError, MaxaError, StoreError
 from store.reader import open_features
+from store.quantize import quantization_for
 from store.spec import FeatureSpec, LayerSpec
 from store.writer import StoreWriter, feature_array_name, feature_arrays
 
@@ -84,8 +85,10 @@ def default_writer_threads(decode_workers: int, cpus: int | None = None) -> int:
     return max(1, min(MAX_WRITER_THREADS, cpus - 1 - decode_workers))
 
 
-def feature_spec_for(backbone: LoadedBackbone, reader: DatasetReader, image_ids: list[str]) -> FeatureSpec:
-    """The spec (and so the content key) of ``backbone`` over ``image_ids`` of ``reader``."""
+def feature_spec_for(backbone: LoadedBackbone, reader: DatasetReader, image_ids: list[str], *,
+                     compression: str = "none") -> FeatureSpec:
+    """The spec (and so the content key) of ``backbone`` over ``image_ids`` of ``reader``, stored with
+    ``compression`` (a lossy one is the spec's ``quantization``; lossless ones leave the spec alone)."""
     layers = tuple(
         LayerSpec(
             name=name,
@@ -112,6 +115,7 @@ def feature_spec_for(backbone: LoadedBackbone, reader: DatasetReader, image_ids:
         dataset_id=reader.dataset_id(),
         num_images=len(image_ids),
         image_ids_hash=image_ids_hash(image_ids),
+        quantization=quantization_for(compression),
     )
 
 
@@ -159,7 +163,7 @@ def extract_features(
     else:
         model = load_backbone(backbone, weights=config.weights, device=str(dev), layers=config.layers)
     image_ids = _image_ids(reader, config.limit)
-    spec = feature_spec_for(model, reader, image_ids)
+    spec = feature_spec_for(model, reader, image_ids, compression=config.compression)
     path = feature_store_path(store_root, spec)
     writer = _feature_writer(spec, path, image_ids, config, device=str(dev))
     if coordinated:
@@ -255,7 +259,7 @@ def open_feature_store(
     """
     config = config or ExtractConfig()
     image_ids = _image_ids(reader, config.limit)
-    spec = feature_spec_for(backbone, reader, image_ids)
+    spec = feature_spec_for(backbone, reader, image_ids, compression=config.compression)
     writer = _feature_writer(spec, feature_store_path(store_root, spec), image_ids, config, device=config.device)
     return writer.open()
 

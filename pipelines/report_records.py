@@ -43,6 +43,8 @@ def _norm(r: dict[str, Any], root: str) -> dict[str, Any]:
     r.setdefault("variant", "base")
     r.setdefault("seed", 0)
     r["weights"] = r.get("weights") or ""
+    if r.get("quantization") not in (None, "", "none"):  # a lossy store's run is never shown as a lossless one's
+        r["weights"] = f"{r['weights']} ({r['quantization']} store)"
     r["metrics"] = r.get("metrics") or {}
     r["trivial"] = r.get("trivial") or {}
     r["_root"] = root

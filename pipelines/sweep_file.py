@@ -13,7 +13,7 @@ Schema (every table and key optional unless marked)::
     device = "auto"                         # auto, cpu, cuda (a worker per GPU gets its own)
     batch_size = 32                         # images per forward pass
     shard_size = 256                        # images per shard (default: ~256 MB of features)
-    compression = "none"                    # none | zstd
+    compression = "none"                    # none | zstd | int8 (lossy)
     target_size = 224                       # target (output) resolution, square
     num_workers = 4                         # decode workers per task (default: a share of the CPUs)
     skip_bad = false                        # record undecodable images instead of failing

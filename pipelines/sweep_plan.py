@@ -152,7 +152,8 @@ class _Planner:
         if not ids:
             job.status, job.error = FAILED, f"dataset {ref.reader!r} split {ref.split!r} has no images"
             return jid
-        spec = feature_spec_for(self.backbones[bk], reader, ids)
+        spec = feature_spec_for(self.backbones[bk], reader, ids,
+                                compression=str(self.sweep.extract.get("compression") or "none"))
         job.planned_backbone, job.reader = self.backbones[bk], reader
         job.path, job.key = feature_store_path(self.root, spec), spec.key
         self._mark_stored(job, spec, reader, len(ids))

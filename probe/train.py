@@ -338,6 +338,8 @@ def _save(config: ProbeConfig, stores: Stores, data: _Data, trainer: _Trainer, f
         "metrics": metrics, "trivial": trivial, "p_learn": int(p_learn),
         "epochs": len(history), "best_epoch": int(fitted["best_epoch"]) + 1, "selection": fitted["selection"],
         "train_store": train_fs.key, "eval_store": eval_fs.key,
+        # only where lossy: a lossless record is as before the option existed (report identities)
+        **({"quantization": train_fs.spec.quantization} if train_fs.spec.lossy else {}),
         "train_targets": train_ts.key, "eval_targets": eval_ts.key,
         "timings": {"train_s": train_seconds, "eval_s": fitted["eval_s"], "total_s": time.perf_counter() - t_start,
                     "epoch_s": train_seconds / max(len(history), 1)},

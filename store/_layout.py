@@ -8,7 +8,8 @@ Nothing outside ``store/`` names these paths or codecs. A store is one Zarr v3 g
   index/zarr.json       attributes["image_ids"]: the ordered image ids
   shard_done            (num_shards,) uint8, one chunk per flag: 1 once a shard is written whole
   bad                   (N,) uint8: 1 for images that could not be decoded (--skip-bad)
-  features/<layer>      (N, h, w, C) float16                  feature stores
+  features/<layer>      (N, h, w, C) float16                  feature stores (int8 when quantised)
+  feature_scales/<layer> (N, C) float32                      quantised feature stores only
   <target arrays>       (N, H, W) ... / (N,) / (N, K)          target stores
 ```
 Per-image arrays are sharded along the image axis with ``shard_size`` images per shard and one
@@ -29,6 +30,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from runtime.errors import StoreError
 from store.location import Location, as_location
+from store.quantize import QUANTIZATIONS
 from store.spec import FORMAT_VERSION, store_format
 
 ATTR = "maxa"
@@ -36,14 +38,17 @@ INDEX_GROUP = "index"
 SHARD_DONE = "shard_done"
 BAD = "bad"
 FEATURES = "features"
-COMPRESSIONS = ("none", "zstd")
+FEATURE_SCALES = "feature_scales"
+#: ``--compression`` choices: lossless (``none``, ``zstd``), then the lossy encodings of
+#: ``store.quantize`` (stored with the codecs of ``zstd``).
+COMPRESSIONS = ("none", "zstd", *QUANTIZATIONS)
 
 
 def compressors(compression: str) -> list[Any]:
     """Codecs after the bytes codec: optional zstd, then always a crc32c checksum."""
     if compression == "none":
         return [Crc32cCodec()]
-    if compression == "zstd":
+    if compression == "zstd" or compression in QUANTIZATIONS:
         return [ZstdCodec(level=1), Crc32cCodec()]
     raise ValueError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
 
@@ -58,6 +63,11 @@ TARGETS_DIR = "targets"
 def feature_array(layer: str) -> str:
     """The array of a feature store that holds layer ``layer``."""
     return f"{FEATURES}/{layer}"
+
+
+def feature_scale_array(layer: str) -> str:
+    """The array of a quantised feature store that holds layer ``layer``'s per-image, per-channel scales."""
+    return f"{FEATURE_SCALES}/{layer}"
 
 
 def safe_name(text: str) -> str:

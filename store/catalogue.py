@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from store import _layout as L
 from store.location import Location, as_location
+from store.quantize import LOSSLESS
 from store.spec import DEFAULT_TARGET_SIZE, FORMAT_VERSION, FeatureSpec, TargetSpec, store_format
 
 __all__ = [
@@ -62,6 +63,7 @@ def store_summary(path: str | Path | Location, meta: dict[str, Any], *, with_siz
         row["weights"] = spec.get("weights_id")
         row["input_size"] = spec.get("input_size")
         row["grid"] = ", ".join(f"{l['name']} {l['grid'][0]}x{l['grid'][1]}x{l['channels']}" for l in layers)
+        row["quantization"] = spec.get("quantization") or LOSSLESS
     else:
         row["backbone"] = "-"
         row["weights"] = "-"

@@ -54,7 +54,8 @@ def check_eval_pair(train: FeatureStore, evaluation: FeatureStore) -> None:
         what = _differences(f.backbone_identity(), e.backbone_identity()) if f.layers == e.layers else "layers differ"
         raise StoreMismatchError(
             f"train store {train.path} and eval store {evaluation.path} hold features of different backbones, "
-            f"weights, preprocessing or layers ({what}); extract the eval split with the same backbone and weights."
+            f"weights, preprocessing, layers or quantization ({what}); extract the eval split with the same backbone, "
+            "weights and --compression."
         )
     shared = set(train.image_ids) & set(evaluation.image_ids)
     if shared:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -25,6 +25,7 @@ from store import _layout as L
 from store.location import Location, as_location
 from runtime.errors import MaxaError, StoreError
 from store.fastread import Damaged, ShardedArray
+from store.quantize import dequantize
 from store.spec import FeatureSpec, TargetSpec
 
 __all__ = ["FeatureStore", "TargetStore", "open_features", "open_targets", "open_store"]
@@ -295,7 +296,9 @@ def describe_damage(arr: zarr.Array, first_images: Sequence[int], ids: Sequence[
 
 class FeatureStore(_Store):
     """A feature store: ``len(store)`` images, ``store[i]`` → ``(h, w, C)`` float16 of the first
-    layer, ``store.read_batch(indices, layer)`` → ``(B, h, w, C)``."""
+    layer, ``store.read_batch(indices, layer)`` → ``(B, h, w, C)``. A quantised store
+    (``spec.quantization``) returns its values dequantised (``store.quantize.dequantize``), float16
+    as from any other store."""
 
     kind = "features"
 
@@ -306,20 +309,31 @@ class FeatureStore(_Store):
     def _layer_array_name(self, layer: str | None) -> str:
         return L.feature_array(self.spec.layer(layer).name)
 
+    def _values(self, layer: str | None, read: Callable[[str], np.ndarray]) -> np.ndarray:
+        """Layer ``layer``'s values of the rows ``read(array name)`` reads, dequantised where stored quantised."""
+        name = self.spec.layer(layer).name
+        stored = read(L.feature_array(name))
+        if not self.spec.lossy:
+            return stored
+        return dequantize(stored, read(L.feature_scale_array(name)))
+
     def __getitem__(self, index: int) -> np.ndarray:
         return self.read(index)
 
     def read(self, index: int, layer: str | None = None) -> np.ndarray:
-        return self._read_rows(self._layer_array_name(layer), [index])[0]
+        return self._values(layer, lambda name: self._read_rows(name, [index]))[0]
 
     def read_batch(self, indices: Sequence[int], layer: str | None = None, *,
                    out: np.ndarray | None = None) -> np.ndarray:
         """``(B, h, w, C)`` features of ``indices`` (any order, repeats allowed).
 
-        ``out``: a C-contiguous ``(B, h, w, C)`` array of the store's dtype to read into (a loader
+        ``out``: a C-contiguous ``(B, h, w, C)`` array of :meth:`layer_dtype` to read into (a loader
         that reuses one buffer per batch saves the cost of fresh memory, about half a read's time).
         """
-        return self._read_rows(self._layer_array_name(layer), indices, out)
+        if not self.spec.lossy:
+            return self._read_rows(self._layer_array_name(layer), indices, out)
+        _check_out(out, (len(indices), *self.layer_shape(layer)), self.layer_dtype(layer), self._layer_array_name(layer))
+        return _into(out, self._values(layer, lambda name: self._read_rows(name, indices)))
 
     def layer_shape(self, layer: str | None = None) -> tuple[int, int, int]:
         """``(h, w, C)`` of one image's features of ``layer``."""
@@ -327,21 +341,26 @@ class FeatureStore(_Store):
         return (*spec.grid, spec.channels)
 
     def layer_dtype(self, layer: str | None = None) -> np.dtype:
-        """The dtype :meth:`read_batch` returns for ``layer``."""
+        """The dtype :meth:`read_batch` returns for ``layer`` (float16 from a quantised store)."""
+        if self.spec.lossy:
+            return np.dtype(self.spec.dtype)
         return np.dtype(self._array(self._layer_array_name(layer)).dtype)
 
     def read_all(self, layer: str | None = None) -> np.ndarray:
         """The whole ``(N, h, w, C)`` layer, read shard by shard."""
-        name = self._layer_array_name(layer)
-        arr = self._array(name)
-        return self._read_range(name, arr, 0, arr.shape[0])
+        return self._values(layer, lambda name: self._read_range(name, self._array(name), 0, len(self)))
 
     def token_centres(self, layer: str | None = None) -> np.ndarray:
         """``(h, w, 2)`` normalised ``(y, x)`` token centres of ``layer``."""
         return np.asarray(self.spec.layer(layer).token_centres, dtype=np.float32)
 
     def layer_shards(self, layer: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        return self.iter_shards(self._layer_array_name(layer))
+        if not self.spec.lossy:
+            return self.iter_shards(self._layer_array_name(layer))
+        step, n = self.shard_size, len(self)
+        return ((start, self._values(layer, lambda name: self._read_range(name, self._array(name), start,
+                                                                          min(start + step, n))))
+                for start in range(0, n, step))
 
 
 class TargetStore(_Store):

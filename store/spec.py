@@ -13,6 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from store.quantize import LOSSLESS, QUANTIZATIONS
+
 __all__ = ["FORMAT_VERSION", "DEFAULT_TARGET_SIZE", "LayerSpec", "FeatureSpec", "TargetSpec", "content_key", "grid_token_centres",
            "store_format", "BACKBONE_IDENTITY"]
 
@@ -24,9 +26,10 @@ DEFAULT_TARGET_SIZE = (224, 224)
 FORMAT_VERSION = 2
 
 #: The feature-spec fields that must agree for two stores to hold features of the same backbone
-#: (an adapter trained on one may be evaluated on, or render, the other).
+#: (an adapter trained on one may be evaluated on, or render, the other). ``quantization`` counts
+#: only where it is lossy (a lossless spec's identity has no such field, as before it existed).
 BACKBONE_IDENTITY = ("backbone", "timm_name", "weights_id", "input_size", "mean", "std", "interpolation", "resize",
-                     "layers", "dtype")
+                     "layers", "dtype", "quantization")
 
 
 def store_format(meta: dict[str, Any]) -> Any:
@@ -112,7 +115,10 @@ class FeatureSpec:
             at another path or on another machine. Train and eval stores pair only on it.
         num_images: N.
         image_ids_hash: hash of the ordered image ids; target stores must match it.
-        dtype: stored dtype of the features.
+        dtype: dtype of the features as readers return them.
+        quantization: ``"none"`` (lossless, the default) or a lossy encoding of the stored values
+            (``"int8"``: int8 with a per-image, per-channel scale, see ``store.quantize``). Part of
+            the key only where lossy, so lossless keys are those of stores made before it existed.
     """
 
     backbone: str
@@ -131,9 +137,13 @@ class FeatureSpec:
     num_images: int
     image_ids_hash: str
     dtype: str = "float16"
+    quantization: str = LOSSLESS
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.quantization != LOSSLESS and self.quantization not in QUANTIZATIONS.values():
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose none or "
+                             + " or ".join(sorted(set(QUANTIZATIONS.values()))))
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -162,12 +172,19 @@ class FeatureSpec:
     def backbone_identity(self) -> dict[str, Any]:
         """The fields that say which features these are, whatever the images (:data:`BACKBONE_IDENTITY`)."""
         d = self.identity()
-        return {k: d[k] for k in BACKBONE_IDENTITY}
+        return {k: d[k] for k in BACKBONE_IDENTITY if k in d}
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the stored values are a lossy encoding of the features (``quantization``)."""
+        return self.quantization != LOSSLESS
 
     def identity(self) -> dict[str, Any]:
         d = self.to_dict()
         for layer in d["layers"]:
             layer.pop("token_centres")  # derived from grid and stride, and large
+        if not self.lossy:
+            d.pop("quantization")  # a lossless spec keeps the key it had before quantization existed
         return d
 
     @property

@@ -81,7 +81,8 @@ def verify_store(path: str | Path | Location, progress: Any = None) -> VerifyRep
     if report.complete and not done.all():
         report.problems.append(f"marked complete but shards {np.flatnonzero(~done).tolist()} are not flagged done")
     arrays = [name for name, _ in group.arrays() if name != L.SHARD_DONE]
-    arrays += [f"{L.FEATURES}/{name}" for name, _ in group[L.FEATURES].arrays()] if L.FEATURES in group else []
+    for sub in (L.FEATURES, L.FEATURE_SCALES):
+        arrays += [f"{sub}/{name}" for name, _ in group[sub].arrays()] if sub in group else []
     total = len(arrays) * num_shards
     step = 0
     ids: list[str] | None = None

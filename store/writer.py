@@ -33,6 +33,7 @@ from runtime.errors import StoreError
 from store.fastwrite import ShardWriter
 from store.lease import StoreLease, acquire_lease, read_lease, remove_lease
 from store.location import Location, as_location
+from store.quantize import quantize
 from store.spec import FORMAT_VERSION, FeatureSpec
 
 __all__ = ["ArrayDef", "StoreWriter", "feature_array_name", "feature_arrays", "remove_store"]
@@ -51,6 +52,9 @@ class ArrayDef:
         dims: dimension names after the leading ``"image"``.
         chunk_per_image: one inner chunk per image (large arrays); otherwise one chunk per shard.
         attrs: attributes of the array (e.g. a layer's token centres).
+        scales: for an int8 array quantised by the writer (``store.quantize``), the array that
+            takes its per-image, per-channel scales; :meth:`StoreWriter.write_shard` is given the
+            values under ``name`` and writes both.
     """
 
     name: str
@@ -59,14 +63,35 @@ class ArrayDef:
     dims: tuple[str, ...] = ()
     chunk_per_image: bool = True
     attrs: Mapping[str, Any] | None = None
+    scales: str | None = None
 
 
 def feature_arrays(spec: FeatureSpec) -> list[ArrayDef]:
     """The per-image arrays of a feature store: one float16 ``(h, w, C)`` array per layer, its
-    token centres in the array's attributes (positional encodings are built from them later)."""
-    return [ArrayDef(L.feature_array(l.name), (*l.grid, l.channels), "float16", ("y", "x", "c"),
-                     attrs={"token_centres": [list(map(list, row)) for row in l.token_centres]})
-            for l in spec.layers]
+    token centres in the array's attributes (positional encodings are built from them later).
+    A quantised store (``spec.quantization``) holds each layer as int8, its ``(C,)`` float32 scales
+    per image beside it (``feature_scales/<layer>``)."""
+    out = []
+    for l in spec.layers:
+        scales = L.feature_scale_array(l.name) if spec.lossy else None
+        out.append(ArrayDef(L.feature_array(l.name), (*l.grid, l.channels), "int8" if scales else "float16",
+                            ("y", "x", "c"), attrs={"token_centres": [list(map(list, row)) for row in l.token_centres]},
+                            scales=scales))
+        if scales:
+            out.append(ArrayDef(scales, (l.channels,), "float32", ("c",), attrs={"quantization": spec.quantization}))
+    return out
+
+
+def _quantized(arrays: Sequence[ArrayDef], data: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """``data`` with the values of every array the writer quantises (``ArrayDef.scales``) as int8 and
+    their scales beside them; values already given as int8 with their scales are kept."""
+    todo = [a for a in arrays if a.scales and a.name in data and data[a.name].dtype != np.int8]
+    if not todo:
+        return data
+    data = dict(data)
+    for a in todo:
+        data[a.name], data[a.scales] = quantize(data[a.name])
+    return data
 
 
 class StoreWriter:
@@ -81,7 +106,8 @@ class StoreWriter:
         arrays: the per-image arrays.
         image_ids: the ordered image ids (N = their number).
         shard_size: images per shard.
-        compression: ``"none"`` or ``"zstd"``.
+        compression: one of ``store.COMPRESSIONS`` (a lossy one is stored with the codecs of ``"zstd"``;
+            its arrays come from the spec, :func:`feature_arrays`).
         provenance: tool/library versions, host, date, command.
         wait_timeout: seconds to wait for another live writer of the same store (``None``: as
             long as its lease is live; ``$MAXA_LEASE_WAIT_S``).
@@ -295,6 +321,7 @@ class StoreWriter:
             bad: ``(stop - start,)`` 1 for images that could not be decoded.
         """
         start, stop = self.shard_range(shard)
+        data = _quantized(self.arrays, data)
         missing = {a.name for a in self.arrays} - set(data)
         if missing:
             raise ValueError(f"write_shard({shard}) lacks arrays {sorted(missing)}")

@@ -89,7 +89,8 @@ def extract(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images.")] = None,
     decode_workers: Annotated[Optional[int], typer.Option(min=0, help="Image decode workers (default: up to 4).")] = None,
     shard_size: Annotated[Optional[int], typer.Option(min=1, help="Images per shard (default: ~256 MB).")] = None,
-    compression: Annotated[Compression, typer.Option(help="Feature compression.")] = Compression.none,
+    compression: Annotated[Compression, typer.Option(help="Feature compression: none, zstd (lossless) or int8 (lossy, ~2× smaller than none; "
+                                               "a store of its own key, see docs/store-format.md).")] = Compression.none,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record undecodable images and go on.")] = False,
     build_targets: Annotated[bool, typer.Option(help="Also build the split's target store.")] = True,
     target_size: Annotated[int, typer.Option(min=8, help="Target (output) resolution, square.")] = DEFAULT_TARGET_SIZE[0],
@@ -127,7 +128,8 @@ def extract(
     if f.reused:
         out.print(f"features: [green]complete store found[/] {f.path}")
     else:
-        out.print(f"features: wrote {f.images_written} images in {f.seconds:.1f} s "
+        lossy = f" ({f.spec.quantization}, lossy)" if f.spec.lossy else ""
+        out.print(f"features: wrote {f.images_written} images{lossy} in {f.seconds:.1f} s "
                   f"({f.images_per_second:.1f} img/s) → {f.path}")
     if f.bad_images:
         out.print(f"[yellow]{len(f.bad_images)} undecodable image(s) recorded as bad[/]: {', '.join(f.bad_images[:5])}")

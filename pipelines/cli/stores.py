@@ -78,8 +78,9 @@ def stores_ls(
             older = isinstance(fmt, int) and fmt < FORMAT_VERSION
             state = f"[red]format {fmt}[/] ({'maxa stores upgrade' if older else 'not readable by this maxa'})"
         bad = f"[yellow]{r['bad_images']}[/]" if r["bad_images"] else "0"
+        lossy = f" [yellow]({r['quantization']}, lossy)[/]" if r.get("quantization", "none") != "none" else ""
         table.add_row(r["kind"], str(r["backbone"]), str(r["dataset"]), str(r["split"]), str(r["images"]), bad,
-                      r["grid"], _human_bytes(r.get("bytes")), state, str(r["results"]), where.relative_to(loc))
+                      r["grid"] + lossy, _human_bytes(r.get("bytes")), state, str(r["results"]), where.relative_to(loc))
     out.print(table if rows else f"no stores under {root}")
 
 

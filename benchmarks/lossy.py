@@ -1,0 +1,165 @@
+"""Probe metrics and bytes on disk of lossy (``--compression int8``) against float16 stores (run by hand).
+
+For each store set, the same probes (same configuration, same seed, same torch threads) are trained
+on a float16 store and on its int8 counterpart, and scored on the matching eval store:
+
+* the known-answer stores of ``tests/synthetic.py`` (as in ``tests/test_golden.py``: semseg and
+  boundaries on the encoded-answer features, instances on the instance codes); their int8 stores
+  are written from the float16 ones by ``StoreWriter`` (which quantises);
+* ``../shared/data/coco_mini`` (boundaries, distance, instances) and ``camvid_small`` (semseg),
+  extracted twice by ``run_extract`` (``compression="none"`` and ``"int8"``) with a small backbone
+  at random initialisation and probed with the settings of ``benchmarks/real_data_table.py``.
+
+Prints a markdown table: dataset, task, metric, float16, int8, delta, bytes per image (feature
+arrays, crc32c and shard index included) of both and their ratio; writes the rows as JSON.
+
+    python benchmarks/lossy.py --out benchmarks/out/lossy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from extract.jobs import run_extract
+from probe.train import ProbeConfig, train_probe
+from store import StoreWriter, feature_arrays, feature_store_path, open_features
+from store.location import as_location
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO / "tests"))
+
+#: Percent metrics: the bar is 0.5 points; the others (losses, errors) 2 % relative.
+PERCENT = {"iou", "miou", "ari", "pixel_acc"}
+#: (store set, task, ProbeConfig keywords, metrics shown). Known-answer settings as tests/test_golden.py.
+KNOWN = [
+    ("synthetic", "semseg", dict(lr=1e-2, max_epochs=12, batch_size=8, patience=12), ("miou",)),
+    ("synthetic", "boundaries", dict(lr=1e-2, max_epochs=30, batch_size=8, patience=30), ("iou",)),
+    ("instances", "instances", dict(lr=1e-2, max_epochs=30, batch_size=8, patience=30,
+                                    task_options={"min_large": 2}), ("ari",)),
+]
+#: (reader, data, options, tasks with their metrics): as benchmarks/real_data_table.py.
+REAL = [
+    ("coco", DATA / "coco_mini", {}, {"boundaries": ("iou", "ce"), "distance": ("mse",), "instances": ("ari",)}),
+    ("segfolder", DATA / "camvid_small", {"num_classes": 11, "ignore_index": 11}, {"semseg": ("miou", "pixel_acc")}),
+]
+
+
+def int8_copy(path: str, root: str) -> str:
+    """The int8 store of the features of float16 store ``path``, written under ``root``."""
+    fs = open_features(path)
+    spec = dataclasses.replace(fs.spec, quantization="int8")
+    w = StoreWriter(feature_store_path(root, spec), kind="features", key=spec.key, spec=spec.to_dict(),
+                    arrays=feature_arrays(spec), image_ids=fs.image_ids, shard_size=fs.shard_size,
+                    compression="int8").open()
+    for shard in range(w.num_shards):
+        start, stop = w.shard_range(shard)
+        w.write_shard(shard, {f"features/{l}": fs.read_batch(range(start, stop), l) for l in fs.spec.layer_names})
+    w.finalize()
+    return w.path
+
+
+def bytes_per_image(path: str) -> float:
+    """Bytes of the feature arrays (and scales) per image, without the store's metadata files."""
+    loc, fs = as_location(path), open_features(path)
+    total = 0
+    for sub in ("features", "feature_scales"):
+        for layer in fs.spec.layer_names:
+            chunks = loc / sub / layer / "c"  # the shard files (the array's zarr.json aside)
+            if chunks.exists():
+                total += chunks.tree_bytes()
+    return total / len(fs)
+
+
+def probe(train: str, evaluation: str | None, task: str, kwargs: dict[str, Any], seed: int,
+          results: str) -> dict[str, float]:
+    config = ProbeConfig(task=task, seed=seed, **kwargs)
+    r = train_probe(train, config, eval_features=evaluation, device="cpu", results_root=results, show_progress=False)
+    return {k: float(v) for k, v in r.metrics.items()} | {"_epochs": float(r.record["epochs"])}
+
+
+def pairs(root: str, args: argparse.Namespace) -> list[tuple[str, str, dict[str, tuple[str, str]], dict]]:
+    """(dataset label, store set, {compression: (train store, eval store)}, tasks) of every store set."""
+    from synthetic import make_instance_root, make_synthetic_root
+
+    out = []
+    for name, make in (("synthetic", make_synthetic_root), ("instances", make_instance_root)):
+        if args.only and name not in args.only:
+            continue
+        sub = f"{root}/{name}"
+        f16 = make(sub, n_train=32, n_val=12)
+        q = {split: int8_copy(p, sub) for split, p in f16.items()}
+        out.append((f"known-answer {name}", name, {"float16": (f16["train"], f16["val"]),
+                                                   "int8": (q["train"], q["val"])}, {}))
+    for reader, data, options, tasks in REAL:
+        if args.only and data.name not in args.only:
+            continue
+        stores = {}
+        for comp, label in (("none", "float16"), ("int8", "int8")):
+            got = [run_extract(backbone=args.backbone, dataset=reader, root=data, split=split, store_root=f"{root}/real",
+                               weights="random", device="cpu", dataset_options=options, show_progress=False,
+                               compression=comp).features.path for split in ("train", "val")]
+            stores[label] = tuple(got)
+        out.append((data.name, data.name, stores, tasks))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="timm:vit_small_patch16_224")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the same for both stores)")
+    p.add_argument("--only", nargs="*", default=None, help="store sets: synthetic instances coco_mini camvid_small")
+    p.add_argument("--tasks", nargs="*", default=None, help="only these tasks")
+    p.add_argument("--epochs", type=int, default=60, help="real data: epoch cap (real_data_table.py's 60)")
+    p.add_argument("--patience", type=int, default=10, help="real data: early-stopping patience")
+    p.add_argument("--store-root", default=None)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "lossy.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    root = args.store_root or tempfile.mkdtemp(prefix="maxa-lossy-")
+    real = dict(max_epochs=args.epochs, patience=args.patience, batch_size=4)
+    rows = []
+    for label, which, stores, tasks in pairs(root, args):
+        size = {c: bytes_per_image(train) for c, (train, _) in stores.items()}
+        jobs = [(t, kw, m) for s, t, kw, m in KNOWN if s == which] or \
+               [(t, {**real, "task_options": {"min_large": 3} if t == "instances" else {}}, m) for t, m in tasks.items()]
+        for task, kwargs, metrics in jobs:
+            if args.tasks and task not in args.tasks:
+                continue
+            t0 = time.perf_counter()
+            got = {c: probe(tr, ev, task, kwargs, args.seed, f"{root}/results-{c}") for c, (tr, ev) in stores.items()}
+            for metric in metrics:
+                a, b = got["float16"][metric], got["int8"][metric]
+                delta = b - a
+                ok = abs(delta) <= 0.5 if metric in PERCENT else abs(delta) <= 0.02 * abs(a)
+                rows.append({"dataset": label, "task": task, "metric": metric, "float16": a, "int8": b, "delta": delta,
+                             "within_bar": ok, "bytes_float16": size["float16"], "bytes_int8": size["int8"],
+                             "ratio": size["float16"] / size["int8"], "epochs": [got["float16"]["_epochs"],
+                                                                                  got["int8"]["_epochs"]],
+                             "seconds": time.perf_counter() - t0})
+                print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    print(f"\nbackbone {args.backbone} (random init), seed {args.seed}, {args.threads} torch threads, real data: "
+          f"at most {args.epochs} epochs, patience {args.patience}\n")
+    print("| dataset | task | metric | float16 | int8 | delta | within bar | B/img float16 | B/img int8 | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rel = "" if r["metric"] in PERCENT else f" ({100 * r['delta'] / r['float16']:+.2f} %)"
+        print(f"| {r['dataset']} | {r['task']} | {r['metric']} | {r['float16']:.4g} | {r['int8']:.4g} | "
+              f"{r['delta']:+.3g}{rel} | {'yes' if r['within_bar'] else '**no**'} | {r['bytes_float16']:,.0f} | "
+              f"{r['bytes_int8']:,.0f} | {r['ratio']:.3f}× |")
+
+
+if __name__ == "__main__":
+    main()

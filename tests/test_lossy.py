@@ -1,0 +1,167 @@
+"""The lossy store option (``--compression int8``): error bound, key, plain zarr, readers, CLI, size."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from store import (COMPRESSIONS, StoreMismatchError, StoreWriter, feature_arrays, feature_store_path, list_stores,
+                   open_features, verify_store)
+from store.checks import check_eval_pair
+from store.quantize import QMAX, dequantize, quantize
+from test_cli import extract_args, ok
+from test_store import make_spec
+
+
+def _scale(s: np.ndarray, ndim: int) -> np.ndarray:
+    return s.reshape(s.shape[0], *([1] * (ndim - 2)), s.shape[-1])
+
+
+def test_round_trip_error_bound_and_zero_channels():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 5, 7, 12)) * rng.uniform(0.01, 50, 12)).astype(np.float16)
+    x[:, :, :, 3] = 0  # a channel that is 0 everywhere
+    x[2, :, :, 5] = 0  # ... or only in one image
+    x[4] = 0  # an all-zero image (an undecodable one is stored as zeros)
+    q, s = quantize(x)
+    assert q.dtype == np.int8 and q.shape == x.shape and s.dtype == np.float32 and s.shape == (6, 12)
+    assert np.abs(q.astype(np.int32)).max() == QMAX
+    x32, scale = x.astype(np.float32), _scale(s, x.ndim)
+    assert np.all(np.abs(x32 - q.astype(np.float32) * scale) <= scale / 2 * (1 + 1e-5))
+    assert np.all(s[:, 3] == 0) and s[2, 5] == 0 and np.all(s[4] == 0)
+    deq = dequantize(q, s)
+    assert deq.dtype == np.float16 and not np.isnan(deq).any()
+    assert np.all(deq[:, :, :, 3] == 0) and np.all(deq[4] == 0)
+    # what readers return: the float16 rounding of the float32 product, within half a step and float16's rounding
+    assert np.array_equal(deq, (q.astype(np.float32) * scale).astype(np.float16))
+    assert np.all(np.abs(x32 - deq.astype(np.float32)) <= scale / 2 * (1 + 1e-5) + np.abs(x32) * 2.0**-10)
+
+
+def test_key_differs_only_when_lossy():
+    spec = make_spec()
+    assert spec.quantization == "none" and "quantization" not in spec.identity()
+    # the key of a lossless spec, computed before the option existed (same fields as make_spec)
+    assert spec.key == "e9bdfca32f4082ca"
+    lossy = dataclasses.replace(spec, quantization="int8")
+    assert lossy.key != spec.key and lossy.identity()["quantization"] == "int8"
+    assert lossy.backbone_identity() != spec.backbone_identity()
+    assert "quantization" not in spec.backbone_identity()
+    with pytest.raises(ValueError, match="quantization"):
+        dataclasses.replace(spec, quantization="int4")
+    assert "int8" in COMPRESSIONS
+
+
+def _write(root: Path, spec, data: np.ndarray, shard_size: int = 4) -> str:
+    w = StoreWriter(feature_store_path(root, spec), kind="features", key=spec.key, spec=spec.to_dict(),
+                    arrays=feature_arrays(spec), image_ids=[f"img{i}" for i in range(spec.num_images)],
+                    shard_size=shard_size, compression="int8" if spec.lossy else "none").open()
+    for shard in w.missing_shards():
+        a, b = w.shard_range(shard)
+        w.write_shard(shard, {"features/last": data[a:b]})
+    w.finalize()
+    return w.path
+
+
+@pytest.fixture
+def stores(tmp_path):
+    data = (np.random.default_rng(1).standard_normal((10, 4, 5, 6)) * [1, 2, 0.1, 0, 5, 3]).astype(np.float16)
+    spec = make_spec()
+    lossy = dataclasses.replace(spec, quantization="int8")
+    return data, open_features(_write(tmp_path, spec, data)), open_features(_write(tmp_path, lossy, data))
+
+
+def test_plain_zarr_reads_int8_store_as_the_reader(stores):
+    data, _, fs = stores
+    g = zarr.open_group(fs.path, mode="r")
+    q, s = g["features/last"], g["feature_scales/last"]
+    assert q.dtype == np.int8 and q.shape == data.shape and s.dtype == np.float32 and s.shape == (10, 6)
+    by_hand = (q[:].astype(np.float32) * s[:][:, None, None, :]).astype(np.float16)
+    assert np.array_equal(by_hand, fs.read_all())
+    assert fs.read_all().dtype == np.float16
+    assert g.attrs["maxa"]["spec"]["quantization"] == "int8" and g.attrs["maxa"]["compression"] == "int8"
+    assert np.all(np.abs(fs.read_all().astype(np.float32) - data) <= np.abs(data).max(axis=(1, 2), keepdims=True) / QMAX)
+
+
+def test_fast_reader_and_zarr_agree_bitwise(stores):
+    _, _, fs = stores
+    for name in ("features/last", "feature_scales/last"):
+        assert fs._fast(name, fs._array(name)) is not None, f"{name} is not read by the fast reader"
+    rows = [7, 0, 3, 3, 9, 1]
+    fast = fs.read_batch(rows)
+    g = zarr.open_group(fs.path, mode="r")
+    q, s = g["features/last"].oindex[rows], g["feature_scales/last"].oindex[rows]
+    assert np.array_equal(fast, dequantize(q, s))
+    assert np.array_equal(fs.read(5), fs.read_all()[5])
+    assert fs.layer_dtype() == np.float16 and fs.layer_shape() == (4, 5, 6)
+    buf = np.empty((len(rows), *fs.layer_shape()), dtype=fs.layer_dtype())
+    assert fs.read_batch(rows, out=buf) is buf and np.array_equal(buf, fast)
+    shards = list(fs.layer_shards())
+    assert [start for start, _ in shards] == [0, 4, 8]
+    assert np.array_equal(np.concatenate([v for _, v in shards]), fs.read_all())
+
+
+def test_lossy_store_never_stands_in_for_lossless(stores, tmp_path):
+    _, lossless, lossy = stores
+    assert lossless.key != lossy.key and lossless.path != lossy.path
+    with pytest.raises(StoreMismatchError, match="quantization"):
+        check_eval_pair(lossless, lossy)
+    assert verify_store(lossy.path).ok
+    rows = {r["key"]: r for r in list_stores(tmp_path)}
+    assert rows[lossy.key]["quantization"] == "int8" and rows[lossless.key]["quantization"] == "none"
+
+
+def test_size_ratio_at_least_two(tmp_path):
+    """At a 14 × 14 grid (ViT-S/16 at 224) of Gaussian-like features, shard files ≥ 2× smaller."""
+    rng = np.random.default_rng(2)
+    data = (rng.standard_normal((8, 14, 14, 96)) * rng.uniform(0.1, 3, 96)).astype(np.float16)
+    spec = make_spec(n=8, grid=(14, 14), channels=96)
+    paths = [_write(tmp_path, s, data, shard_size=8) for s in (spec, dataclasses.replace(spec, quantization="int8"))]
+
+    def shard_bytes(path: str) -> int:
+        return sum(f.stat().st_size for sub in ("features", "feature_scales")
+                   for f in (Path(path) / sub).rglob("c/*/*/*/*") if f.is_file())
+
+    assert shard_bytes(paths[0]) / shard_bytes(paths[1]) >= 2.0
+
+
+def test_cli_extract_int8_end_to_end(tmp_path):
+    root = tmp_path / "root"
+    text = ok(*extract_args(root, "--compression", "int8", "--no-targets", n=6))
+    assert "int8, lossy" in text
+    plain = ok(*extract_args(root, "--no-targets", n=6))
+    assert "lossy" not in plain
+    (lossy_row,) = [r for r in list_stores(root) if r["quantization"] == "int8"]
+    (lossless_row,) = [r for r in list_stores(root) if r["quantization"] == "none"]
+    a, b = open_features(lossless_row["path"]), open_features(lossy_row["path"])
+    assert b.spec.quantization == "int8" and a.spec.quantization == "none"
+    x, y = a.read_all().astype(np.float32), b.read_all().astype(np.float32)
+    assert y.dtype == np.float32 and np.all(np.abs(x - y) <= np.abs(x).max(axis=(1, 2), keepdims=True) / QMAX + 1e-2)
+    listing = ok("stores", "ls", root)
+    assert "int8, lossy" in listing
+    info = ok("stores", "info", lossy_row["path"])
+    assert "quantization: int8" in info
+
+
+def test_probe_trains_and_scores_on_int8_stores(tmp_path):
+    """A probe from int8 stores: the eval store found is the int8 one, the record says so."""
+    from extract.jobs import run_extract
+    from probe.train import ProbeConfig, train_probe
+
+    paths = {}
+    for split, n in (("train", 12), ("val", 6)):
+        for comp in ("none", "int8"):
+            job = run_extract(backbone="test_vit", dataset="shapes", split=split, store_root=tmp_path, weights="random",
+                              device="cpu", dataset_options={"num_images": n}, num_workers=0, show_progress=False,
+                              compression=comp)
+            paths[split, comp] = job.features.path
+    r = train_probe(paths["train", "int8"], ProbeConfig(task="semseg", max_epochs=1, batch_size=4), device="cpu",
+                    show_progress=False)
+    assert r.record["quantization"] == "int8"
+    assert r.record["eval_store"] == open_features(paths["val", "int8"]).key
+    plain = train_probe(paths["train", "none"], ProbeConfig(task="semseg", max_epochs=1, batch_size=4), device="cpu",
+                        show_progress=False)
+    assert "quantization" not in plain.record and plain.record["eval_store"] == open_features(paths["val", "none"]).key
