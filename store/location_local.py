@@ -115,38 +115,19 @@ class LocalLocation(Location):
 
     def write_bytes(self, data: bytes) -> None:
         folder = os.path.dirname(self.url) or "."
-        os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{os.path.basename(self.url)}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.url)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
+
+        def write(fd: int) -> None:
+            _write_all(fd, [memoryview(data).cast("B")])
+
+        _replace(self.url, tmp, write, 0o666)  # as open(tmp, "wb"): 0o666 less the umask
 
     def write_buffers(self, buffers: Sequence[Any]) -> None:
         # as zarr's local store: a ``<name>.<hex>.partial`` file renamed into place, so a killed
         # writer leaves no torn file (``partial_files`` finds the leftover); no buffer is copied
-        os.makedirs(os.path.dirname(self.url) or ".", exist_ok=True)
         tmp = f"{self.url}.{uuid.uuid4().hex}.partial"
-        try:
-            # mode 0o666 less the umask, as open(..., "wb") in zarr gives: a shared root keeps its group bits
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
-            try:
-                _write_all(fd, [memoryview(b).cast("B") for b in buffers])
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.url)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
+        # mode 0o666 less the umask, as open(..., "wb") in zarr gives: a shared root keeps its group bits
+        _replace(self.url, tmp, lambda fd: _write_all(fd, [memoryview(b).cast("B") for b in buffers]), 0o666)
 
     def create(self, data: bytes) -> bool:
         os.makedirs(os.path.dirname(self.url) or ".", exist_ok=True)
@@ -191,6 +172,25 @@ class LocalLocation(Location):
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         return True
+
+
+def _replace(path: str, tmp: str, write: Any, mode: int) -> None:
+    """Write a file at ``tmp`` with ``write(fd)``, then rename it over ``path`` (readers never see
+    half a file); the temporary file is removed if anything fails."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), mode)
+        try:
+            write(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _preadv_all(fd: int, offset: int, views: list[memoryview]) -> int:
