@@ -250,7 +250,8 @@ class _Trainer:
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
                 steps += 1
-                bar.advance(len(idx), loss=total / count, **{"steps/s": f"{steps / (time.perf_counter() - t0):.2f}"})
+                if bar.enabled:
+                    bar.advance(len(idx), loss=total / count, **{"steps/s": f"{steps / (time.perf_counter() - t0):.2f}"})
         return total / max(count, 1)
 
     def score(self, scorer: Task, data: ProbeData, what: str = "") -> dict[str, float]:
@@ -322,9 +323,6 @@ def _save(config: ProbeConfig, stores: Stores, data: _Data, trainer: _Trainer, f
     task, model, extra, tspec = data.task, trainer.model, trainer.extra, train_ts.spec
     history, train_seconds = fitted["history"], fitted["train_s"]
     p_learn = count_parameters(model)
-    adapter_bytes = io.BytesIO()
-    torch.save({"model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None},
-               adapter_bytes)
     record = {
         "task": config.task, "variant": config.variant, "head": config.head, "seed": config.seed,
         "backbone": train_fs.spec.backbone, "weights": train_fs.spec.weights_id, "dataset": tspec.dataset,
@@ -353,13 +351,16 @@ def _save(config: ProbeConfig, stores: Stores, data: _Data, trainer: _Trainer, f
     meta = {**record, "history": history, "info": data.training.info.to_dict(), "out_size": list(data.out_size),
             "train_features": str(features), "eval_features": str(stores.eval_features),
             "layers": list(train_fs.spec.layer_names), "backbone_identity": train_fs.spec.backbone_identity()}
+    result_path = ""
+    if run_dir is not None:
+        adapter_bytes = io.BytesIO()
+        torch.save({"model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None},
+                   adapter_bytes)
+        write_run_files(run_dir, {"adapter.pt": adapter_bytes.getvalue(),
+                                  "meta.json": json.dumps(meta, indent=2, default=float).encode()})
+        result_path = append_result(out_root, record)
     model.cpu().eval()
     if extra is not None:
         extra.cpu().eval()
-    if run_dir is None:
-        return ProbeResult(record=record, run_dir="", result_path="", model=model, extra=extra, history=history)
-    write_run_files(run_dir, {"adapter.pt": adapter_bytes.getvalue(),
-                              "meta.json": json.dumps(meta, indent=2, default=float).encode()})
-    result_path = append_result(out_root, record)
-    return ProbeResult(record=record, run_dir=str(run_dir), result_path=result_path, model=model, extra=extra,
+    return ProbeResult(record=record, run_dir=record["run_dir"], result_path=result_path, model=model, extra=extra,
                        history=history)

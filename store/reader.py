@@ -355,12 +355,11 @@ class FeatureStore(_Store):
         return np.asarray(self.spec.layer(layer).token_centres, dtype=np.float32)
 
     def layer_shards(self, layer: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        values = self.iter_shards(self._layer_array_name(layer))
         if not self.spec.lossy:
-            return self.iter_shards(self._layer_array_name(layer))
-        step, n = self.shard_size, len(self)
-        return ((start, self._values(layer, lambda name: self._read_range(name, self._array(name), start,
-                                                                          min(start + step, n))))
-                for start in range(0, n, step))
+            return values
+        scales = self.iter_shards(L.feature_scale_array(self.spec.layer(layer).name))
+        return ((start, dequantize(q, s)) for (start, q), (_, s) in zip(values, scales))
 
 
 class TargetStore(_Store):
