@@ -80,7 +80,7 @@ def run_path(args) -> dict:
     for epoch in range(args.epochs):
         gen = torch.Generator().manual_seed(epoch)
         t0 = time.perf_counter()
-        for idx, feats, batch in data.batches(args.batch_size, shuffle=True, generator=gen):
+        for idx, feats, batch in data.batches(args.batch_size, shuffle=True, generator=gen, reuse_buffers=True):
             if backbone is not None:  # recompute the features with the frozen backbone
                 with torch.inference_mode():
                     live = backbone.forward(pixels[torch.from_numpy(idx)])

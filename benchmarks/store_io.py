@@ -8,9 +8,10 @@ then times, in one process and in alternating rounds:
 * ``read_all``: ``FeatureStore.read_all()``;
 * ``read_batch``: ``FeatureStore.read_batch`` of random batches of 16 (a shuffled permutation),
   each into a fresh array, and ``read_batch(out=)``: the same batches into one reused array (what
-  a loader does: the streamed probe epoch reads into a ring of reused buffers);
-* ``probe epoch``: a streamed, shuffled epoch ``ProbeData(..., in_memory=False).batches(16, shuffle=True)``
-  over the features alone (the target store holds one small array that the epoch does not read);
+  a loader does: the streamed probe epoch reads into one reused array per layer);
+* ``probe epoch``: a streamed, shuffled epoch ``ProbeData(..., in_memory=False).batches(16,
+  shuffle=True, reuse_buffers=True)`` (as the trainer calls it: float32 batches in a ring of reused
+  buffers) over the features alone (the target store holds one small array that the epoch does not read);
 * ``write_shard``: ``StoreWriter.write_shard`` of every shard into a fresh store (``via zarr``: the
   same through zarr-python alone, ``direct_writes=False``, the path before ``store.fastwrite``), against
 * ``raw write+fsync``: the same bytes (the store's shard files) written to new files and fsynced
@@ -187,7 +188,7 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
         ne = min(n, args.epoch_images)
         data = ProbeData(fs, open_targets(tpath), [], indices=np.arange(ne), in_memory=False)
         gen = torch.Generator().manual_seed(rnd)
-        rows["probe epoch(16)"] = (timed(lambda: sum(1 for _ in data.batches(16, shuffle=True, generator=gen))), ne)
+        rows["probe epoch(16)"] = (timed(lambda: sum(1 for _ in data.batches(16, shuffle=True, generator=gen, reuse_buffers=True))), ne)
         if not args.no_writes:
             for direct in (True, False) if rnd % 2 == 0 else (False, True):  # alternate which goes first
                 zpath = tmp / f"write-{comp}-{rnd}-{direct}.zarr"

@@ -73,6 +73,30 @@ def _to_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
+def _float_batch(size: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty float32 ``(size, h·w, C)`` batch of features of one image shape ``(h, w, C)``."""
+    return torch.empty((size, int(np.prod(shape[:-1])), shape[-1]), dtype=torch.float32)
+
+
+#: Elements per copy in :func:`_serial_copy`: torch copies fewer than its grain size (32,768) on the
+#: calling thread alone.
+_SERIAL_COPY = 32768
+
+
+def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` (both contiguous, same shape) on the calling thread alone.
+
+    A bigger copy is shared among torch's threads; from the prefetch thread that parallel region
+    competes with the training's own and stalls whenever one of its threads waits for a core (on 2
+    busy cores a streamed epoch ran 2-3x slower so). Copied in slices below torch's grain size
+    instead, the conversion runs on the prefetch thread only, with no global thread setting changed.
+    """
+    d, s = dst.view(-1), src.reshape(-1)
+    for i in range(0, d.numel(), _SERIAL_COPY):
+        d[i:i + _SERIAL_COPY].copy_(s[i:i + _SERIAL_COPY])
+    return dst
+
+
 class ProbeData:
     """Features and targets of images ``indices`` of an aligned (feature, target) store pair.
 
@@ -147,9 +171,16 @@ class ProbeData:
         return feats, tgts
 
     def batches(
-        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+        reuse_buffers: bool = False,
     ) -> Iterator[tuple[np.ndarray, list[torch.Tensor], dict[str, torch.Tensor]]]:
-        """Yield ``(store_indices, features per layer (B, N, C), targets (B, ...))``."""
+        """Yield ``(store_indices, features per layer (B, N, C), targets (B, ...))``.
+
+        ``reuse_buffers``: on the streamed path on a CPU, the float32 features of a batch live in
+        one of a few buffers used in turn (fresh memory for every batch costs about as much as
+        reading it), so a batch's feature tensors hold their values only until the next batch is
+        asked for: for a loop that is done with each batch in its step (training, scoring).
+        """
         n = len(self.indices)
         order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
         chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -157,31 +188,46 @@ class ProbeData:
             for pos in chunks:
                 yield (self.indices[pos], *self._read(pos))
             return
-        yield from self._prefetched(chunks, batch_size)
+        yield from self._prefetched(chunks, batch_size, reuse_buffers)
 
-    def _prefetched(self, chunks: list[np.ndarray], batch_size: int) -> Iterator[Any]:
+    def _prefetched(self, chunks: list[np.ndarray], batch_size: int, reuse: bool = False) -> Iterator[Any]:
         """Batches read from the stores by a background thread, ``prefetch`` batches ahead.
 
-        The thread reads each batch's float16 features into one reused buffer per layer (fresh
-        memory for every batch costs about as much as reading it), then makes the float32 batch
-        from it on the device (on a GPU after moving the float16: half the bytes cross the bus).
+        The thread reads each batch's float16 features into one reused buffer per layer, then makes
+        the float32 batch from it: on a CPU on this thread alone (:func:`_serial_copy`), with
+        ``reuse`` into a ring of ``prefetch + 2`` buffers per layer (fresh memory for every batch
+        costs about as much as reading it; the queue holds at most ``prefetch`` batches and the
+        thread fills one more, so the batch the consumer holds is not written until it asks for the
+        next one); on a GPU after moving the float16 there (half the bytes cross the bus).
         """
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        depth = max(1, self.prefetch)
+        q: queue.Queue = queue.Queue(maxsize=depth)
         stop = threading.Event()
-        scratch = [np.empty((batch_size, *self.features.layer_shape(l)), dtype=self.features.layer_dtype(l))
-                   for l in self.layers]
+        shapes = [self.features.layer_shape(l) for l in self.layers]
+        scratch = [np.empty((batch_size, *shape), dtype=self.features.layer_dtype(l))
+                   for l, shape in zip(self.layers, shapes)]
+        on_cpu = self.device.type == "cpu"
+        ring = [[_float_batch(batch_size, shape) for shape in shapes] for _ in range(depth + 2)] if reuse and on_cpu else []
+
+        def features(k: int, idx: np.ndarray) -> list[torch.Tensor]:
+            feats = []
+            for j, (l, buf) in enumerate(zip(self.layers, scratch)):
+                got = torch.from_numpy(self.features.read_batch(idx, l, out=buf[: len(idx)])).flatten(1, -2)
+                if not on_cpu:
+                    feats.append(got.to(self.device).float())
+                else:
+                    out = ring[k % len(ring)][j] if ring else _float_batch(len(idx), shapes[j])
+                    feats.append(_serial_copy(out[: len(idx)], got))
+            return feats
 
         def work() -> None:
             try:
-                for pos in chunks:
+                for k, pos in enumerate(chunks):
                     if stop.is_set():
                         return
                     idx = self.indices[pos]
-                    feats = []
-                    for l, buf in zip(self.layers, scratch):
-                        feats.append(self._to_device(self.features.read_batch(idx, l, out=buf[: len(idx)])))
                     tgts = {name: _to_tensor(self.targets.read(name, idx)).to(self.device) for name in self.needs}
-                    q.put((idx, feats, tgts))
+                    q.put((idx, features(k, idx), tgts))
                 q.put(None)
             except BaseException as e:  # hand errors to the consumer
                 q.put(e)
@@ -203,13 +249,6 @@ class ProbeData:
                     q.get_nowait()
                 except queue.Empty:
                     t.join(timeout=0.05)
-
-    def _to_device(self, buf: np.ndarray) -> torch.Tensor:
-        """A float32 copy of a reused float16 buffer on the device (converted there on a GPU)."""
-        t = torch.from_numpy(buf.reshape(buf.shape[0], -1, buf.shape[-1]))
-        if self.device.type == "cpu":
-            return t.to(torch.float32, copy=True)
-        return t.to(self.device).float()
 
     def numpy_batches(self, names: Sequence[str], batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
         """Target arrays only, as NumPy (for the trivial baselines); from memory when loaded."""

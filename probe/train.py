@@ -240,7 +240,8 @@ class _Trainer:
         total, count, steps = 0.0, 0, 0
         t0 = time.perf_counter()
         with torch.set_grad_enabled(train), self.progress(what, data) as bar:
-            for idx, feats, batch in data.batches(self.config.batch_size, shuffle=train, generator=self.gen):
+            for idx, feats, batch in data.batches(self.config.batch_size, shuffle=train, generator=self.gen,
+                                                    reuse_buffers=True):
                 task.derive(batch, idx, self.data.training)
                 loss = task.loss(model(feats, data.token_pos, self.out_size), batch, self.extra)
                 if train:
@@ -258,7 +259,7 @@ class _Trainer:
         self.model.eval()
         state = scorer.metric_state()
         with torch.no_grad(), self.progress(what, data) as bar:
-            for idx, feats, batch in data.batches(self.config.batch_size):
+            for idx, feats, batch in data.batches(self.config.batch_size, reuse_buffers=True):
                 scorer.update(state, self.model(feats, data.token_pos, self.out_size), batch)
                 bar.advance(len(idx))
         return scorer.compute(state)

@@ -51,3 +51,28 @@ def test_streamed_epoch_stopped_early_then_again(pair):
     first = [f for _, f, _ in disk.batches(4)]
     assert len(first) == 6 and torch.equal(first[0][0], torch.from_numpy(
         fs.read_batch(range(4)).reshape(4, -1, fs.layer_shape()[-1]).astype(np.float32)))
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_reused_buffers_hold_each_batch_until_the_next_is_asked_for(pair, prefetch):
+    """With ``reuse_buffers`` (the trainer's call) a batch's features live in a ring of buffers that
+    the reading thread refills; a consumer slower than the reader still sees every batch's own
+    values while it holds it, and the ring is really reused (fewer buffers than batches)."""
+    import time
+
+    fs, ts = pair
+    ram = ProbeData(fs, ts, ["semantic"], in_memory=True)
+    disk = ProbeData(fs, ts, ["semantic"], in_memory=False, prefetch=prefetch)
+    want = list(ram.batches(2, shuffle=True, generator=torch.Generator().manual_seed(9)))
+    seen = set()
+    count = 0
+    for (i0, f0, t0), (i1, f1, t1) in zip(want, disk.batches(2, shuffle=True, generator=torch.Generator().manual_seed(9),
+                                                           reuse_buffers=True)):
+        time.sleep(0.02)  # the reader fills the queue and the next buffer meanwhile
+        assert np.array_equal(i0, i1)
+        assert all(torch.equal(a, b) for a, b in zip(f0, f1))
+        assert all(torch.equal(t0[k], t1[k]) for k in t0)
+        seen.add(f1[0].untyped_storage().data_ptr())
+        count += 1
+    assert count == len(want) == 12
+    assert len(seen) == prefetch + 2 < count
