@@ -100,7 +100,7 @@ def main() -> None:
     from pipelines.bench import speed_benchmark
 
     rows = speed_benchmark(["siglip_384" if args.siglip_images else "random_b16"], reference="random_b16",
-                           batches=5, batch_size=args.batch_size, device=args.device)
+                           batches=5, batch_size=args.batch_size, device=args.device, weights="random")
     bare = {row["backbone"]: row["images_per_second"] for row in rows}
     train["bare_forward_images_per_s"] = bare["random_b16"]
     if args.siglip_images:

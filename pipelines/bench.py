@@ -8,7 +8,8 @@ adapter's own runtime as light bars on top.
 
 * the reference (default ``imagenet_b16``: ViT-B/16 at 224) is always measured in the same run, first, so
   ratios compare like with like (same device, threads, dtype, batch size);
-* per backbone: build it (random weights by default — runtime does not depend on the weights), run
+* per backbone: build it (with its pretrained weights by default, as ``maxa extract``; ``random``
+  times the same model with nothing to download — runtime does not depend on the weights), run
   ``warmup`` untimed batches, then time ``batches`` batches of ``batch_size`` random images at the backbone's
   native input size through :meth:`LoadedBackbone.forward` (the feature layers the adapter reads) under
   ``torch.inference_mode()``; on CUDA with bf16 autocast and ``torch.cuda.synchronize()`` around each batch;
@@ -153,7 +154,7 @@ def speed_benchmark(
     batches: int = SPEED_BATCHES,
     batch_size: int = SPEED_BATCH_SIZE,
     device: str = "auto",
-    weights: str = "random",
+    weights: str = "pretrained",
     task_dim: int = 1,
     warmup: int | None = None,
     log: Callable[[str], None] | None = None,

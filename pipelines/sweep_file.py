@@ -15,7 +15,7 @@ Schema (every table and key optional unless marked)::
     shard_size = 256                        # images per shard (default: ~256 MB of features)
     compression = "none"                    # none | zstd | int8 (lossy)
     target_size = 224                       # target (output) resolution, square
-    num_workers = 4                         # decode workers per task (default: a share of the CPUs)
+    decode_workers = 4                      # decode workers per task (default: a share of the CPUs)
     skip_bad = false                        # record undecodable images instead of failing
 
     [probe]                                 # probe defaults; an [[experiment]] may override each
@@ -67,7 +67,9 @@ from store import COMPRESSIONS
 __all__ = ["SweepFileError", "load_sweep", "parse_sweep", "parse_data_roots"]
 
 # -- the schema as data -----------------------------------------------------------------------------
-EXTRACT_KEYS = {"device", "batch_size", "shard_size", "compression", "target_size", "num_workers", "skip_bad"}
+EXTRACT_KEYS = {"device", "batch_size", "shard_size", "compression", "target_size", "decode_workers", "skip_bad"}
+#: Old spellings of keys, still read (with one notice): key -> (table, new key).
+RENAMED_KEYS = {"num_workers": ("extract", "decode_workers")}
 PROBE_KEYS = {"device", "max_epochs", "patience", "batch_size", "lr", "val_fraction", "max_train_images",
               "task_options"}
 DATASET_KEYS = {"reader", "root", "options", "train", "eval", "limit"}
@@ -89,7 +91,7 @@ _INTEGER = "{what} {key} must be a positive integer, got {value!r}."
 VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     **{k: (_count(1), _INTEGER, False) for k in ("batch_size", "shard_size", "target_size", "max_epochs",
                                                   "patience", "max_train_images", "limit")},
-    "num_workers": (_count(0), _INTEGER, False),
+    "decode_workers": (_count(0), _INTEGER, False),
     "lr": (_positive_number, "{what} {key} must be a positive number, got {value!r}.", False),
     "val_fraction": (_positive_number, "{what} {key} must be a positive number, got {value!r}.", False),
     "device": (lambda v: isinstance(v, str), '{what} device must be a string such as "auto", "cpu" or "cuda".', False),
@@ -180,10 +182,19 @@ def parse_sweep(text: str, path: str = "<sweep>", data_roots: dict[str, str] | l
     chk = _Checker(path, text)
     roots = parse_data_roots(data_roots)
     chk.unknown_keys(doc, TOP_KEYS, (), "the sweep file")
+    notices: list[str] = []
     for section, allowed in (("extract", EXTRACT_KEYS), ("probe", PROBE_KEYS)):
         sec = doc.get(section, {})
         if not isinstance(sec, dict):
             raise chk.fail((), section, None, f"{section} must be a table: [{section}].")
+        for old, (table, new) in RENAMED_KEYS.items():
+            if table == section and old in sec:
+                if new in sec:
+                    raise chk.fail((section,), old, None, f"[{section}] has both {new} and its old spelling {old}; keep {new}.")
+                line = chk.loc.line((section,), old, None)
+                notices.append(f"{path}{f' line {line}' if line else ''}: [{section}] {old} is now {new}; "
+                               "the old spelling goes in a later version.")
+                sec[new] = sec.pop(old)
         chk.check_table(sec, allowed, (section,), f"[{section}]")
     weights = _weights_table(chk, doc)
     datasets = _datasets(chk, doc, roots, path)
@@ -196,8 +207,11 @@ def parse_sweep(text: str, path: str = "<sweep>", data_roots: dict[str, str] | l
         label, specs = _experiment(chk, i, ex, datasets, dict(doc.get("probe", {})), weights)
         names.append(label)
         probes += specs
-    return SweepFile(path=path, name=str(doc.get("name", Path(path).stem)), extract=dict(doc.get("extract", {})),
-                     datasets=datasets, probes=probes, experiments=names)
+    extract = dict(doc.get("extract", {}))
+    if "decode_workers" in extract:  # ExtractConfig's name for it
+        extract["num_workers"] = extract.pop("decode_workers")
+    return SweepFile(path=path, name=str(doc.get("name", Path(path).stem)), extract=extract,
+                     datasets=datasets, probes=probes, experiments=names, notices=notices)
 
 
 def _check_backbone(chk: _Checker, name: str, table: tuple[Any, ...], key: str) -> None:

@@ -112,6 +112,8 @@ class SweepFile:
     datasets: dict[str, DatasetDef]
     probes: list[ProbeSpec]
     experiments: list[str]
+    #: lines to show the user (old spellings of keys, still read)
+    notices: list[str] = field(default_factory=list)
 
 
 # -- the plan -------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ runner = CliRunner()
 
 def test_speed_benchmark_rows():
     rows = speed_benchmark(["test_vit", "timm:test_convnext"], reference="test_vit", batches=2, batch_size=2,
-                           device="cpu")
+                           device="cpu", weights="random")
     assert [r["backbone"] for r in rows] == ["test_vit", "timm:test_convnext"]
     ref, other = rows
     assert ref["is_reference"] and not other["is_reference"]
@@ -37,14 +37,15 @@ def test_speed_benchmark_rows():
 
 
 def test_reference_added_when_not_listed():
-    rows = speed_benchmark(["timm:test_convnext"], reference="test_vit", batches=1, batch_size=1, device="cpu")
+    rows = speed_benchmark(["timm:test_convnext"], reference="test_vit", batches=1, batch_size=1, device="cpu",
+                           weights="random")
     assert [r["backbone"] for r in rows] == ["test_vit", "timm:test_convnext"]
     assert rows[0]["relative_to_vitb16"] == 1.0
 
 
 def test_cli_writes_speed_records(tmp_path):
     result = runner.invoke(app, ["bench", "speed", "--backbones", "timm:test_convnext", "--reference", "test_vit",
-                                 "--batches", "1", "--batch-size", "1", "--device", "cpu",
+                                 "--batches", "1", "--batch-size", "1", "--device", "cpu", "--weights", "random",
                                  "--store-root", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "rel. ViT-B/16" in result.output
@@ -64,3 +65,16 @@ def test_cli_unknown_backbone_one_line_error(tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "no_such_backbone" in lines[0], result.output
     assert read_results(tmp_path) == []
+
+
+def test_cli_weights_default_to_pretrained_as_extract(tmp_path, monkeypatch):
+    """`bench speed` loads the pretrained weights unless told `--weights random`, as `extract` does;
+    offline with no cached copy that is one line naming the way out."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    result = runner.invoke(app, ["bench", "speed", "--backbones", "test_vit", "--reference", "test_vit",
+                                 "--batches", "1", "--batch-size", "1", "--device", "cpu"])
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "test_vit" in errors[0] and "--weights random" in errors[0], result.output
+    assert "Traceback" not in result.output

@@ -25,7 +25,7 @@ name = "tiny"
 device = "cpu"
 batch_size = 4
 shard_size = 4
-num_workers = 0
+decode_workers = 0
 target_size = 32
 [probe]
 device = "cpu"
@@ -85,6 +85,24 @@ def test_bad_dataset_table_and_data_root_are_rejected():
         parse_sweep(ok, "x.toml", ["coco=/data/coco"])
     with pytest.raises(SweepFileError, match="not valid TOML"):
         parse_sweep(ok + "oops = [\n", "x.toml")
+
+
+def test_old_spelling_num_workers_is_read_with_a_notice(tmp_path):
+    exp = '[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["depth"] }\n'
+    new = parse_sweep(TINY + exp, "x.toml")
+    assert new.extract["num_workers"] == 0 and not new.notices
+    old = parse_sweep(TINY.replace("decode_workers = 0", "num_workers = 3") + exp, "x.toml")
+    assert old.extract["num_workers"] == 3 and "decode_workers" not in old.extract
+    assert old.notices == ["x.toml line 7: [extract] num_workers is now decode_workers; the old spelling goes in a later version."]
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    sweep = _write(tmp_path, TINY.replace("decode_workers = 0", "num_workers = 0") + exp)
+    dry = CliRunner().invoke(app, ["sweep", str(sweep), "--store-root", str(tmp_path / "fresh"), "--dry-run"])
+    assert dry.exit_code == 0 and "warning: " in dry.output and "num_workers is now decode_workers" in dry.output
+    with pytest.raises(SweepFileError, match="line 8: .*both decode_workers and its old spelling num_workers"):
+        parse_sweep(TINY.replace("decode_workers = 0", "decode_workers = 0\nnum_workers = 3") + exp, "x.toml")
 
 
 def test_shipped_sweep_files_validate():

@@ -237,8 +237,8 @@ def bench_speed(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (paper: 8).")] = SPEED_BATCH_SIZE,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = DEFAULT_DEVICE,
     store_root: Annotated[Optional[Path], typer.Option(help="Also append one task='speed' record per backbone to ROOT/results.")] = None,
-    weights: Annotated[Weights, typer.Option(help="random (default: runtime does not depend on the weights, nothing "
-                                                  "to download) or pretrained.")] = Weights.random,
+    weights: Annotated[Weights, typer.Option(help="pretrained (default, as extract) or random (the same model untrained: "
+                                                  "nothing to download; runtime does not depend on the weights).")] = Weights.pretrained,
     task_dim: Annotated[int, typer.Option(min=1, help="Adapter output channels D_out for its timing (1 = depth, boundaries).")] = 1,
     warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed warm-up batches (default: 1 on CPU, 2 on CUDA).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of a table.")] = False,
@@ -279,6 +279,8 @@ def sweep(
     from pipelines.sweep import format_plan, plan_from_file, run_sweep
 
     plan = plan_from_file(sweep_file, _location(store_root, storage_option), data_roots=data_root)
+    for line in plan.sweep.notices:
+        err.print(f"[bold yellow]warning:[/] {rich_escape(line)}", soft_wrap=True, highlight=False)
     if dry_run:
         out.print(format_plan(plan))
     summary = run_sweep(plan, workers=workers, scheduler=scheduler, dry_run=dry_run, show_progress=progress)
