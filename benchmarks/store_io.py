@@ -7,8 +7,9 @@ then times, in one process and in alternating rounds:
 * ``raw read``: every file of the store read with ``np.fromfile`` (the reference for reads);
 * ``read_all``: ``FeatureStore.read_all()``;
 * ``read_batch``: ``FeatureStore.read_batch`` of random batches of 16 (a shuffled permutation),
-  each into a fresh array, and ``read_batch(out=)``: the same batches into one reused array (what
-  a loader does: the streamed probe epoch reads into one reused array per layer);
+  each into a fresh array dropped before the next batch is read (as the raw read drops each file's
+  array), and ``read_batch(out=)``: the same batches into one reused array (what the streamed probe
+  epoch does, one reused array per layer);
 * ``probe epoch``: a streamed, shuffled epoch ``ProbeData(..., in_memory=False).batches(16,
   shuffle=True, reuse_buffers=True)`` (as the trainer calls it: float32 batches in a ring of reused
   buffers) over the features alone (the target store holds one small array that the epoch does not read);
@@ -182,9 +183,13 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
         nb = min(n, args.batch_images)
         order = rng.permutation(n)[:nb]
         batches = [order[i:i + 16] for i in range(0, nb, 16)]
-        rows["read_batch(16)"] = (timed(lambda: [fs.read_batch(b) for b in batches]), nb)
+        def each(read) -> None:  # every batch dropped before the next is read, as the raw read drops each file
+            for b in batches:
+                read(b)
+
+        rows["read_batch(16)"] = (timed(lambda: each(fs.read_batch)), nb)
         buf = np.empty((16, *GRID, CHANNELS), np.float16)
-        rows["read_batch(16,out=)"] = (timed(lambda: [fs.read_batch(b, out=buf[:len(b)]) for b in batches]), nb)
+        rows["read_batch(16,out=)"] = (timed(lambda: each(lambda b: fs.read_batch(b, out=buf[:len(b)]))), nb)
         ne = min(n, args.epoch_images)
         data = ProbeData(fs, open_targets(tpath), [], indices=np.arange(ne), in_memory=False)
         gen = torch.Generator().manual_seed(rnd)

@@ -105,6 +105,25 @@ def test_files_equal_zarr_python(tmp_path, where, compression, empty_shard):
     assert fast.location.partial_files() == []
 
 
+def test_zstd_shard_encoded_in_blocks_on_worker_threads_equals_zarr_python(tmp_path, monkeypatch):
+    """A zstd shard big enough is compressed in blocks on the worker threads: still zarr's bytes, in order."""
+    import store.fastwrite as fw
+    from store.fastread import _pool
+
+    if _pool() is None:
+        pytest.skip("one core: shards are compressed on the writing thread only")
+    monkeypatch.setattr(fw, "_ZSTD_BLOCK", 2)  # 8-image shards: 4 blocks each
+    calls = []
+    real = fw.ShardWriter._compressed
+    monkeypatch.setattr(fw.ShardWriter, "_compressed", lambda self, rows, images: calls.append(len(images)) or real(self, rows, images))
+    values = _values()
+    fast, slow = _writer(as_location(tmp_path / "fast.zarr"), "zstd"), _writer(as_location(tmp_path / "zarr.zarr"), "zstd", direct=False)
+    _write(fast, values)
+    _write(slow, values)
+    assert max(calls) >= 4  # the block path ran
+    assert _data_files(fast.location) == _data_files(slow.location)
+
+
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_plain_zarr_reads_it(tmp_path, compression):
     values = _values()
