@@ -261,3 +261,24 @@ def test_a_bad_image_gets_zeros_and_its_flag(runs, tmp_path):
     values = store.read_all()
     assert store.bad.tolist() == [2] and store.meta["num_bad"] == 1
     assert not values[2].any() and all(values[i].any() for i in (0, 1, 3, 4, 5))
+
+
+def test_instances_and_depth_figures():
+    """Instances: truth ids, the embedding's PCA colours and k-means with the true count; depth: one
+    colour bar for truth and prediction, invalid truth (0) apart."""
+    rng = np.random.default_rng(0)
+    truth = np.zeros((64, 64), int)
+    truth[5:30, 5:30], truth[35:60, 30:60] = 1, 2
+    emb = rng.normal(size=(32, 64, 64))
+    emb[:, truth == 1] += 3
+    emb[0, truth == 2] -= 4
+    fig = prediction_figure("instances", [("prediction", emb)], ViewInputs(truth=truth))
+    _, panels = _panels(fig)
+    assert [t for t, _ in fig.panels] == ["input", "ground truth", "prediction", "k-means, k = 2 (true foreground)"]
+    kmeans = panels["k-means, k = 2 (true foreground)"]
+    assert len(np.unique(kmeans.reshape(-1, 3), axis=0)) >= 3  # background and two clusters
+    depth = np.abs(rng.normal(2, 1, (64, 64)))
+    shown = depth.copy()
+    shown[:10] = 0
+    fig = prediction_figure("depth", [("prediction", depth)], ViewInputs(truth=shown))
+    assert fig.scale == "colour bar" and len(fig.panels) == 3
