@@ -32,7 +32,8 @@ _NAMES = {
     "ProbeConfig": "probe.config", "train_probe": "probe.train", "ProbeResult": "probe.train",
     "ProbeData": "probe.data", "StorePairDataset": "probe.dataset",
     "load_adapter": "probe.predict", "predict": "probe.predict", "predict_arrays": "probe.predict",
-    "output_values": "probe.predict",
+    "output_values": "probe.predict", "predict_store": "probe.predict_store",
+    "open_predictions": "store.predictions", "PredictionStore": "store.predictions",
     "run_extract": "extract.jobs",
     "MaxaError": "runtime.errors", "StoreError": "runtime.errors",
 }

@@ -246,10 +246,13 @@ def feature_pca(roots: list[str], records: list[dict[str, Any]], max_images: int
 
 # -- predictions at several resolutions -----------------------------------------------------------
 def prediction_resolutions(records: list[dict[str, Any]], sizes=PREDICTION_SIZES, index: int = 0):
-    """For each task, the best run with an adapter and eval store on disk, rendered at ``sizes``."""
+    """For each task, the best run with an adapter and eval store on disk: one figure of image ``index``
+    with its input, its ground truth and the prediction at each of ``sizes``, with a colour bar or a
+    class legend (:mod:`pipelines.prediction_view`)."""
     import json
 
-    from probe.predict import colourise, predict
+    from pipelines.prediction_view import prediction_figure, view_inputs
+    from probe.predict import output_values, predict
 
     figures, notes = [], []
     for task in ("semseg", "boundaries", "instances", "distance", "depth"):
@@ -269,17 +272,25 @@ def prediction_resolutions(records: list[dict[str, Any]], sizes=PREDICTION_SIZES
             continue
         _, run, ev, r = min(cands, key=lambda c: c[:2])
         try:
-            tiles = []
+            preds = []
             for s in sizes:
                 raw, meta = predict(run, ev, index, (s, s))
-                tiles.append(colourise(raw, task).convert("RGB"))
-        except Exception as e:
+                preds.append((f"prediction {s}×{s}", output_values(raw, task)))
+            view = view_inputs(ev, index, task)
+            if view.class_names is None and (meta.get("info") or {}).get("class_names"):
+                view.class_names = tuple(meta["info"]["class_names"])
+            group = f"{task} · {r['backbone']} · {r['dataset']} · seed {r.get('seed')} · image {index}"
+            figure = prediction_figure(task, preds, view)
+        except Exception as e:  # a broken run or store must not stop the report
             notes.append(f"prediction of {run} failed: {e}")
             continue
-        for s, t in zip(sizes, tiles):
-            figures.append(Figure(f"pred_{task}_{s}.png", _image_png(t),
-                                  f"{s}×{s}", "predictions",
-                                  f"{task} · {r['backbone']} · {r['dataset']} · seed {r.get('seed')} · image {index}"))
+        if view.image is None:
+            notes.append(f"{task}: the target store of {ev} holds no input image (built before target stores "
+                         "kept it); the prediction figure shows a note in its place.")
+        caption = f"input | ground truth | prediction at {', '.join(f'{s}×{s}' for s in sizes)}"
+        if figure.scale:
+            caption += f" ({figure.scale})"
+        figures.append(Figure(f"pred_{task}.png", figure.png, caption, "predictions", group))
     if not figures and not notes:
         notes.append("no adapter run directory with its eval store on disk: no prediction images.")
     return figures, notes

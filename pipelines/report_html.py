@@ -32,7 +32,6 @@ span.n { color: #999; font-size: 0.85em; margin-left: 3px; }
 ul.notes li { color: #8a5a00; }
 figure { display: inline-block; margin: 6px 10px 10px 0; vertical-align: top; }
 figure img { border: 1px solid #ddd; max-width: 100%; }
-figure.pred img { width: 224px; height: 224px; image-rendering: pixelated; }
 figcaption { font-size: 0.8em; color: #444; max-width: 900px; }
 div.row { margin-bottom: 14px; }
 div.scroll { max-width: 100%; overflow-x: auto; }

@@ -9,7 +9,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from probe.adapter import AdapterConfig
 from probe.heads import build_head
@@ -18,11 +17,17 @@ from store.location import Location
 from store.reader import FeatureStore, open_features
 from store.results import read_run_file
 
-__all__ = ["load_adapter", "predict", "predict_arrays", "colourise", "check_adapter_fits", "output_values"]
+__all__ = ["load_adapter", "load_adapter_bytes", "predict", "predict_arrays", "check_adapter_fits", "output_values"]
 
 
 def load_adapter(run_dir: str | Path | Location) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model of ``run_dir`` (from ``maxa probe``; a folder, URL or Location) and its meta."""
+    model, meta, _ = load_adapter_bytes(run_dir)
+    return model, meta
+
+
+def load_adapter_bytes(run_dir: str | Path | Location) -> tuple[torch.nn.Module, dict[str, Any], bytes]:
+    """:func:`load_adapter`, and the bytes of ``adapter.pt`` (what identifies the trained weights)."""
     meta_bytes = read_run_file(run_dir, "meta.json")
     weights = read_run_file(run_dir, "adapter.pt")
     if meta_bytes is None or weights is None:
@@ -33,7 +38,7 @@ def load_adapter(run_dir: str | Path | Location) -> tuple[torch.nn.Module, dict[
     state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.eval()
-    return model, meta
+    return model, meta, weights
 
 
 def predict(run_dir: str | Path | Location, store: str | Path | Location, index: int,
@@ -54,17 +59,23 @@ def predict_arrays(model: torch.nn.Module, features: Sequence[np.ndarray], token
     """``(B, C, H, W)`` raw output of a trained ``model`` for features given as arrays: per layer
     ``(B, h, w, C)`` (or one image's ``(h, w, C)``) and its ``(h, w, 2)`` token centres
     (``FeatureStore.token_centres``). :func:`output_values` turns it into probabilities or values."""
+    return _forward(model, features, token_centres, size, torch.device("cpu"))
+
+
+def _forward(model: torch.nn.Module, features: Sequence[np.ndarray], token_centres: Sequence[np.ndarray],
+             size: tuple[int, int], device: torch.device) -> np.ndarray:
+    """:func:`predict_arrays` with the inputs on ``device`` (where ``model`` is)."""
     feats, pos = [], []
     for a, centres in zip(features, token_centres, strict=True):
         a = np.asarray(a, dtype=np.float32)
         a = a[None] if a.ndim == 3 else a
         if a.ndim != 4:
             raise MaxaError(f"features must be (h, w, C) or (B, h, w, C) per layer, not {a.shape}")
-        feats.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])))
-        pos.append(torch.from_numpy(np.asarray(centres, dtype=np.float32).reshape(-1, 2)))
+        feats.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])).to(device))
+        pos.append(torch.from_numpy(np.asarray(centres, dtype=np.float32).reshape(-1, 2)).to(device))
     model.eval()
     with torch.no_grad():
-        return model(feats, pos, tuple(size)).numpy()
+        return model(feats, pos, tuple(size)).float().cpu().numpy()
 
 
 def check_adapter_fits(meta: dict[str, Any], fs: FeatureStore, run_dir: str | Path) -> None:
@@ -107,27 +118,3 @@ def output_values(out: np.ndarray, task: str) -> np.ndarray:
     if task in ("depth", "distance"):
         return out[0].astype(np.float32)
     return out.astype(np.float32)
-
-
-def colourise(out: np.ndarray, task: str) -> Image.Image:
-    """A viewable image of a task's raw output."""
-    if task == "semseg":
-        labels = out.argmax(0).astype(np.int64)
-        rng = np.random.default_rng(0)
-        palette = rng.integers(0, 256, (max(out.shape[0], 1), 3), dtype=np.uint8)
-        palette[0] = 0
-        return Image.fromarray(palette[labels])
-    if task == "boundaries":
-        prob = 1.0 / (1.0 + np.exp(-out[0]))
-        return Image.fromarray((prob * 255).astype(np.uint8))
-    if task == "instances":  # three principal components of the latent as RGB
-        c, h, w = out.shape
-        x = out.reshape(c, -1).T
-        x = x - x.mean(0)
-        _, _, vt = np.linalg.svd(x, full_matrices=False)
-        rgb = x @ vt[:3].T
-        rgb = (rgb - rgb.min(0)) / (np.ptp(rgb, 0) + 1e-8)
-        return Image.fromarray((rgb.reshape(h, w, 3) * 255).astype(np.uint8))
-    v = out[0]
-    v = (v - v.min()) / (np.ptp(v) + 1e-8)
-    return Image.fromarray((v * 255).astype(np.uint8))

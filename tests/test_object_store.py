@@ -133,11 +133,23 @@ def test_predict_from_a_run_and_a_store_on_s3(s3, stores, tmp_path):
     assert run_dir.startswith(f"s3://{BUCKET}/lab-results/runs/") and s3.isfile(run_dir.removeprefix("s3://") + "/adapter.pt")
     png = tmp_path / "pred.png"
     r = runner.invoke(app, ["predict", "--adapter", run_dir, "--store", stores["val"], "--index", "2",
-                            "--size", "96", "--out", str(png)])
+                            "--size", "96", "--bare", "--out", str(png)])
     assert r.exit_code == 0, r.output
     from PIL import Image
 
     assert Image.open(png).size == (96, 96)
+    r = runner.invoke(app, ["predict", "--adapter", run_dir, "--store", stores["val"], "--index", "2",
+                            "--size", "96", "--out", str(tmp_path / "fig.png")])
+    assert r.exit_code == 0 and "input | ground truth | prediction 96×96" in r.output, r.output
+    # every image's values into a prediction store in the bucket
+    preds = f"s3://{BUCKET}/lab-results/preds.zarr"
+    r = runner.invoke(app, ["predict", "--adapter", run_dir, "--store", stores["val"], "--size", "32",
+                            "--out", preds, "--no-progress", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    from store.predictions import open_predictions
+
+    p = open_predictions(preds)
+    assert p.values_name == "boundary_probability" and p.read_all().shape == (len(p.image_ids), 32, 32)
     r = runner.invoke(app, ["predict", "--adapter", f"s3://{BUCKET}/lab-results/runs/nothing", "--store", stores["val"],
                             "--out", str(png)])
     assert r.exit_code != 0 and "not an adapter run directory" in r.output and "Traceback" not in r.output

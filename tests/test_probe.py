@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -91,7 +90,7 @@ def test_record_run_dir_and_predict_any_size(shapes_root, tmp_path):
     assert np.allclose(probs, output_values(small, "semseg")) and (probs.argmax(0) == small.argmax(0)).all()
     assert CliRunner().invoke(app, [*base, "--out", str(tmp_path / "pred.png")]).exit_code == 0
     bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "pred.txt")])
-    assert bad.exit_code == 2 and "write .npy (the values) or .png/.jpg" in bad.output
+    assert bad.exit_code == 2 and "write .png/.jpg (a picture), .npy (one image's values) or .zarr" in bad.output
 
 
 def test_deterministic_on_cpu_for_a_seed(shapes_root, tmp_path):

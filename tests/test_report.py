@@ -148,9 +148,12 @@ def test_figures_written(report):
     out, paths = report["out"], report["paths"]
     names = {Path(p).name for p in paths.images}
     assert {"score_vs_speed.png", "score_vs_plearn.png", "pca_test_vit.png"} <= names
-    assert {f"pred_boundaries_{s}.png" for s in (56, 112, 224, 448)} <= names
-    for s in (56, 448):
-        assert Image.open(out / "img" / f"pred_boundaries_{s}.png").size == (s, s)
+    # predictions: input | ground truth | the prediction at 56, 112, 224 and 448 px, with a colour bar
+    assert "pred_boundaries.png" in names
+    pred = np.asarray(Image.open(out / "img" / "pred_boundaries.png").convert("RGB")).astype(int)
+    assert pred.shape[1] > 6 * pred.shape[0] // 2 and pred.shape[0] >= 200
+    assert np.abs(pred[..., 0] - pred[..., 2]).mean() > 5  # a colour map, not grey squares
+    assert "input | ground truth | prediction at 56×56, 112×112, 224×224, 448×448 (colour bar)" in report["md"]
     pca = np.asarray(Image.open(out / "img" / "pca_test_vit.png").convert("RGB"))
     assert pca.shape[1] >= 3 * 112 and len(np.unique(pca.reshape(-1, 3), axis=0)) > 20
     assert "64 / 10×10" in report["md"]  # C / h×w

@@ -183,29 +183,77 @@ def probe(
 @clean_errors
 def predict(
     adapter: Annotated[str, typer.Option(help="Run directory written by `maxa probe` (a path or s3://… URL).")],
-    store: Annotated[str, typer.Option(help="Feature store holding the image (a path or s3://… URL).")],
-    index: Annotated[int, typer.Option(help="Image index in the store.")] = 0,
+    store: Annotated[str, typer.Option(help="Feature store holding the image(s) (a path or s3://… URL).")],
+    index: Annotated[Optional[int], typer.Option(help="Image index in the store, for one image's --out .png/.npy "
+                                                      "(default 0).")] = None,
+    all_images: Annotated[bool, typer.Option("--all", help="Every image of the store, into --out NAME.zarr (what "
+                                                           "a .zarr --out does anyway).")] = False,
     size: Annotated[int, typer.Option(min=8, help="Output resolution (any; the adapter takes positions).")] = DEFAULT_TARGET_SIZE[0],
-    out_path: Annotated[Path, typer.Option("--out", help="An image to view (.png, .jpg) or the values as a NumPy "
-                                                         "array (.npy: semseg class probabilities (C,H,W), boundary "
-                                                         "probability (H,W), depth/distance values (H,W), instance "
-                                                         "embedding (C,H,W)).")] = Path("pred.png"),
+    out_path: Annotated[str, typer.Option("--out", help="What to write: .png/.jpg — input | ground truth | prediction "
+                                                        "side by side with a colour bar or class legend; .npy — one "
+                                                        "image's values (semseg class probabilities (C,H,W), boundary "
+                                                        "probability (H,W), depth/distance values (H,W), instance "
+                                                        "embedding (C,H,W)); .zarr — those values for every image "
+                                                        "of the store, with their image ids.")] = "pred.png",
+    bare: Annotated[bool, typer.Option("--bare", help="With .png/.jpg: only the prediction, SIZE×SIZE pixels, no "
+                                                      "panels.")] = False,
+    labels: Annotated[bool, typer.Option("--labels", help="With .zarr, semseg: store the arg-max label map instead "
+                                                          "of the class probabilities.")] = False,
+    dtype: Annotated[str, typer.Option(help="With .zarr: float32 (the values as .npy gives them) or float16 "
+                                            "(half the bytes).")] = "float32",
+    batch_size: Annotated[int, typer.Option(min=1, help="With .zarr: images per forward pass at most.")] = 16,
+    device: Annotated[str, typer.Option(help="With .zarr: auto, cpu, cuda, cuda:N.")] = DEFAULT_DEVICE,
+    progress: Annotated[bool, typer.Option(help="With .zarr: show progress.")] = True,
     storage_option: StorageOptionList = None,
 ) -> None:
-    """Render a trained adapter's prediction for one stored image at any output size."""
-    from probe.predict import colourise, output_values, predict as run_predict
+    """Render a trained adapter's prediction for one stored image at any output size (a picture or its
+    values), or write its values for every image of the store into a Zarr store."""
+    kind = Path(out_path.rstrip("/")).suffix.lower()
+    if kind not in (".npy", ".png", ".jpg", ".jpeg", ".zarr"):
+        raise MaxaError(f"--out {out_path}: write .png/.jpg (a picture), .npy (one image's values) or .zarr "
+                        "(every image's values).")
+    if kind == ".zarr" or all_images:
+        if kind != ".zarr":
+            raise MaxaError(f"--all writes every image's values into a Zarr store: --out NAME.zarr, not {out_path}.")
+        if index is not None:
+            raise MaxaError("--out NAME.zarr holds every image of the store; drop --index (or write one image "
+                            "to .npy or .png).")
+        from probe.predict_store import predict_store
 
-    kind = out_path.suffix.lower()
-    if kind not in (".npy", ".png", ".jpg", ".jpeg"):
-        raise MaxaError(f"--out {out_path}: write .npy (the values) or .png/.jpg (an image to view).")
+        result = predict_store(_location(adapter, storage_option), _location(store, storage_option),
+                               _location(out_path, storage_option), size=(size, size), labels=labels, dtype=dtype,
+                               batch_size=batch_size, device=device, show_progress=progress)
+        shape = " x ".join(map(str, result.shape))
+        state = "finished an interrupted store, " if result.resumed else ""
+        out.print(f"wrote {result.path} ({state}array {result.values!r}: {result.images_written} images of {shape} "
+                  f"{result.dtype}, task {result.task})", highlight=False)
+        return
+    for flag, given in (("--labels", labels), ("--dtype", dtype != "float32"), ("--batch-size", batch_size != 16)):
+        if given:
+            raise MaxaError(f"{flag} applies to --out NAME.zarr (every image's values), not to {out_path}.")
+    from probe.predict import output_values, predict as run_predict
+
+    index = 0 if index is None else index
     raw, meta = run_predict(_location(adapter, storage_option), _location(store, storage_option), index, (size, size))
+    values = output_values(raw, meta["task"])
     if kind == ".npy":
-        values = output_values(raw, meta["task"])
         np.save(out_path, values)
         out.print(f"wrote {out_path} ({' x '.join(map(str, values.shape))} float32, task {meta['task']})")
         return
-    colourise(raw, meta["task"]).save(out_path)
-    out.print(f"wrote {out_path} ({size}x{size}, task {meta['task']})")
+    from pipelines.prediction_view import prediction_figure, prediction_image, view_inputs
+
+    task = meta["task"]
+    if bare:
+        prediction_image(values, task).save(out_path)
+        out.print(f"wrote {out_path} ({size}x{size}, task {task})", highlight=False)
+        return
+    view = view_inputs(_location(store, storage_option), index, task)
+    if view.class_names is None and (meta.get("info") or {}).get("class_names"):
+        view.class_names = tuple(meta["info"]["class_names"])
+    title = f"{task} · {meta.get('backbone')} · {meta.get('dataset')} · image {index}"
+    figure = prediction_figure(task, [(f"prediction {size}×{size}", values)], view, title)
+    figure.save(out_path)
+    out.print(f"wrote {out_path} ({' | '.join(t for t, _ in figure.panels)}; task {task})", highlight=False)
 
 
 # -- report ---------------------------------------------------------------------------------------
