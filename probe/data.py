@@ -97,6 +97,20 @@ def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
+class _Converter:
+    """``put(k, values)`` for :meth:`FeatureStore.read_batch_each`: one image's ``(h, w, C)``
+    float16 values into row ``k`` of a float32 ``(B, h·w, C)`` batch, on the calling thread."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.out = out
+        self._src: tuple[np.ndarray, torch.Tensor] | None = None
+
+    def __call__(self, k: int, values: np.ndarray) -> None:
+        if self._src is None or self._src[0] is not values:  # the reader hands on one buffer: view it once
+            self._src = (values, torch.from_numpy(values).view(-1))
+        _serial_copy(self.out[k], self._src[1])
+
+
 class ProbeData:
     """Features and targets of images ``indices`` of an aligned (feature, target) store pair.
 
@@ -193,31 +207,34 @@ class ProbeData:
     def _prefetched(self, chunks: list[np.ndarray], batch_size: int, reuse: bool = False) -> Iterator[Any]:
         """Batches read from the stores by a background thread, ``prefetch`` batches ahead.
 
-        The thread reads each batch's float16 features into one reused buffer per layer, then makes
-        the float32 batch from it: on a CPU on this thread alone (:func:`_serial_copy`), with
-        ``reuse`` into a ring of ``prefetch + 2`` buffers per layer (fresh memory for every batch
-        costs about as much as reading it; the queue holds at most ``prefetch`` batches and the
-        thread fills one more, so the batch the consumer holds is not written until it asks for the
-        next one); on a GPU after moving the float16 there (half the bytes cross the bus).
+        On a CPU the thread converts each image's float16 features into the float32 batch as soon
+        as they are read, while still in the CPU's cache (:meth:`FeatureStore.read_batch_each`), on
+        this thread alone (:func:`_serial_copy`); with ``reuse`` the batches are a ring of
+        ``prefetch + 2`` buffers per layer (fresh memory for every batch costs about as much as
+        reading it; the queue holds at most ``prefetch`` batches and the thread fills one more, so
+        the batch the consumer holds is not written until it asks for the next one). On a GPU the
+        thread reads each batch's float16 into one reused buffer per layer and moves it, and the
+        device converts it (half the bytes cross the bus).
         """
         depth = max(1, self.prefetch)
         q: queue.Queue = queue.Queue(maxsize=depth)
         stop = threading.Event()
         shapes = [self.features.layer_shape(l) for l in self.layers]
-        scratch = [np.empty((batch_size, *shape), dtype=self.features.layer_dtype(l))
-                   for l, shape in zip(self.layers, shapes)]
         on_cpu = self.device.type == "cpu"
+        scratch = [] if on_cpu else [np.empty((batch_size, *shape), dtype=self.features.layer_dtype(l))
+                                     for l, shape in zip(self.layers, shapes)]
         ring = [[_float_batch(batch_size, shape) for shape in shapes] for _ in range(depth + 2)] if reuse and on_cpu else []
 
         def features(k: int, idx: np.ndarray) -> list[torch.Tensor]:
             feats = []
-            for j, (l, buf) in enumerate(zip(self.layers, scratch)):
-                got = torch.from_numpy(self.features.read_batch(idx, l, out=buf[: len(idx)])).flatten(1, -2)
+            for j, l in enumerate(self.layers):
                 if not on_cpu:
-                    feats.append(got.to(self.device).float())
-                else:
-                    out = ring[k % len(ring)][j] if ring else _float_batch(len(idx), shapes[j])
-                    feats.append(_serial_copy(out[: len(idx)], got))
+                    got = torch.from_numpy(self.features.read_batch(idx, l, out=scratch[j][: len(idx)]))
+                    feats.append(got.flatten(1, -2).to(self.device).float())
+                    continue
+                out = (ring[k % len(ring)][j] if ring else _float_batch(len(idx), shapes[j]))[: len(idx)]
+                self.features.read_batch_each(idx, _Converter(out), l)
+                feats.append(out)
             return feats
 
         def work() -> None:

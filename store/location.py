@@ -20,7 +20,7 @@ from __future__ import annotations
 import posixpath
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import zarr
 
@@ -154,6 +154,18 @@ class Location(ABC):
                 pos += n
             counts.append(pos)
         return counts
+
+    def read_pieces_each(self, pieces: Sequence[tuple[int, Sequence[Any]]],
+                         each: Callable[[int, int], None]) -> bool:
+        """:meth:`read_pieces`, calling ``each(k, bytes read)`` as soon as piece ``k`` is read, before
+        the next one is: the pieces may share their buffers (one small buffer that stays in the
+        CPU's cache, used once per piece). ``False`` if the file is not there."""
+        for k, piece in enumerate(pieces):
+            got = self.read_pieces([piece])
+            if got is None:
+                return False
+            each(k, got[0])
+        return True
 
     #: Whether many small reads cost about what their bytes cost (a local disk), rather than a
     #: request each (object storage): readers then read byte ranges rather than whole files.

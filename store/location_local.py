@@ -8,7 +8,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import zarr
 
@@ -104,6 +104,21 @@ class LocalLocation(Location):
             return None
         try:
             return [_preadv_all(fd, offset, [memoryview(b).cast("B") for b in buffers]) for offset, buffers in pieces]
+        finally:
+            os.close(fd)
+
+    def read_pieces_each(self, pieces: Sequence[tuple[int, Sequence[Any]]],
+                         each: Callable[[int, int], None]) -> bool:
+        if not hasattr(os, "preadv"):
+            return super().read_pieces_each(pieces, each)
+        try:
+            fd = os.open(self.url, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return False
+        try:
+            for k, (offset, buffers) in enumerate(pieces):
+                each(k, _preadv_all(fd, offset, [memoryview(b).cast("B") for b in buffers]))
+            return True
         finally:
             os.close(fd)
 

@@ -335,6 +335,37 @@ class FeatureStore(_Store):
         _check_out(out, (len(indices), *self.layer_shape(layer)), self.layer_dtype(layer), self._layer_array_name(layer))
         return _into(out, self._values(layer, lambda name: self._read_rows(name, indices)))
 
+    def read_batch_each(self, indices: Sequence[int], put: Callable[[int, np.ndarray], None],
+                        layer: str | None = None) -> None:
+        """Call ``put(k, values)`` with the ``(h, w, C)`` features (:meth:`layer_dtype`) of the
+        ``k``-th image of ``indices``, for every ``k`` (in no set order); ``values`` is valid only
+        during the call.
+
+        For a loader that converts as it goes (float16 into a float32 batch): on a local disk each
+        uncompressed image is read into one small buffer and handed on while still in the CPU's
+        cache (:meth:`store.fastread.ShardedArray.read_rows_each`); otherwise the batch is read with
+        :meth:`read_batch` and handed on image by image. Damage raises :class:`StoreError` naming
+        the images, as :meth:`read_batch` does.
+        """
+        name = self._layer_array_name(layer)
+        arr = self._array(name)
+        n = arr.shape[0]
+        idx = [int(i) for i in indices]
+        for i in idx:
+            if not -n <= i < n:
+                raise IndexError(f"image index {i} out of range for a store of {n} images")
+        idx = [i % n for i in idx]
+        fast = None if self.spec.lossy else self._fast(name, arr)
+        if fast is not None:
+            try:
+                if fast.read_rows_each(idx, put):
+                    return
+            except Damaged:
+                pass  # read again below, which names the damaged images
+        values = self.read_batch(idx, layer)
+        for k in range(len(idx)):
+            put(k, values[k])
+
     def layer_shape(self, layer: str | None = None) -> tuple[int, int, int]:
         """``(h, w, C)`` of one image's features of ``layer``."""
         spec = self.spec.layer(layer)

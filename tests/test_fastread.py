@@ -236,3 +236,56 @@ def test_shard_indexes_are_kept_only_for_complete_stores(tmp_path):
     fs = open_features(w.path)
     assert np.array_equal(bits(fs.read_batch([1, 20, 33])), bits(data[[1, 20, 33]]))
     assert sorted(fs._fast(NAME, fs._array(NAME))._indexes) == [0, 1, 2]
+
+
+def _each(fs, b) -> tuple[np.ndarray, list[int]]:
+    """What ``read_batch_each`` hands on, as a batch (each image copied as it comes), and the order."""
+    out = np.full((len(b), *fs.layer_shape()), np.nan, dtype=np.float16)
+    order: list[int] = []
+
+    def put(k: int, values: np.ndarray) -> None:
+        out[k] = values
+        order.append(k)
+
+    fs.read_batch_each(b, put)
+    return out, order
+
+
+def test_read_batch_each_hands_on_every_image(written, monkeypatch):
+    """``read_batch_each``: every image once, the same bits as zarr-python reads, whichever path
+    (the one-buffer path on a local uncompressed store, the batch path elsewhere)."""
+    path, _ = written
+    ref = _zarr_read(path)
+    fs = open_features(path)
+    fast = fs._fast(NAME, fs._array(NAME))
+    calls = []
+    real = type(fast).read_rows_each
+    monkeypatch.setattr(type(fast), "read_rows_each", lambda self, idx, put: calls.append(real(self, idx, put)) or calls[-1])
+    rng = np.random.default_rng(3)
+    for b in [rng.permutation(N)[:16], [3, 3, 36, 0, 36, 3], [-1, -37, 5], [20], list(range(N))[::-1], []]:
+        got, order = _each(fs, b)
+        assert sorted(order) == list(range(len(b))), b
+        assert np.array_equal(bits(got), bits(ref[np.asarray(b, dtype=np.int64) % N])), b
+    one_buffer = not fast.zstd and fast.folder.random_access
+    assert calls and all(c is one_buffer for c in calls)
+    with pytest.raises(IndexError):
+        fs.read_batch_each([N], lambda k, v: None)
+
+
+def test_read_batch_each_unwritten_and_damaged(tmp_path):
+    w = make_writer(tmp_path, make_spec(n=N), shard_size=SHARD)
+    data = _data()
+    fill(w, data, shards=[0, 2])  # shard 1 never written: the fill value
+    fs = open_features(w.path, allow_incomplete=True)
+    ref = _zarr_read(w.path)
+    got, _ = _each(fs, [20, 3, 33, 17])
+    assert np.array_equal(bits(got), bits(ref[[20, 3, 33, 17]]))
+    fill(w, data, shards=[1])
+    w.finalize()
+    _flip(w.path, 1, 20 - SHARD)
+    fs = open_features(w.path)
+    with pytest.raises(StoreError) as err:
+        _each(fs, [1, 20, 33])
+    assert "\n" not in str(err.value) and "image 20 (id img20)" in str(err.value) and "img1)" not in str(err.value)
+    got, _ = _each(fs, [19, 21, 3])  # the chunks around it are whole
+    assert np.array_equal(bits(got), bits(data[[19, 21, 3]]))
