@@ -94,6 +94,8 @@ def extract(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record undecodable images and go on.")] = False,
     build_targets: Annotated[bool, typer.Option(help="Also build the split's target store.")] = True,
     target_size: Annotated[int, typer.Option(min=8, help="Target (output) resolution, square.")] = DEFAULT_TARGET_SIZE[0],
+    target_image: Annotated[bool, typer.Option(help="Keep each image resized to the target size in the target store "
+                                               "(needed by --head jbu; ≈ 3·size² bytes per image).")] = True,
     num_classes: Annotated[Optional[int], typer.Option(help="segfolder: number of classes.")] = None,
     ignore_index: Annotated[Optional[int], typer.Option(help="segfolder: label value to ignore.")] = None,
     scene_seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
@@ -122,7 +124,8 @@ def extract(
             dataset_options={k: v for k, v in options.items() if v is not None}, weights=weights,
             layers=_parse_layers(layers), batch_size=batch_size, device=device, limit=limit,
             num_workers=decode_workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
-            targets=build_targets, target_size=(target_size, target_size), show_progress=progress,
+            targets=build_targets, target_size=(target_size, target_size), target_image=target_image,
+            show_progress=progress,
         )
     f = result.features
     if f.reused:
