@@ -148,7 +148,8 @@ def probe(
     task: Annotated[str, typer.Option(help="boundaries, distance, instances, semseg or depth.")],
     eval_store: Annotated[Optional[str], typer.Option(help="Eval feature store (default: same backbone+dataset, val/test split).")] = None,
     variant: Annotated[str, typer.Option(help="base, d16, no-sigma, shared-sigma, single-layer, paper-budget.")] = probe_default("variant"),
-    head: Annotated[str, typer.Option(help="Readout: maxa (the MAXA adapter) or a baseline head (linear, cnn).")] = probe_default("head"),
+    head: Annotated[str, typer.Option(help="Readout: maxa (the MAXA adapter) or a baseline head (linear, cnn, "
+                                     "jbu: image-guided upsampling then linear probing, needs target stores with images).")] = probe_default("head"),
     seed: Annotated[int, typer.Option(help="Seed: initialisation, validation split, shuffling.")] = probe_default("seed"),
     batch_size: Annotated[int, typer.Option(min=1)] = probe_default("batch_size"),
     max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap (early stopping on validation loss).")] = probe_default("max_epochs"),
