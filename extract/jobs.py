@@ -38,6 +38,7 @@ def run_extract(
     config: ExtractConfig | None = None,
     targets: bool = True,
     target_size: tuple[int, int] = DEFAULT_TARGET_SIZE,
+    target_image: bool = True,
     show_progress: bool = True,
     **settings: Any,
 ) -> ExtractJobResult:
@@ -47,7 +48,9 @@ def run_extract(
     given as keywords in ``settings`` replaced (``weights="random", batch_size=4``).
 
     The target store is backbone-independent: it is built once per dataset split and size and
-    found again by every later extraction of the same split. ``store_root`` may be a folder, a URL
+    found again by every later extraction of the same split. ``target_image`` keeps each image
+    resized to the target size in it (``image``, for image-guided heads such as ``jbu``; part of
+    the target store's key). ``store_root`` may be a folder, a URL
     (``s3://bucket/prefix``) or a store Location carrying fsspec storage options.
     """
     config = dataclasses.replace(config or ExtractConfig(), **settings)
@@ -64,7 +67,7 @@ def run_extract(
     if targets and reader.targets:
         target_result = build_target_store(
             reader, store_root, size=target_size, limit=config.limit, num_workers=config.num_workers,
-            show_progress=show_progress,
+            show_progress=show_progress, skip_bad=config.skip_bad, image=target_image,
         )
     feature_result = extract_features(model, reader, store_root, config, show_progress=show_progress)
     return ExtractJobResult(features=feature_result, targets=target_result)

@@ -29,7 +29,7 @@ from runtime.provenance import provenance
 from store.location import Location
 from store.catalogue import feature_store_path
 from runtime.errors import BadImageError, MaxaError, StoreError
-from store.reader import open_features
+from store.reader import open_store
 from store.quantize import quantization_for
 from store.spec import FeatureSpec, LayerSpec
 from store.writer import StoreWriter, feature_array_name, feature_arrays
@@ -205,14 +205,15 @@ def _wanted_shards(writer: StoreWriter, path: Location, shards: list[int] | None
 
 
 def check_reusable(path: str | Location, reader: DatasetReader, *, skip_bad: bool) -> None:
-    """Refuse to reuse a complete feature store whose recorded bad images no longer tell the truth.
+    """Refuse to reuse a complete store (features, or targets with images) whose recorded bad images
+    no longer tell the truth.
 
     A store extracted with ``--skip-bad`` holds zeros for the images it could not decode. Reusing
     it is right only while those files are still undecodable and the user still asks to skip them:
     after a repair the store would silently keep the zeros. Only the recorded images are decoded
     again, so this costs nothing for a store without bad images.
     """
-    bad = open_features(path).bad
+    bad = open_store(path, allow_incomplete=False).bad
     if bad.size == 0:
         return
     first = reader.image_ids[int(bad[0])]

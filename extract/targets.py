@@ -35,6 +35,10 @@ Definitions (also returned by :meth:`TargetConfig.definitions`, recorded in targ
   under each output pixel's centre), so 255 = ignore is kept and never mixed.
 * **depth** — ``float32 (H, W)`` metres, nearest-neighbour resize like ``semantic``, so invalid
   pixels (0) never bleed into valid ones; non-finite or negative depths become 0 = invalid.
+* **image** (not a target: kept beside them for heads guided by the image and for pictures) —
+  ``uint8 (H, W, 3)`` RGB, the image decoded at full size (no JPEG draft scaling, which would
+  shift the geometry by up to a block) and resized whole with PIL's bilinear filter (antialiased,
+  like the masks), so its pixel ``(i, j)`` has the same centre as the targets' pixel ``(i, j)``.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from extract.datasets.base import TARGET_KINDS, Annotation
 from runtime.errors import DatasetError, MaxaError
 from store.spec import DEFAULT_TARGET_SIZE
 
-__all__ = ["TargetConfig", "TargetConfigError", "build_targets", "TARGET_OUTPUTS", "TARGETS_VERSION"]
+__all__ = ["TargetConfig", "TargetConfigError", "build_targets", "resize_image", "TARGET_OUTPUTS", "TARGETS_VERSION"]
 
 #: Bump when a definition changes: recorded by ``TargetConfig.to_dict`` (so in target-store keys).
 TARGETS_VERSION = 1
@@ -170,6 +174,10 @@ class TargetConfig:
                 "float32 metres, nearest-neighbour resize so invalid pixels (0) never bleed into valid "
                 "ones; 0 = invalid (non-finite or negative input depths become 0)."
             ),
+            "image": (
+                f"uint8 (H, W, 3) RGB, the image decoded at full size and resized whole to {h}x{w} with "
+                "PIL's bilinear (antialiased triangle) filter: pixel (i, j) has the targets' pixel centre."
+            ),
         }
 
 
@@ -208,6 +216,16 @@ def build_targets(ann: Annotation, spec: TargetConfig, kinds: Iterable[str]) -> 
         depth[~np.isfinite(depth) | (depth < 0)] = 0.0
         out["depth"] = depth
     return out
+
+
+def resize_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """``uint8 (H, W, 3)`` RGB of a whole image resized to ``size = (H, W)`` on the targets' pixel grid
+    (PIL's bilinear filter; output pixel ``(i, j)`` centred at original ``((i + 0.5)·h/H, (j + 0.5)·w/W)``)."""
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    h, w = size
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.Resampling.BILINEAR)
+    return np.array(image, dtype=np.uint8)  # a writable copy (torch's collation warns on read-only arrays)
 
 
 def instance_boundaries(ids: np.ndarray, width: int = 1) -> np.ndarray:

@@ -149,7 +149,8 @@ def build_targets_task(ref: Any, store_root: Any, size: tuple[int, int],
     _setup_process()
     s = dict(settings)
     result = build_target_store(_reader(ref), store_root, size=tuple(size), limit=ref.limit,
-                                num_workers=_decode_workers(s.get("num_workers")), show_progress=False)
+                                num_workers=_decode_workers(s.get("num_workers")), show_progress=False,
+                                skip_bad=bool(s.get("skip_bad", False)))
     return result.path, bool(result.reused), int(result.images_written)
 
 

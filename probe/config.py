@@ -23,7 +23,8 @@ class ProbeConfig:
         task: a registered task (``probe.tasks.task_names()``).
         variant: adapter variant (``base``, ``d16``, ``no-sigma``, ``shared-sigma``, ``single-layer``,
             ``paper-budget``); baseline heads take ``base`` only.
-        head: ``maxa`` (default), ``linear`` or ``cnn``.
+        head: ``maxa`` (default), ``linear``, ``cnn`` or ``jbu`` (image-guided upsampling, then a
+            linear probe; needs target stores with the image).
         seed: seeds initialisation, the train/validation split and shuffling.
         batch_size: images per step.
         max_epochs: epoch cap.

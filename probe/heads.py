@@ -10,7 +10,10 @@
   smallest number such that ``finest grid · 2^n_up ≥ target_size`` (default 224, fixed at construction so the
   parameters do not depend on the request); a 1×1 conv to ``D_out`` and a bilinear resize to exactly
   ``out_size``. Unlike MAXA its output resolution is tied to the feature grid (resizing only interpolates).
-* ``build_head(head, config)`` with head in {"maxa", "linear", "cnn"}.
+* ``JbuHead`` (``probe.jbu``) — the paper's FeatUp baseline from stores: joint bilateral upsampling
+  guided by the target store's ``image``, then a linear probe.
+* ``build_head(head, config, out_size=...)`` with head in {"maxa", "linear", "cnn", "jbu"};
+  ``head_inputs(model, batch)`` the extra inputs a head takes from the batch (the image for ``jbu``).
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.adapter import AdapterConfig, MaxaAdapter, sinusoidal_encoding, tokens_to_grid
+from probe.jbu import JbuHead
 from runtime.errors import UnknownNameError
 
-__all__ = ["LinearHead", "CnnHead", "build_head", "HEADS"]
+__all__ = ["LinearHead", "CnnHead", "JbuHead", "build_head", "head_inputs", "head_needs_image", "HEADS", "IMAGE_INPUT"]
+
+#: The target-store array image-guided heads read (``extract.target_store.IMAGE_ARRAY``).
+IMAGE_INPUT = "image"
 
 
 def _check_layers(config: AdapterConfig, features, token_pos) -> None:
@@ -96,11 +103,24 @@ class CnnHead(nn.Module):
         return y
 
 
-HEADS = {"maxa": MaxaAdapter, "linear": LinearHead, "cnn": CnnHead}
+HEADS = {"maxa": MaxaAdapter, "linear": LinearHead, "cnn": CnnHead, "jbu": JbuHead}
 
 
-def build_head(head: str, config: AdapterConfig) -> nn.Module:
-    """The head ``head`` ("maxa", "linear" or "cnn") built from ``config``."""
+def build_head(head: str, config: AdapterConfig, *, out_size: tuple[int, int] = (224, 224)) -> nn.Module:
+    """The head ``head`` ("maxa", "linear", "cnn" or "jbu") built from ``config``; ``out_size``
+    (the targets' resolution) sizes the heads whose parameters depend on it (``jbu``'s stages)."""
     if head not in HEADS:
         raise UnknownNameError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
+    if head == "jbu":
+        return JbuHead(config, out_size=out_size)
     return HEADS[head](config)
+
+
+def head_needs_image(head: str) -> bool:
+    """Whether head ``head`` is guided by the target store's image."""
+    return bool(getattr(HEADS[head], "needs_image", False))
+
+
+def head_inputs(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    """The keyword inputs ``model`` takes from a batch beyond the features (the image, for ``jbu``)."""
+    return {"image": batch[IMAGE_INPUT]} if getattr(model, "needs_image", False) else {}

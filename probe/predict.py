@@ -34,7 +34,7 @@ def load_adapter_bytes(run_dir: str | Path | Location) -> tuple[torch.nn.Module,
         raise MaxaError(f"{run_dir} is not an adapter run directory (needs meta.json and adapter.pt from `maxa probe`).")
     meta = json.loads(meta_bytes)
     config = AdapterConfig.from_dict(meta["config"]["adapter"])
-    model = build_head(meta["config"]["probe"]["head"], config)
+    model = build_head(meta["config"]["probe"]["head"], config, out_size=tuple(meta.get("out_size", (224, 224))))
     state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.eval()

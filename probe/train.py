@@ -30,7 +30,7 @@ from probe.adapter import AdapterConfig, count_parameters
 from probe.data import ProbeData, estimate_bytes, plan_in_memory
 from probe.config import ProbeConfig
 from probe.curves import RunCurves
-from probe.heads import HEADS, build_head
+from probe.heads import HEADS, IMAGE_INPUT, build_head, head_inputs, head_needs_image
 from probe.tasks import Task, TrainingTargets, create_task, get_task
 from probe.variants import variant_config
 from probe.pairing import Stores, Where, open_stores, usable_images
@@ -63,14 +63,16 @@ class ProbeResult:
         return self.record["metrics"]
 
 
-def build_model(config: ProbeConfig, task: Task, in_channels, grids) -> tuple[torch.nn.Module, AdapterConfig]:
-    """The adapter (or baseline head) for ``task`` on features with ``in_channels``/``grids``."""
+def build_model(config: ProbeConfig, task: Task, in_channels, grids,
+                out_size: tuple[int, int] = (224, 224)) -> tuple[torch.nn.Module, AdapterConfig]:
+    """The adapter (or baseline head) for ``task`` on features with ``in_channels``/``grids``, for
+    targets of ``out_size``."""
     out = task.out_channels()
     base = variant_config(config.variant, in_channels=tuple(in_channels), grids=tuple(grids), out_channels=out)
     cnn = min(base.cnn_dim, MAX_CNN_CHANNELS)
     adapter_config = variant_config(config.variant, in_channels=tuple(in_channels), grids=tuple(grids),
                                     out_channels=out, cnn_channels=cnn)
-    return build_head(config.head, adapter_config), adapter_config
+    return build_head(config.head, adapter_config, out_size=out_size), adapter_config
 
 
 @dataclass
@@ -179,6 +181,15 @@ def _prepare_data(config: ProbeConfig, stores: Stores, dev: torch.device, in_mem
         raise MaxaError(f"task {config.task!r} needs {task.target_kind!r} targets; dataset {tspec.dataset!r} "
                         f"has {', '.join(tspec.kinds)}.")
     stored = task.stored_needs()
+    reads = list(stored)
+    if head_needs_image(config.head):  # read beside the targets, never a target itself
+        for ts in (train_ts, eval_ts):
+            if IMAGE_INPUT not in ts.array_names:
+                raise MaxaError(f"--head {config.head} is guided by the image, and the target store {ts.path} holds "
+                                "none (built before target stores kept it, or with --no-target-image); run "
+                                f"`maxa extract` for the {ts.spec.split} split again (it builds targets with images "
+                                "beside it and reuses the features), or pass --targets / --eval-targets.")
+        reads.append(IMAGE_INPUT)
 
     # images recorded as undecodable hold zeros: never trained, selected or scored on
     usable, train_bad = usable_images(train_fs, train_ts, n_train_total)
@@ -199,13 +210,13 @@ def _prepare_data(config: ProbeConfig, stores: Stores, dev: torch.device, in_mem
     sets = {"fit": (train_fs, train_ts, fit_idx), "held-out": (train_fs, train_ts, val_idx),
             "eval": (eval_fs, eval_ts, eval_idx)}
     if in_memory is None:  # one budget for the three sets, the training set first
-        keep, plan = plan_in_memory([estimate_bytes(fs, ts, stored, len(i)) for fs, ts, i in sets.values()], dev,
+        keep, plan = plan_in_memory([estimate_bytes(fs, ts, reads, len(i)) for fs, ts, i in sets.values()], dev,
                                     list(sets))
     else:
         keep, plan = [in_memory] * 3, ("in memory" if in_memory else "streamed") + " (as asked)"
     if show_plan:
         say(f"  data: {plan}")
-    fit, val, evaluation = (ProbeData(fs, ts, stored, indices=i, device=dev, in_memory=k)
+    fit, val, evaluation = (ProbeData(fs, ts, reads, indices=i, device=dev, in_memory=k)
                             for (fs, ts, i), k in zip(sets.values(), keep))
     return _Data(task, training, stored, fit, val, evaluation, train_bad, eval_bad, tuple(tspec.size), plan)
 
@@ -217,7 +228,8 @@ class _Trainer:
         self.config, self.data, self.task = config, data, data.task
         self.show_progress = show_progress
         self.out_size = data.out_size
-        self.model, self.adapter_config = build_model(config, self.task, data.fit.in_channels, data.fit.grids)
+        self.model, self.adapter_config = build_model(config, self.task, data.fit.in_channels, data.fit.grids,
+                                                      data.out_size)
         self.model.to(dev)
         if dev.type == "cpu":  # build or load the CPU kernels now, not inside the first epoch
             fused.extension()
@@ -243,7 +255,8 @@ class _Trainer:
             for idx, feats, batch in data.batches(self.config.batch_size, shuffle=train, generator=self.gen,
                                                     reuse_buffers=True):
                 task.derive(batch, idx, self.data.training)
-                loss = task.loss(model(feats, data.token_pos, self.out_size), batch, self.extra)
+                loss = task.loss(model(feats, data.token_pos, self.out_size, **head_inputs(model, batch)), batch,
+                                 self.extra)
                 if train:
                     self.opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -260,7 +273,8 @@ class _Trainer:
         state = scorer.metric_state()
         with torch.no_grad(), self.progress(what, data) as bar:
             for idx, feats, batch in data.batches(self.config.batch_size, reuse_buffers=True):
-                scorer.update(state, self.model(feats, data.token_pos, self.out_size), batch)
+                scorer.update(state, self.model(feats, data.token_pos, self.out_size, **head_inputs(self.model, batch)),
+                              batch)
                 bar.advance(len(idx))
         return scorer.compute(state)
 

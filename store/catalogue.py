@@ -124,6 +124,9 @@ def find_target_store(root: str | Path | Location, spec: FeatureSpec | dict[str,
         size: output resolution; ``None`` takes :data:`DEFAULT_TARGET_SIZE` if present, else any.
         like: only target stores whose definitions equal this one's (:meth:`TargetSpec.definition`:
             size, target definitions, classes), e.g. the eval targets of a probe's training targets.
+
+    Of several that qualify, one of the default size first, then one holding the resized input
+    images (``TargetSpec.image``: the same targets, and what image-guided heads need).
     """
     spec = spec.to_dict() if isinstance(spec, FeatureSpec) else spec
     found = []
@@ -134,11 +137,12 @@ def find_target_store(root: str | Path | Location, spec: FeatureSpec | dict[str,
         if (t.get("dataset_id") == spec.get("dataset_id") and t.get("split") == spec["split"]
                 and t.get("image_ids_hash") == spec["image_ids_hash"]
                 and (like is None or TargetSpec.from_dict(t).definition() == like.definition())):
-            found.append((tuple(t.get("size", ())), str(loc), loc))
+            found.append((tuple(t.get("size", ())), not t.get("image", False), str(loc), loc))
     if size is not None:
         found = [f for f in found if f[0] == tuple(size)]
-    found.sort(key=lambda f: (f[0] != DEFAULT_TARGET_SIZE, f[1]))
-    return found[0][2] if found else None
+    # Equal definitions hold equal targets; one that also holds the resized images serves every head.
+    found.sort(key=lambda f: (f[0] != DEFAULT_TARGET_SIZE, f[1], f[2]))
+    return found[0][-1] if found else None
 
 
 def find_eval_features(root: str | Path | Location, spec: FeatureSpec,

@@ -216,6 +216,10 @@ class TargetSpec:
         num_classes, ignore_index, class_names: semantic labels, where present.
         large_area: the dataset's "large object" area in original pixels (COCO: 96²), for the
             instance-discrimination test-image rule.
+        image: the store also holds ``image``, each input image resized to ``size`` like the
+            targets (``(H, W, 3)`` uint8 RGB; heads guided by the image read it). Part of the key
+            only where true, so a store built before it existed keeps its key and is never taken
+            for one with images; not part of :meth:`definition` (it does not change the targets).
     """
 
     dataset: str
@@ -232,10 +236,12 @@ class TargetSpec:
     ignore_index: int = 255
     class_names: tuple[str, ...] | None = None
     large_area: float = 96.0**2
+    image: bool = False
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "image", bool(self.image))
         object.__setattr__(self, "kinds", tuple(sorted(self.kinds)))
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -244,14 +250,19 @@ class TargetSpec:
 
     @property
     def key(self) -> str:
-        return content_key({"kind": "targets", **self.to_dict()})
+        d = self.to_dict()
+        if not self.image:
+            d.pop("image")  # the key of a store without images is the one it had before the field existed
+        return content_key({"kind": "targets", **d})
 
     def definition(self) -> dict[str, Any]:
         """What the targets mean, whatever the images: two target stores that agree on it hold
-        comparable targets (a probe trained on one may be scored on the other)."""
+        comparable targets (a probe trained on one may be scored on the other). Whether a store
+        also holds the resized input image does not change its targets."""
         d = self.to_dict()
-        for k in ("split", "dataset_options", "num_images", "image_ids_hash"):
+        for k in ("split", "dataset_options", "num_images", "image_ids_hash", "image"):
             d.pop(k)
+        d["definitions"] = {k: v for k, v in d["definitions"].items() if k != "image"}
         return d
 
     def to_dict(self) -> dict[str, Any]:

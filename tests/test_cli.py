@@ -229,7 +229,8 @@ def test_corrupt_image_then_skip_bad(tmp_path):
     line = one_line_error(*args)
     assert str(victim) in line and "--skip-bad" in line
     rows = json.loads(ok("stores", "ls", stores, "--json"))
-    assert [r["complete"] for r in rows if r["kind"] == "features"] == [False]  # not looking complete
+    # the target store (which decodes the images too) stops first: nothing left looking complete
+    assert rows and not any(r["complete"] for r in rows)
     assert "no" in ok("stores", "ls", stores)
 
     text = ok(*args, "--skip-bad")

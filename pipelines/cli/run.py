@@ -94,6 +94,8 @@ def extract(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record undecodable images and go on.")] = False,
     build_targets: Annotated[bool, typer.Option(help="Also build the split's target store.")] = True,
     target_size: Annotated[int, typer.Option(min=8, help="Target (output) resolution, square.")] = DEFAULT_TARGET_SIZE[0],
+    target_image: Annotated[bool, typer.Option(help="Keep each image resized to the target size in the target store "
+                                               "(needed by --head jbu; ≈ 3·size² bytes per image).")] = True,
     num_classes: Annotated[Optional[int], typer.Option(help="segfolder: number of classes.")] = None,
     ignore_index: Annotated[Optional[int], typer.Option(help="segfolder: label value to ignore.")] = None,
     scene_seed: Annotated[Optional[int], typer.Option(help="shapes: scene seed.")] = None,
@@ -122,7 +124,8 @@ def extract(
             dataset_options={k: v for k, v in options.items() if v is not None}, weights=weights,
             layers=_parse_layers(layers), batch_size=batch_size, device=device, limit=limit,
             num_workers=decode_workers, shard_size=shard_size, compression=compression.value, skip_bad=skip_bad,
-            targets=build_targets, target_size=(target_size, target_size), show_progress=progress,
+            targets=build_targets, target_size=(target_size, target_size), target_image=target_image,
+            show_progress=progress,
         )
     f = result.features
     if f.reused:
@@ -145,7 +148,8 @@ def probe(
     task: Annotated[str, typer.Option(help="boundaries, distance, instances, semseg or depth.")],
     eval_store: Annotated[Optional[str], typer.Option(help="Eval feature store (default: same backbone+dataset, val/test split).")] = None,
     variant: Annotated[str, typer.Option(help="base, d16, no-sigma, shared-sigma, single-layer, paper-budget.")] = probe_default("variant"),
-    head: Annotated[str, typer.Option(help="Readout: maxa (the MAXA adapter) or a baseline head (linear, cnn).")] = probe_default("head"),
+    head: Annotated[str, typer.Option(help="Readout: maxa (the MAXA adapter) or a baseline head (linear, cnn, "
+                                     "jbu: image-guided upsampling then linear probing, needs target stores with images).")] = probe_default("head"),
     seed: Annotated[int, typer.Option(help="Seed: initialisation, validation split, shuffling.")] = probe_default("seed"),
     batch_size: Annotated[int, typer.Option(min=1)] = probe_default("batch_size"),
     max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap (early stopping on validation loss).")] = probe_default("max_epochs"),
