@@ -280,6 +280,12 @@ def test_old_layout_is_upgraded_in_metadata_only(stores, tmp_path, which):
     before_values = {n: read(n) for n in names}
     with pytest.raises(KeyError, match="dimension_names"):  # `bad` has none: the issue this fixes
         xr.open_zarr(path, consolidated=False)
+    view = reader.to_xarray()  # the reader's views need none of the new metadata
+    for n in names:
+        assert view[n].dims[0] == "image" and view[n].chunks[0] == reader.to_dask(n).chunks[0]
+        np.testing.assert_array_equal(view[n].values, before_values[n])
+    if which == "targets":
+        assert view["instance_count"].dims == ("image",)
     before = _data_files(path)
     result = runner.invoke(app, ["stores", "upgrade", path])
     assert result.exit_code == 0, result.output
