@@ -66,9 +66,12 @@ def upgrade_store(path: str | Path | Location, identify: Identify,
         loc.open_group("r+").attrs[L.ATTR] = new_meta
         meta = new_meta
         tell(f"store format {version} → {FORMAT_VERSION} (dataset identity {spec.dataset_id})")
-    for change in add_xarray_metadata(loc, meta):
+    changes = add_xarray_metadata(loc, meta)
+    if loc.open_group("r").metadata.consolidated_metadata is None:
+        changes.append("consolidated metadata")
+    for change in changes:
         tell(f"added for xarray: {change}")
-    consolidate(loc)
+    consolidate(loc)  # on every run: the last step of an earlier, interrupted one
     # the name the catalogue gives the new key, in the store's own folder
     named = feature_store_path("root", spec) if kind == "features" else target_store_path("root", spec)
     target = loc.parent / named.name

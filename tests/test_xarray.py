@@ -293,6 +293,12 @@ def test_old_layout_is_upgraded_in_metadata_only(stores, tmp_path, which):
     assert _data_files(path) == before  # no shard file rewritten (bytes and modification times)
     again = runner.invoke(app, ["stores", "upgrade", path])
     assert again.exit_code == 0 and "already current" in again.output, again.output
+    # a store complete but never consolidated (killed between the mark and consolidation): consolidated
+    doc = _root_doc(path)
+    doc.pop("consolidated_metadata")
+    (tmp_path / stores[which].rpartition("/")[2] / "zarr.json").write_text(json.dumps(doc))
+    again = runner.invoke(app, ["stores", "upgrade", path])
+    assert again.exit_code == 0 and "added for xarray: consolidated metadata" in again.output, again.output
     reader = open_features(path) if which != "targets" else open_targets(path)
     ds = xr.open_zarr(path, group="features" if which != "targets" else None)
     _assert_dims_and_ids(ds, reader)
