@@ -7,7 +7,7 @@ root the user names and refuses one that does not list the store's images in the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runtime.errors import StoreError
 from store.location import Location
@@ -16,12 +16,15 @@ from store.upgrade import upgrade_store as _upgrade
 __all__ = ["upgrade_store"]
 
 
-def upgrade_store(path: str | Path | Location, dataset_root: str | Path | None) -> Location:
+def upgrade_store(path: str | Path | Location, dataset_root: str | Path | None,
+                  report: Callable[[str], None] | None = None) -> Location:
     """Bring the store at ``path`` to the current format; returns its (new) location.
 
     Args:
         path: a feature or target store.
-        dataset_root: the root of the dataset it was extracted from (``None`` for built-in data).
+        dataset_root: the root of the dataset it was extracted from (``None`` for built-in data;
+            read only for a store of an older format).
+        report: told each thing changed, in words.
     """
     from extract.datasets.base import create_dataset
 
@@ -35,4 +38,4 @@ def upgrade_store(path: str | Path | Location, dataset_root: str | Path | None) 
             )
         return reader.dataset_id()
 
-    return _upgrade(path, identify)
+    return _upgrade(path, identify, report)

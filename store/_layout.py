@@ -6,12 +6,16 @@ Nothing outside ``store/`` names these paths or codecs. A store is one Zarr v3 g
 <name>.zarr/
   zarr.json             attributes["maxa"]: kind, key, spec, provenance, shard_size, complete, ...
   index/zarr.json       attributes["image_ids"]: the ordered image ids
+  image_id              (N,) string: the same ids, the coordinate xarray reads (also in features/, feature_scales/)
   shard_done            (num_shards,) uint8, one chunk per flag: 1 once a shard is written whole
   bad                   (N,) uint8: 1 for images that could not be decoded (--skip-bad)
   features/<layer>      (N, h, w, C) float16                  feature stores (int8 when quantised)
   feature_scales/<layer> (N, C) float32                      quantised feature stores only
   <target arrays>       (N, H, W) ... / (N,) / (N, K)          target stores
 ```
+Every array names its dimensions (:func:`array_dims`): ``image`` first, ``shard`` for
+``shard_done``; a feature layer's own ``y_<layer>``, ``x_<layer>``, ``c_<layer>`` (layers of
+different grids share a group, so they cannot share dimension names).
 Per-image arrays are sharded along the image axis with ``shard_size`` images per shard and one
 image per inner chunk, each chunk checksummed with crc32c.
 
@@ -39,6 +43,14 @@ SHARD_DONE = "shard_done"
 BAD = "bad"
 FEATURES = "features"
 FEATURE_SCALES = "feature_scales"
+#: the string array of image ids along ``image`` (a copy of ``index/``'s list, for xarray)
+IMAGE_ID = "image_id"
+IMAGE_DIM = "image"
+SHARD_DIM = "shard"
+#: the groups below the root that hold per-image arrays (and so an ``image_id`` of their own)
+ARRAY_GROUPS = (FEATURES, FEATURE_SCALES)
+#: arrays of a store that are not its content (listings of targets leave them out)
+BOOKKEEPING = (SHARD_DONE, BAD, IMAGE_ID)
 #: ``--compression`` choices: lossless (``none``, ``zstd``), then the lossy encodings of
 #: ``store.quantize`` (stored with the codecs of ``zstd``).
 COMPRESSIONS = ("none", "zstd", *QUANTIZATIONS)
@@ -68,6 +80,22 @@ def feature_array(layer: str) -> str:
 def feature_scale_array(layer: str) -> str:
     """The array of a quantised feature store that holds layer ``layer``'s per-image, per-channel scales."""
     return f"{FEATURE_SCALES}/{layer}"
+
+
+def feature_dims(layer: str) -> tuple[str, str, str]:
+    """The dimensions of layer ``layer`` after ``image``: ``y_<layer>``, ``x_<layer>``, ``c_<layer>``."""
+    return f"y_{layer}", f"x_{layer}", f"c_{layer}"
+
+
+def array_dims(name: str, dims: tuple[str, ...], ndim: int) -> tuple[str, ...]:
+    """The dimension names of the per-image array ``name`` with ``ndim`` axes after ``image``:
+    ``image`` then ``dims``; where ``dims`` is empty, ``<leaf>_<axis>`` (``(N,)`` arrays need none)."""
+    if dims and len(dims) != ndim:
+        raise ValueError(f"array {name!r} has {ndim} axes after 'image' but names {len(dims)}: {dims}")
+    if dims:
+        return (IMAGE_DIM, *dims)
+    leaf = name.rsplit("/", 1)[-1]
+    return (IMAGE_DIM, *(f"{leaf}_{k}" for k in range(1, ndim + 1)))
 
 
 def safe_name(text: str) -> str:

@@ -215,7 +215,9 @@ class Location(ABC):
 
     # -- zarr --------------------------------------------------------------------------------------
     @abstractmethod
-    def open_group(self, mode: str = "r") -> zarr.Group: ...
+    def open_group(self, mode: str = "r", *, consolidated: bool | None = None) -> zarr.Group:
+        """The Zarr group here. ``consolidated``: use the root's consolidated metadata when present
+        (``None``), always (``True``), or read every node's own ``zarr.json`` (``False``)."""
 
     @abstractmethod
     def create_group(self, populate: Any, *, replace: bool = False) -> bool:

@@ -179,8 +179,8 @@ class FsspecLocation(Location):
         fs.invalidate_cache(p)
         fs.invalidate_cache(dst)
 
-    def open_group(self, mode: str = "r") -> zarr.Group:
-        return zarr.open_group(self.url, mode=mode, storage_options=dict(self.options))
+    def open_group(self, mode: str = "r", *, consolidated: bool | None = None) -> zarr.Group:
+        return zarr.open_group(self.url, mode=mode, storage_options=dict(self.options), use_consolidated=consolidated)
 
     partial_creations = True
 

@@ -172,8 +172,8 @@ class LocalLocation(Location):
     def partial_files(self) -> list[Location]:
         return [f for f in self.files() if f.name.endswith(".partial")]
 
-    def open_group(self, mode: str = "r") -> zarr.Group:
-        return zarr.open_group(self.url, mode=mode)
+    def open_group(self, mode: str = "r", *, consolidated: bool | None = None) -> zarr.Group:
+        return zarr.open_group(self.url, mode=mode, use_consolidated=consolidated)
 
     def create_group(self, populate: Any, *, replace: bool = False) -> bool:
         # build in a hidden sibling, then rename into place: a reader sees nothing or all of it

@@ -13,7 +13,7 @@ slower); a damaged chunk is then named by image (:func:`find_damaged`).
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -27,6 +27,8 @@ from runtime.errors import MaxaError, StoreError
 from store.fastread import Damaged, ShardedArray
 from store.quantize import dequantize
 from store.spec import FeatureSpec, TargetSpec
+from store.views import ImageRows, dask_array, xarray_dataset
+from store.xarray_meta import expected_dims, subgroup_attrs
 
 __all__ = ["FeatureStore", "TargetStore", "open_features", "open_targets", "open_store"]
 
@@ -50,9 +52,14 @@ class _Store:
                 f"{self.path} is incomplete (extraction interrupted?); re-run the same `maxa extract` to finish it."
             )
         self.meta = meta
+        self._allow_incomplete = allow_incomplete
         self._arrays: dict[str, zarr.Array] = {}  # opening an array reads and parses its metadata
         self._fast_readers: dict[str, ShardedArray | None] = {}
         self.group = self.location.open_group("r")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled as where it is (a dask graph sent to workers): opened again, and checked again, there
+        return _reopen, (type(self), self.location, self._allow_incomplete)
 
     @property
     def key(self) -> str:
@@ -184,6 +191,10 @@ class _Store:
     def nbytes_stored(self) -> int:
         """Bytes stored (local disk or object storage)."""
         return self.location.tree_bytes()
+
+
+def _reopen(cls: type, location: Location, allow_incomplete: bool) -> "_Store":
+    return cls(location, allow_incomplete=allow_incomplete)
 
 
 def _check_out(out: np.ndarray | None, shape: tuple[int, ...], dtype: Any, name: str) -> None:
@@ -385,6 +396,26 @@ class FeatureStore(_Store):
         """``(h, w, 2)`` normalised ``(y, x)`` token centres of ``layer``."""
         return np.asarray(self.spec.layer(layer).token_centres, dtype=np.float32)
 
+    def _layer_range(self, layer: str, start: int, stop: int) -> np.ndarray:
+        return self._values(layer, lambda name: self._read_range(name, self._array(name), start, stop))
+
+    def to_dask(self, layer: str | None = None) -> Any:
+        """Layer ``layer`` as a lazy ``(N, h, w, C)`` dask array, one chunk per shard (``store.views``),
+        values as :meth:`read_all` returns them."""
+        name = self.spec.layer(layer).name
+        rows = ImageRows((len(self), *self.layer_shape(name)), self.layer_dtype(name),
+                         partial(self._layer_range, name), partial(self.read_batch, layer=name))
+        return dask_array(rows, self.shard_size, ("features", self.path, self.key, name))
+
+    def to_xarray(self, layers: Sequence[str] | None = None) -> Any:
+        """The layers (default: all) as an ``xarray.Dataset`` of :meth:`to_dask` arrays: what
+        ``xr.open_zarr(store, group="features")`` gives, with a lossy store's values dequantised and
+        one chunk per shard; dimensions ``image``, ``y_<layer>``, ``x_<layer>``, ``c_<layer>``."""
+        names = [self.spec.layer(l).name for l in layers] if layers is not None else list(self.spec.layer_names)
+        variables = {l: ((L.IMAGE_DIM, *L.feature_dims(l)), self.to_dask(l)) for l in names}
+        attrs = {k: v for k, v in subgroup_attrs(self.meta).items() if k != "coordinates"}
+        return xarray_dataset(variables, self.image_ids, attrs)
+
     def layer_shards(self, layer: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
         values = self.iter_shards(self._layer_array_name(layer))
         if not self.spec.lossy:
@@ -406,7 +437,7 @@ class TargetStore(_Store):
 
     @cached_property
     def array_names(self) -> list[str]:
-        return sorted(name for name, _ in self.group.arrays() if name not in (L.SHARD_DONE, L.BAD))
+        return sorted(name for name, _ in self.group.arrays() if name not in L.BOOKKEEPING)
 
     def read(self, name: str, indices: Sequence[int]) -> np.ndarray:
         self._check_name(name)
@@ -416,6 +447,25 @@ class TargetStore(_Store):
         self._check_name(name)
         arr = self._array(name)
         return self._read_range(name, arr, 0, arr.shape[0])
+
+    def to_dask(self, name: str) -> Any:
+        """Targets ``name`` as a lazy dask array, one chunk per shard (``store.views``)."""
+        self._check_name(name)
+        arr = self._array(name)
+        rows = ImageRows(arr.shape, arr.dtype, partial(self._name_range, name), partial(self.read, name))
+        return dask_array(rows, self.shard_size, ("targets", self.path, self.key, name))
+
+    def _name_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._read_range(name, self._array(name), start, stop)
+
+    def to_xarray(self, names: Sequence[str] | None = None) -> Any:
+        """The targets (default: all) as an ``xarray.Dataset`` of :meth:`to_dask` arrays: what
+        ``xr.open_zarr(store)`` gives, less the bookkeeping arrays (``bad``: :attr:`bad`), one chunk per shard."""
+        variables = {}
+        for name in names if names is not None else self.array_names:
+            dask = self.to_dask(name)
+            variables[name] = (expected_dims(name, dask.ndim, self._array(name).metadata.dimension_names), dask)
+        return xarray_dataset(variables, self.image_ids, {L.ATTR: self.meta})
 
     def _check_name(self, name: str) -> None:
         if name not in self.array_names:

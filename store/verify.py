@@ -90,6 +90,15 @@ def verify_store(path: str | Path | Location, progress: Any = None) -> VerifyRep
         ids = list(group[L.INDEX_GROUP].attrs["image_ids"])
     except Exception:  # noqa: BLE001 - already reported above; name images by index only
         pass
+    if ids is not None:
+        for name in [a for a in arrays if a.rpartition("/")[2] == L.IMAGE_ID]:
+            try:
+                same = [str(i) for i in np.asarray(group[name][:]).tolist()] == [str(i) for i in ids]
+            except Exception:  # noqa: BLE001 - reported by the chunk check below
+                continue
+            if not same:
+                report.problems.append(f"{name}: the image ids xarray reads differ from index/'s; "
+                                       f"`maxa stores upgrade {path}` writes them again")
     for name in arrays:
         arr = group[name]
         report.arrays_checked += 1

@@ -35,6 +35,7 @@ from store.lease import StoreLease, acquire_lease, read_lease, remove_lease
 from store.location import Location, as_location
 from store.quantize import quantize
 from store.spec import FORMAT_VERSION, FeatureSpec
+from store.xarray_meta import add_xarray_metadata, consolidate, subgroup_attrs, write_image_ids
 
 __all__ = ["ArrayDef", "StoreWriter", "feature_array_name", "feature_arrays", "remove_store"]
 
@@ -49,7 +50,8 @@ class ArrayDef:
         name: path inside the group (``"features/last"``, ``"boundaries"``).
         shape: per-image shape.
         dtype: numpy dtype name.
-        dims: dimension names after the leading ``"image"``.
+        dims: dimension names after the leading ``"image"`` (empty: ``<leaf>_<axis>``, see
+            ``store._layout.array_dims``).
         chunk_per_image: one inner chunk per image (large arrays); otherwise one chunk per shard.
         attrs: attributes of the array (e.g. a layer's token centres).
         scales: for an int8 array quantised by the writer (``store.quantize``), the array that
@@ -74,11 +76,12 @@ def feature_arrays(spec: FeatureSpec) -> list[ArrayDef]:
     out = []
     for l in spec.layers:
         scales = L.feature_scale_array(l.name) if spec.lossy else None
+        dims = L.feature_dims(l.name)  # the layer's own: layers of other grids share the group
         out.append(ArrayDef(L.feature_array(l.name), (*l.grid, l.channels), "int8" if scales else "float16",
-                            ("y", "x", "c"), attrs={"token_centres": [list(map(list, row)) for row in l.token_centres]},
+                            dims, attrs={"token_centres": [list(map(list, row)) for row in l.token_centres]},
                             scales=scales))
         if scales:
-            out.append(ArrayDef(scales, (l.channels,), "float32", ("c",), attrs={"quantization": spec.quantization}))
+            out.append(ArrayDef(scales, (l.channels,), "float32", dims[2:], attrs={"quantization": spec.quantization}))
     return out
 
 
@@ -274,16 +277,25 @@ class StoreWriter:
                 dtype=a.dtype,
                 compressors=L.compressors(self.compression),
                 fill_value=0,
-                dimension_names=("image", *a.dims) if a.dims else None,
+                dimension_names=L.array_dims(a.name, tuple(a.dims), len(per_image)),
             )
             if a.attrs:
                 arr.attrs.update(dict(a.attrs))
-        group.create_array(L.SHARD_DONE, shape=(self.num_shards,), chunks=(1,), dtype="uint8", fill_value=0)
+        group.create_array(L.SHARD_DONE, shape=(self.num_shards,), chunks=(1,), dtype="uint8", fill_value=0,
+                           dimension_names=(L.SHARD_DIM,))
         group.create_array(L.BAD, shape=(n,), chunks=(s,), dtype="uint8", fill_value=0,
-                           compressors=L.compressors("none"))
+                           compressors=L.compressors("none"), dimension_names=(L.IMAGE_DIM,))
         index = group.create_group(L.INDEX_GROUP)
         index.attrs["image_ids"] = self.image_ids
-        group.attrs[L.ATTR] = {
+        # what xarray reads (store.xarray_meta): the ids as a coordinate of each group of per-image
+        # arrays, written from the same list as index/ and with it, the spec in the sub-groups
+        identity = {"kind": self.kind, "key": self.key, "spec": self.spec}
+        for sub in [""] + [name for name in L.ARRAY_GROUPS if name in group]:
+            node = group[sub] if sub else group
+            write_image_ids(node, L.IMAGE_ID, self.image_ids)
+            if sub:
+                node.attrs.update(subgroup_attrs(identity))
+        group.attrs.update({"coordinates": L.IMAGE_ID, L.ATTR: {  # one write: the mark readers look for, last
             "kind": self.kind,
             "key": self.key,
             "spec": self.spec,
@@ -295,7 +307,7 @@ class StoreWriter:
             "format_version": int(self.spec.get("format_version", FORMAT_VERSION)),
             "complete": False,
             "created": _now(),
-        }
+        }})
 
     # -- shards ---------------------------------------------------------------------------------
     @property
@@ -357,6 +369,11 @@ class StoreWriter:
         if missing:
             raise StoreError(f"{self.path}: {len(missing)} shard(s) not written yet; re-run to finish them.")
         meta = dict(self.group.attrs[L.ATTR])
+        try:  # a store begun by an earlier maxa gets what xarray reads too (a new one has it all)
+            add_xarray_metadata(self.location, meta)
+        except OSError as e:
+            raise StoreError(_write_failed(e, f"{self.path} (its metadata for xarray)",
+                                           "every shard is written; the re-run only finishes its metadata")) from e
         meta.update(extra)
         meta["complete"] = True
         meta["completed"] = _now()
@@ -369,6 +386,14 @@ class StoreWriter:
         self.complete = True
         self.close()
         self.location.discard_partial_files()
+        # after the mark: a store is consolidated only once complete, when nothing under its root
+        # changes any more (a kill in between leaves a complete store, read node by node)
+        try:
+            consolidate(self.location)
+        except OSError as e:
+            raise StoreError(f"{self.path} is complete, but its consolidated metadata could not be written "
+                             f"({e.strerror or e}); it reads as it is, node by node; `maxa stores upgrade "
+                             f"{self.path}` writes it again.") from e
 
 
 def _write_failed(e: OSError, where: str, kept: str) -> str:

@@ -153,12 +153,18 @@ def stores_upgrade(
 ) -> None:
     """Bring a store from an older maxa to the current format: reads the dataset at --root to record
     its identity (checking it holds the store's images), then moves the store to its new key's path.
-    The features and targets are not touched."""
+    Adds what xarray reads (dimension names, an image_id coordinate, the spec in each group's
+    attributes, consolidated metadata) to a store written without it. The features and targets are
+    not touched."""
     from pipelines.upgrade import upgrade_store
 
     loc = _require_store(_location(path, storage_option))
-    new_path = upgrade_store(loc, root)
-    out.print(f"upgraded {path}" + (f" → {new_path}" if new_path != loc else " (already current)"), highlight=False)
+    changes: list[str] = []
+    new_path = upgrade_store(loc, root, changes.append)
+    out.print(f"upgraded {path}" + (f" → {new_path}" if new_path != loc else "")
+              + ("" if changes else " (already current)"), highlight=False)
+    for change in changes:
+        out.print(f"  {change}", highlight=False)
 
 
 @clean_errors
