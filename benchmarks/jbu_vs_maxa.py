@@ -46,7 +46,7 @@ def run_head(args) -> dict:
     torch.manual_seed(0)
     fs, ts = open_features(args.features), open_targets(args.targets)
     task = create_task(args.task, TargetInfo(num_classes=ts.spec.num_classes, ignore_index=ts.spec.ignore_index))
-    needs = list(task.stored_needs()) + (["image"] if head_needs_image(args.head) else [])
+    needs = list(task.stored_needs()) + (["input_image"] if head_needs_image(args.head) else [])
     data = ProbeData(fs, ts, needs, device="cpu", in_memory=True)
     out_size = tuple(ts.spec.size)
     model, _ = build_model(ProbeConfig(task=args.task, head=args.head), task, data.in_channels, data.grids, out_size)

@@ -49,7 +49,7 @@ def run_extract(
 
     The target store is backbone-independent: it is built once per dataset split and size and
     found again by every later extraction of the same split. ``target_image`` keeps each image
-    resized to the target size in it (``image``, for image-guided heads such as ``jbu``; part of
+    resized to the target size in it (``input_image``, for image-guided heads such as ``jbu``; part of
     the target store's key). ``store_root`` may be a folder, a URL
     (``s3://bucket/prefix``) or a store Location carrying fsspec storage options.
     """

@@ -2,7 +2,7 @@
 
 Annotations are decoded and turned into targets (``extract.targets``) in DataLoader workers and
 written shard by shard with the same crash-safe writer as feature stores. The same workers decode
-each image and keep it resized to the output size (``image``, :func:`extract.targets.resize_image`)
+each image and keep it resized to the output size (``input_image``, :func:`extract.targets.resize_image`)
 for heads guided by the image and for pictures beside the predictions.
 """
 
@@ -29,7 +29,7 @@ from store.writer import ArrayDef, StoreWriter
 __all__ = ["TargetBuildResult", "build_target_store", "target_spec_for", "MAX_INSTANCES", "IMAGE_ARRAY"]
 
 #: The resized input image's array (``(H, W, 3)`` uint8, dims ``y, x, rgb``) in a store with images.
-IMAGE_ARRAY = "image"
+IMAGE_ARRAY = "input_image"
 #: Per-image instance areas are stored padded to this many instances.
 MAX_INSTANCES = 256
 TARGET_SHARD_SIZE = 256
@@ -96,7 +96,7 @@ def target_spec_for(reader: DatasetReader, image_ids: list[str], config: TargetC
 
 class _TargetItems(Dataset):
     """Item ``index``: ``(index, arrays, bad)``, ``bad`` the file and reason of an image that could
-    not be decoded (its ``image`` is zeros), else ``""``; the caller decides (raise, or ``--skip-bad``)."""
+    not be decoded (its ``input_image`` is zeros), else ``""``; the caller decides (raise, or ``--skip-bad``)."""
 
     def __init__(self, reader: DatasetReader, config: TargetConfig, kinds: tuple[str, ...],
                  image: bool = False) -> None:
@@ -148,7 +148,7 @@ def build_target_store(
         num_workers: DataLoader workers.
         show_progress: draw a progress bar.
         config: target-building parameters (default: ``TargetConfig(size=size)``).
-        image: also keep each input image resized to the output size (``image``; part of the
+        image: also keep each input image resized to the output size (``input_image``; part of the
             store's key). Costs one full-size decode per image in the workers and ≈ 3·H·W bytes
             per image on disk (docs/store-format.md).
         skip_bad: an image that cannot be decoded is recorded as bad (zeros; never trained or

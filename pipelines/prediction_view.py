@@ -15,7 +15,7 @@ has one way of showing its values, used for the ground truth and the prediction 
   principal components as RGB, and k-means with the true instance count inside the true foreground
   (the clustering the ARI scores).
 
-The input panel shows the target store's ``image`` array (the resized input, uint8 at the target
+The input panel shows the target store's ``input_image`` array (the resized input, uint8 at the target
 size) where the store has one; an older target store has none, and the panel says so.
 """
 
@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.errors import MaxaError
+from extract.target_store import IMAGE_ARRAY
 
 __all__ = ["ViewInputs", "PredictionFigure", "view_inputs", "prediction_figure", "prediction_image",
            "TRUTH_ARRAYS", "NO_IMAGE_NOTE"]
@@ -37,8 +38,8 @@ __all__ = ["ViewInputs", "PredictionFigure", "view_inputs", "prediction_figure",
 #: The target array that holds each task's ground truth.
 TRUTH_ARRAYS = {"semseg": "semantic", "boundaries": "boundaries", "distance": "distance", "depth": "depth",
                 "instances": "instances"}
-NO_IMAGE_NOTE = ("no image in this target store\n(built before target stores\nkept the input; "
-                 "a target store\nbuilt by this maxa has one)")
+NO_IMAGE_NOTE = ("no image in this target store\n(built before target stores\nkept the input, or with\n"
+                 "--no-target-image; `maxa extract`\nof this split builds one)")
 IGNORE_COLOUR = (0.85, 0.85, 0.85)
 PANEL_INCHES = 2.6
 DPI = 100
@@ -87,8 +88,8 @@ def view_inputs(store: Any, index: int, task: str) -> ViewInputs:
     view = ViewInputs(class_names=tuple(spec.class_names) if spec.class_names else None,
                       ignore_index=int(spec.ignore_index if spec.ignore_index is not None else 255))
     names = ts.array_names
-    if "image" in names:
-        view.image = np.asarray(ts.read("image", [index])[0], dtype=np.uint8)
+    if IMAGE_ARRAY in names:
+        view.image = np.asarray(ts.read(IMAGE_ARRAY, [index])[0], dtype=np.uint8)
     truth = TRUTH_ARRAYS.get(task)
     if truth in names:
         view.truth = np.asarray(ts.read(truth, [index])[0])

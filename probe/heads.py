@@ -11,7 +11,7 @@
   parameters do not depend on the request); a 1×1 conv to ``D_out`` and a bilinear resize to exactly
   ``out_size``. Unlike MAXA its output resolution is tied to the feature grid (resizing only interpolates).
 * ``JbuHead`` (``probe.jbu``) — the paper's FeatUp baseline from stores: joint bilateral upsampling
-  guided by the target store's ``image``, then a linear probe.
+  guided by the target store's ``input_image``, then a linear probe.
 * ``build_head(head, config, out_size=...)`` with head in {"maxa", "linear", "cnn", "jbu"};
   ``head_inputs(model, batch)`` the extra inputs a head takes from the batch (the image for ``jbu``).
 """
@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +27,13 @@ from torch import nn
 
 from probe.adapter import AdapterConfig, MaxaAdapter, sinusoidal_encoding, tokens_to_grid
 from probe.jbu import JbuHead
-from runtime.errors import UnknownNameError
+from runtime.errors import MaxaError, UnknownNameError
 
-__all__ = ["LinearHead", "CnnHead", "JbuHead", "build_head", "head_inputs", "head_needs_image", "HEADS", "IMAGE_INPUT"]
+__all__ = ["LinearHead", "CnnHead", "JbuHead", "build_head", "check_has_image", "head_inputs", "head_needs_image",
+           "HEADS", "IMAGE_INPUT"]
 
 #: The target-store array image-guided heads read (``extract.target_store.IMAGE_ARRAY``).
-IMAGE_INPUT = "image"
+IMAGE_INPUT = "input_image"
 
 
 def _check_layers(config: AdapterConfig, features, token_pos) -> None:
@@ -114,6 +116,15 @@ def build_head(head: str, config: AdapterConfig, *, out_size: tuple[int, int] = 
     if head == "jbu":
         return JbuHead(config, out_size=out_size)
     return HEADS[head](config)
+
+
+def check_has_image(targets: Any, head: str) -> None:
+    """Refuse a target store without the input images for an image-guided ``head``, naming the way out."""
+    if IMAGE_INPUT not in targets.array_names:
+        raise MaxaError(f"--head {head} is guided by the image, and the target store {targets.path} holds "
+                        "none (built before target stores kept it, or with --no-target-image); run "
+                        f"`maxa extract` for the {targets.spec.split} split again (it builds targets with images "
+                        "beside it and reuses the features), or pass --targets / --eval-targets.")
 
 
 def head_needs_image(head: str) -> bool:

@@ -4,7 +4,7 @@ The paper (Fig. 3) compares MAXA with "FeatUp for image-aware feature upsampling
 probing". FeatUp's upsampler is a stack of joint bilateral upsampling layers (FeatUp's
 ``JBULearnedRange``), trained by multi-view reconstruction through the live backbone. That needs
 the backbone; a probe reads stores only. ``JbuHead`` keeps FeatUp's upsampling operator and trains
-it with the task's loss instead, guided by the image the target store keeps (``image``: the input
+it with the task's loss instead, guided by the image the target store keeps (``input_image``: the input
 image resized onto the targets' pixel grid):
 
 * **stages** — ``n`` stages, each doubling the resolution, the last at the output size:
@@ -103,7 +103,7 @@ class JbuHead(nn.Module):
     store's ``(B, H, W, 3)`` uint8 (resized here if ``out_size`` differs). See the module docstring.
     """
 
-    #: The training loop passes the target store's ``image`` to heads that say so.
+    #: The training loop passes the target store's ``input_image`` to heads that say so.
     needs_image = True
 
     def __init__(self, config: AdapterConfig, out_size: tuple[int, int] = (224, 224), radius: int = 3,
@@ -150,7 +150,7 @@ class JbuHead(nn.Module):
             raise ValueError(f"expected {len(self.config.in_channels)} feature layers with positions, got {len(features)}")
         if image is None:
             raise MaxaError("the jbu head is guided by the input image and none was given: it reads the target "
-                            "store's `image` (`maxa probe` passes it; `maxa predict` does not yet).")
+                            "store's `input_image` (`maxa probe` and `maxa predict` pass it).")
         size = (int(out_size[0]), int(out_size[1]))
         coarse = None
         for conv, x, grid in zip(self.probe, features, self.config.grids):

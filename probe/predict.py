@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from probe.adapter import AdapterConfig
-from probe.heads import build_head
+from probe.heads import IMAGE_INPUT, build_head, check_has_image
 from runtime.errors import MaxaError
 from store.location import Location
 from store.reader import FeatureStore, open_features
@@ -50,20 +50,36 @@ def predict(run_dir: str | Path | Location, store: str | Path | Location, index:
     if not 0 <= index < len(fs):
         raise MaxaError(f"--index {index} is out of range: the store has {len(fs)} images.")
     layers = fs.spec.layer_names
-    out = predict_arrays(model, [fs.read(index, l) for l in layers], [fs.token_centres(l) for l in layers], size)
+    images = image_reader(model, fs, meta)
+    out = predict_arrays(model, [fs.read(index, l) for l in layers], [fs.token_centres(l) for l in layers], size,
+                         image=None if images is None else images([index]))
     return out[0], meta
 
 
+def image_reader(model: torch.nn.Module, fs: FeatureStore, meta: dict[str, Any]) -> Callable[[Sequence[int]], np.ndarray] | None:
+    """For a head guided by the image (``jbu``): a function giving images ``indices``' ``(B, H, W, 3)``
+    uint8 input images from the target store aligned with ``fs``; ``None`` for every other head."""
+    if not getattr(model, "needs_image", False):
+        return None
+    from probe.pairing import find_targets
+
+    ts = find_targets(fs)
+    check_has_image(ts, str(meta["config"]["probe"]["head"]))
+    return lambda indices: ts.read(IMAGE_INPUT, list(indices))
+
+
 def predict_arrays(model: torch.nn.Module, features: Sequence[np.ndarray], token_centres: Sequence[np.ndarray],
-                   size: tuple[int, int]) -> np.ndarray:
+                   size: tuple[int, int], image: np.ndarray | None = None) -> np.ndarray:
     """``(B, C, H, W)`` raw output of a trained ``model`` for features given as arrays: per layer
     ``(B, h, w, C)`` (or one image's ``(h, w, C)``) and its ``(h, w, 2)`` token centres
-    (``FeatureStore.token_centres``). :func:`output_values` turns it into probabilities or values."""
-    return _forward(model, features, token_centres, size, torch.device("cpu"))
+    (``FeatureStore.token_centres``); ``image``: the ``(B, H, W, 3)`` (or ``(H, W, 3)``) uint8 input
+    images, for a head guided by them (``jbu``; the target store's ``input_image``).
+    :func:`output_values` turns it into probabilities or values."""
+    return _forward(model, features, token_centres, size, torch.device("cpu"), image)
 
 
 def _forward(model: torch.nn.Module, features: Sequence[np.ndarray], token_centres: Sequence[np.ndarray],
-             size: tuple[int, int], device: torch.device) -> np.ndarray:
+             size: tuple[int, int], device: torch.device, image: np.ndarray | None = None) -> np.ndarray:
     """:func:`predict_arrays` with the inputs on ``device`` (where ``model`` is)."""
     feats, pos = [], []
     for a, centres in zip(features, token_centres, strict=True):
@@ -73,9 +89,13 @@ def _forward(model: torch.nn.Module, features: Sequence[np.ndarray], token_centr
             raise MaxaError(f"features must be (h, w, C) or (B, h, w, C) per layer, not {a.shape}")
         feats.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])).to(device))
         pos.append(torch.from_numpy(np.asarray(centres, dtype=np.float32).reshape(-1, 2)).to(device))
+    extra = {}
+    if image is not None:
+        image = np.asarray(image, dtype=np.uint8)
+        extra["image"] = torch.from_numpy(image[None] if image.ndim == 3 else image).to(device)
     model.eval()
     with torch.no_grad():
-        return model(feats, pos, tuple(size)).float().cpu().numpy()
+        return model(feats, pos, tuple(size), **extra).float().cpu().numpy()
 
 
 def check_adapter_fits(meta: dict[str, Any], fs: FeatureStore, run_dir: str | Path) -> None:

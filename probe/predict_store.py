@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from probe.predict import _forward, check_adapter_fits, load_adapter_bytes, output_values
+from probe.predict import _forward, check_adapter_fits, image_reader, load_adapter_bytes, output_values
 from runtime.devices import resolve_device
 from runtime.errors import MaxaError
 from runtime.progress import ProgressReporter
@@ -126,6 +126,7 @@ def predict_store(run_dir: str | Path | Location, store: str | Path | Location, 
     model, meta, weights = load_adapter_bytes(run_dir)
     fs = open_features(store)
     check_adapter_fits(meta, fs, str(run_dir))
+    images = image_reader(model, fs, meta)
     task = str(meta["task"])
     raw_channels = int(meta["config"]["adapter"]["out_channels"])
     array = prediction_array(task, raw_channels, size, labels=labels, dtype=dtype)
@@ -166,7 +167,8 @@ def predict_store(run_dir: str | Path | Location, store: str | Path | Location, 
                 values = np.zeros((stop - start, *array.shape), dtype=array.dtype)
                 for b0 in range(start, stop, batch):
                     idx = list(range(b0, min(b0 + batch, stop)))
-                    raw = _forward(model, [fs.read_batch(idx, l) for l in layers], centres, size, dev)
+                    raw = _forward(model, [fs.read_batch(idx, l) for l in layers], centres, size, dev,
+                                   None if images is None else images(idx))
                     for i, r in zip(idx, raw):
                         if i not in bad:  # an undecodable image's features are zeros: no prediction
                             values[i - start] = _stored(output_values(r, task), array.name)

@@ -30,7 +30,7 @@ from probe.adapter import AdapterConfig, count_parameters
 from probe.data import ProbeData, estimate_bytes, plan_in_memory
 from probe.config import ProbeConfig
 from probe.curves import RunCurves
-from probe.heads import HEADS, IMAGE_INPUT, build_head, head_inputs, head_needs_image
+from probe.heads import HEADS, IMAGE_INPUT, build_head, check_has_image, head_inputs, head_needs_image
 from probe.tasks import Task, TrainingTargets, create_task, get_task
 from probe.variants import variant_config
 from probe.pairing import Stores, Where, open_stores, usable_images
@@ -184,11 +184,7 @@ def _prepare_data(config: ProbeConfig, stores: Stores, dev: torch.device, in_mem
     reads = list(stored)
     if head_needs_image(config.head):  # read beside the targets, never a target itself
         for ts in (train_ts, eval_ts):
-            if IMAGE_INPUT not in ts.array_names:
-                raise MaxaError(f"--head {config.head} is guided by the image, and the target store {ts.path} holds "
-                                "none (built before target stores kept it, or with --no-target-image); run "
-                                f"`maxa extract` for the {ts.spec.split} split again (it builds targets with images "
-                                "beside it and reuses the features), or pass --targets / --eval-targets.")
+            check_has_image(ts, config.head)
         reads.append(IMAGE_INPUT)
 
     # images recorded as undecodable hold zeros: never trained, selected or scored on

@@ -216,7 +216,7 @@ class TargetSpec:
         num_classes, ignore_index, class_names: semantic labels, where present.
         large_area: the dataset's "large object" area in original pixels (COCO: 96²), for the
             instance-discrimination test-image rule.
-        image: the store also holds ``image``, each input image resized to ``size`` like the
+        image: the store also holds ``input_image``, each input image resized to ``size`` like the
             targets (``(H, W, 3)`` uint8 RGB; heads guided by the image read it). Part of the key
             only where true, so a store built before it existed keeps its key and is never taken
             for one with images; not part of :meth:`definition` (it does not change the targets).

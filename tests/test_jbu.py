@@ -44,7 +44,7 @@ def test_shapes_stages_and_parameters():
     assert out.shape == (2, 3, 32, 40) and torch.isfinite(out).all()
     # classifier (8 + 6 weights per output channel, one bias) + per stage 3·16+16 + 16·16+16 + 2
     assert count_parameters(head) == (8 + 6) * 3 + 3 + 3 * (3 * 16 + 16 + 16 * 16 + 16 + 2)
-    assert head_inputs(head, {"image": image}) == {"image": image}
+    assert head_inputs(head, {"input_image": image}) == {"image": image}
     # another output size renders with the same parameters (the image resized to it)
     assert head(feats, pos, (48, 60), image=image).shape == (2, 3, 48, 60)
 
@@ -167,6 +167,30 @@ def test_cli_probe_head_jbu_end_to_end(shapes_stores):
 
     model, meta = load_adapter(rows[0]["run_dir"])
     assert isinstance(model, JbuHead) and count_parameters(model) == rows[0]["p_learn"]
+    # predict gives the head the image of the target store beside the eval features, one image or all
+    from probe.pairing import find_targets
+    from probe.predict import predict, predict_arrays
+    from probe.predict_store import predict_store
+    from store import open_features
+
+    ev = open_features(shapes_stores["val"])
+    one, _ = predict(rows[0]["run_dir"], ev.path, 2, (64, 64))
+    image = find_targets(ev).read("input_image", [2])
+    layers = ev.spec.layer_names
+    direct = predict_arrays(model, [ev.read(2, l) for l in layers], [ev.token_centres(l) for l in layers], (64, 64),
+                            image=image)[0]
+    assert one.shape == (1, 64, 64) and np.allclose(one, direct)
+    other = predict_arrays(model, [ev.read(2, l) for l in layers], [ev.token_centres(l) for l in layers], (64, 64),
+                           image=255 - image)[0]
+    assert not np.allclose(one, other)  # the image guides the output
+    with pytest.raises(MaxaError, match="guided by the input image"):
+        predict_arrays(model, [ev.read(2, l) for l in layers], [ev.token_centres(l) for l in layers], (64, 64))
+    res = predict_store(rows[0]["run_dir"], ev.path, shapes_stores["root"] + "/preds.zarr", size=(64, 64),
+                        show_progress=False)
+    from store.predictions import open_predictions
+
+    assert res.images_written == len(ev)
+    assert np.allclose(open_predictions(res.path).read([2])[0], 1 / (1 + np.exp(-one[0])), atol=1e-6)
 
 
 def test_store_without_images_is_refused_in_one_line(tmp_path):

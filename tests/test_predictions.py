@@ -30,17 +30,17 @@ SIZE = (48, 48)
 
 
 def _add_image(features_path: str) -> np.ndarray:
-    """Give the target store of ``features_path`` an ``image`` array (N, H, W, 3) uint8, as target stores
+    """Give the target store of ``features_path`` an ``input_image`` array (N, H, W, 3) uint8, as target stores
     built by this maxa have; returns it."""
     ts = find_targets(features_path)
-    if "image" in ts.array_names:
-        return ts.read_all("image")
+    if "input_image" in ts.array_names:
+        return ts.read_all("input_image")
     n, (h, w) = len(ts), ts.spec.size
     yy, xx = np.mgrid[0:h, 0:w]
     images = np.stack([np.stack([(xx * 255 // w + 40 * i) % 256, yy * 255 // h, np.full_like(xx, 60 * i % 256)], -1)
                        for i in range(n)]).astype(np.uint8)
     group = zarr.open_group(ts.path, mode="r+")
-    arr = group.create_array("image", shape=images.shape, chunks=(1, h, w, 3), dtype="uint8",
+    arr = group.create_array("input_image", shape=images.shape, chunks=(1, h, w, 3), dtype="uint8",
                              dimension_names=("image", "y", "x", "rgb"))
     arr[:] = images
     return images
@@ -48,8 +48,8 @@ def _add_image(features_path: str) -> np.ndarray:
 
 def _drop_image(features_path: str) -> None:
     ts = find_targets(features_path)
-    if "image" in ts.array_names:
-        del zarr.open_group(ts.path, mode="r+")["image"]
+    if "input_image" in ts.array_names:
+        del zarr.open_group(ts.path, mode="r+")["input_image"]
 
 
 @pytest.fixture(scope="module")

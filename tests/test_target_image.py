@@ -101,7 +101,7 @@ def test_undecodable_image_stops_or_is_recorded_bad(tmp_path):
     res = build_target_store(reader, tmp_path / "s", num_workers=0, show_progress=False, skip_bad=True)
     ts = open_targets(res.path)
     assert ts.bad.tolist() == [2] and ts.meta["num_bad"] == 1
-    assert not ts.read("image", [2]).any() and ts.read("image", [1]).any()
+    assert not ts.read(IMAGE_ARRAY, [2]).any() and ts.read(IMAGE_ARRAY, [1]).any()
     again = build_target_store(reader, tmp_path / "s", num_workers=0, show_progress=False, skip_bad=True)
     assert again.reused and again.path == res.path
     with pytest.raises(StoreError, match="--skip-bad"):
