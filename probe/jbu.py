@@ -69,22 +69,30 @@ class JbuStage(nn.Module):
         r = self.radius
         self.offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
 
+    def _terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The range temperature ``t``, ``σ²`` and each offset's squared distance ``|p / r|²``."""
+        r = self.radius
+        temp = self.range_temp.exp().clamp(1e-4, 1e4)
+        sigma2 = self.sigma_spatial.square().clamp_min(1e-6)
+        dist2 = torch.tensor([(dy / r) ** 2 + (dx / r) ** 2 for dy, dx in self.offsets])
+        return temp, sigma2, dist2
+
     def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
-        """``(B, (2r+1)², H, W)`` weights of each pixel's window, summing to 1 over the window."""
+        """``(B, (2r+1)², H, W)`` weights of each pixel's window, summing to 1 over the window
+        (plain PyTorch: the reference :class:`_JbuFilter` is tested against)."""
         r = self.radius
         q = self.range_proj(guidance)
         h, w = q.shape[-2:]
         padded = F.pad(q, [r] * 4, mode="replicate")
-        temp = self.range_temp.exp().clamp(1e-4, 1e4)
-        sigma2 = self.sigma_spatial.square().clamp_min(1e-6)
+        temp, sigma2, dist2 = self._terms()
         logits = []
-        for dy, dx in self.offsets:
+        for p, (dy, dx) in enumerate(self.offsets):
             neighbour = padded[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
-            logits.append(temp * (q * neighbour).sum(1) - ((dy / r) ** 2 + (dx / r) ** 2) / (2 * sigma2))
+            logits.append(temp * (q * neighbour).sum(1) - dist2[p] / (2 * sigma2))
         return torch.softmax(torch.stack(logits, 1), dim=1)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        """``x`` filtered by the kernel of ``guidance`` (both ``(B, ·, H, W)``)."""
+    def reference(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` in plain PyTorch (autograd through every window offset): the reference."""
         r = self.radius
         k = self.kernel(guidance)
         h, w = x.shape[-2:]
@@ -94,6 +102,79 @@ class JbuStage(nn.Module):
             term = k[:, p : p + 1] * padded[:, :, r + dy : r + dy + h, r + dx : r + dx + w]
             out = term if out is None else out + term
         return out
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """``x`` filtered by the kernel of ``guidance`` (both ``(B, ·, H, W)``)."""
+        r = self.radius
+        q = self.range_proj(guidance)
+        temp, sigma2, dist2 = self._terms()
+        return _JbuFilter.apply(F.pad(q, [r] * 4, mode="replicate"), F.pad(x, [r] * 4, mode="replicate"),
+                                temp, sigma2, dist2.to(x.device), r)
+
+
+class _JbuFilter(torch.autograd.Function):
+    """The joint bilateral filter on padded inputs, with a hand-written backward.
+
+    Autograd through the window's offsets (:meth:`JbuStage.reference`) gives every offset's slice
+    of the padded inputs a gradient as large as the padded input: at a 224² output, 49 full-size
+    tensors per input and stage, most of the head's time. Here the backward adds each offset's
+    gradient into one buffer in place; the kernel ``k`` is kept from the forward.
+
+        k = softmax_p(t ⟨q, q_p⟩ − d_p / (2σ²)),   out = Σ_p k_p x_p
+        ∂k_p = ⟨g, x_p⟩,   ∂x_p += k_p g,   ∂ℓ_p = k_p (∂k_p − Σ_p' k_p' ∂k_p')
+        ∂q += t ∂ℓ_p q_p,   ∂q_p += t ∂ℓ_p q,   ∂t = Σ ∂ℓ_p ⟨q, q_p⟩,   ∂σ² = Σ ∂ℓ_p d_p / (2σ⁴)
+    """
+
+    @staticmethod
+    def forward(ctx, qp, xp, temp, sigma2, dist2, r):  # noqa: ANN001 - autograd's signature
+        h, w = qp.shape[-2] - 2 * r, qp.shape[-1] - 2 * r
+        q = qp[:, :, r:r + h, r:r + w]
+        n = 2 * r + 1
+        logits = qp.new_empty((qp.shape[0], n * n, h, w))
+        for p in range(n * n):
+            dy, dx = divmod(p, n)
+            torch.sum(q * qp[:, :, dy:dy + h, dx:dx + w], 1, out=logits[:, p])
+        dots = logits.clone() if ctx.needs_input_grad[2] else None
+        logits.mul_(temp).sub_((dist2 / (2 * sigma2)).view(1, -1, 1, 1))
+        k = torch.softmax(logits, dim=1)
+        out = xp.new_zeros((xp.shape[0], xp.shape[1], h, w))
+        for p in range(n * n):
+            dy, dx = divmod(p, n)
+            out.addcmul_(k[:, p:p + 1], xp[:, :, dy:dy + h, dx:dx + w])
+        ctx.save_for_backward(qp, xp, temp, sigma2, dist2, k, dots)
+        ctx.r = r
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001 - autograd's signature
+        qp, xp, temp, sigma2, dist2, k, dots = ctx.saved_tensors
+        r = ctx.r
+        n = 2 * r + 1
+        h, w = grad.shape[-2:]
+        grad = grad.contiguous()
+        gk = torch.empty_like(k)
+        gxp = torch.zeros_like(xp) if ctx.needs_input_grad[1] else None
+        for p in range(n * n):
+            dy, dx = divmod(p, n)
+            torch.sum(grad * xp[:, :, dy:dy + h, dx:dx + w], 1, out=gk[:, p])
+            if gxp is not None:
+                gxp[:, :, dy:dy + h, dx:dx + w].addcmul_(k[:, p:p + 1], grad)
+        glogits = k * (gk - (k * gk).sum(1, keepdim=True))
+        gtemp = (glogits * dots).sum().view_as(temp) if dots is not None else None
+        gsigma2 = (glogits.sum((0, 2, 3)) * dist2).sum().div(2 * sigma2.square()).view_as(sigma2) \
+            if ctx.needs_input_grad[3] else None
+        gqp = None
+        if ctx.needs_input_grad[0]:
+            q = qp[:, :, r:r + h, r:r + w]
+            glogits.mul_(temp)
+            gqp = torch.zeros_like(qp)
+            gq = gqp[:, :, r:r + h, r:r + w]  # q is the centre of qp: its gradient goes there too
+            for p in range(n * n):
+                dy, dx = divmod(p, n)
+                gp = glogits[:, p:p + 1]
+                gqp[:, :, dy:dy + h, dx:dx + w].addcmul_(gp, q)
+                gq.addcmul_(gp, qp[:, :, dy:dy + h, dx:dx + w])
+        return gqp, gxp, gtemp, gsigma2, None, None
 
 
 class JbuHead(nn.Module):
