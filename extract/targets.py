@@ -174,7 +174,7 @@ class TargetConfig:
                 "float32 metres, nearest-neighbour resize so invalid pixels (0) never bleed into valid "
                 "ones; 0 = invalid (non-finite or negative input depths become 0)."
             ),
-            "image": (
+            "input_image": (
                 f"uint8 (H, W, 3) RGB, the image decoded at full size and resized whole to {h}x{w} with "
                 "PIL's bilinear (antialiased triangle) filter: pixel (i, j) has the targets' pixel centre."
             ),

@@ -262,7 +262,7 @@ class TargetSpec:
         d = self.to_dict()
         for k in ("split", "dataset_options", "num_images", "image_ids_hash", "image"):
             d.pop(k)
-        d["definitions"] = {k: v for k, v in d["definitions"].items() if k != "image"}
+        d["definitions"] = {k: v for k, v in d["definitions"].items() if k != "input_image"}
         return d
 
     def to_dict(self) -> dict[str, Any]:

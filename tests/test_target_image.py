@@ -43,7 +43,7 @@ def test_image_pixels_share_the_targets_grid():
 def test_store_holds_image_and_targets_line_up(shapes_reader, tmp_path):
     res = build_target_store(shapes_reader, tmp_path, size=(64, 48), num_workers=0, show_progress=False)
     ts = open_targets(res.path)
-    assert ts.spec.image and IMAGE_ARRAY in ts.array_names and "image" in ts.spec.definitions
+    assert ts.spec.image and IMAGE_ARRAY in ts.array_names and "input_image" in ts.spec.definitions
     images = ts.read_all(IMAGE_ARRAY)
     assert images.shape == (6, 64, 48, 3) and images.dtype == np.uint8
     for i in (0, 5):
@@ -60,7 +60,7 @@ def test_key_and_definition(shapes_reader, tmp_path):
     without = target_spec_for(shapes_reader, ids, TargetConfig(), image=False)
     old = {k: v for k, v in without.to_dict().items() if k != "image"}  # a spec as written before the field
     assert TargetSpec.from_dict(old).key == without.key and not TargetSpec.from_dict(old).image
-    assert with_image.key != without.key and "image" not in without.definitions
+    assert with_image.key != without.key and "input_image" not in without.definitions
     assert with_image.definition() == without.definition()
 
 
