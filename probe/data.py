@@ -99,16 +99,24 @@ def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 
 class _Converter:
     """``put(k, values)`` for :meth:`FeatureStore.read_batch_each`: one image's ``(h, w, C)``
-    float16 values into row ``k`` of a float32 ``(B, h·w, C)`` batch, on the calling thread."""
+    float16 values into row ``k`` of a float32 ``(B, h·w, C)`` batch, on the calling thread (the
+    compiled F16C copy where there is one, :func:`probe.fused.half_to_float`; else torch's)."""
 
     def __init__(self, out: torch.Tensor) -> None:
+        from probe import fused
+
         self.out = out
         self._src: tuple[np.ndarray, torch.Tensor] | None = None
+        self._copy = fused.half_to_float()
 
     def __call__(self, k: int, values: np.ndarray) -> None:
         if self._src is None or self._src[0] is not values:  # the reader hands on one buffer: view it once
             self._src = (values, torch.from_numpy(values).view(-1))
-        _serial_copy(self.out[k], self._src[1])
+        src = self._src[1]
+        if self._copy is not None and src.dtype == torch.float16:
+            self._copy(self.out[k].view(-1), src)
+        else:
+            _serial_copy(self.out[k], src)
 
 
 class ProbeData:

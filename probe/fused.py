@@ -3,7 +3,8 @@
 * :class:`FusedAttention`: the cross-attention, with the Gaussian term of eq. (3) and its σ gradient,
   for float32 on CPU with 2, 4 or 8 dimensions per head;
 * :func:`upsample_tail`: the upsampling CNN's full-resolution tail (transposed conv with kernel =
-  stride, ReLU, 1×1 conv) in one pass, for float32 on CPU.
+  stride, ReLU, 1×1 conv) in one pass, for float32 on CPU;
+* :func:`half_to_float`: the streamed probe's float16 → float32 copy of one image (``probe.data``).
 
 Built on first use with ``torch.utils.cpp_extension`` (a C++ compiler is needed; the build is cached
 per user, per CPU capability and per source). Without a compiler, or with ``MAXA_CPU_KERNELS=0``, the
@@ -17,6 +18,7 @@ import hashlib
 import logging
 import math
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,18 @@ _FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 
 _ext: Any = None
 _tried = False
+_LOCK = threading.Lock()
 
 
 def extension() -> Any:
-    """The compiled kernels, or ``None`` when they cannot be built here (reason printed once)."""
+    """The compiled kernels, or ``None`` when they cannot be built here (reason printed once).
+    Thread-safe: a second thread (the streamed probe's reader) waits for the build, so every caller
+    sees the same answer."""
+    with _LOCK:
+        return _extension()
+
+
+def _extension() -> Any:
     global _ext, _tried
     if _tried:
         return _ext
@@ -63,6 +73,15 @@ def extension() -> Any:
               "using PyTorch's kernels (slower)", file=sys.stderr)
         _ext = None
     return _ext
+
+
+def half_to_float() -> Any:
+    """The compiled float16 → float32 copy ``fn(dst, src)`` (contiguous, same size; on the calling
+    thread, the GIL released) where it uses F16C instructions, else ``None`` (torch's copy is as fast)."""
+    ext = extension()
+    if ext is None or not hasattr(ext, "has_f16c") or not ext.has_f16c():
+        return None
+    return ext.half_to_float
 
 
 def gaussian_logits(d2: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

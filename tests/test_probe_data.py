@@ -76,3 +76,22 @@ def test_reused_buffers_hold_each_batch_until_the_next_is_asked_for(pair, prefet
         count += 1
     assert count == len(want) == 12
     assert len(seen) == prefetch + 2 < count
+
+
+def test_compiled_half_to_float_equals_torch_for_every_float16():
+    """The streamed probe's compiled float16 → float32 copy gives torch's values for all 65,536
+    float16 bit patterns (subnormals, infinities, both zeros; NaN stays NaN); where it cannot be
+    built (no compiler, no F16C) torch's copy is used and there is nothing to compare."""
+    from probe import fused
+
+    copy = fused.half_to_float()
+    if copy is None:
+        pytest.skip("no compiled F16C copy here: the streamed probe uses torch's copy")
+    src = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    src = torch.cat([src, src[:5]])  # a length that is not a multiple of 8: the scalar tail too
+    dst = torch.full(src.shape, 7.0)
+    copy(dst, src)
+    want = src.float()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(dst), nan)
+    assert torch.equal(dst[~nan].view(torch.int32), want[~nan].view(torch.int32))
