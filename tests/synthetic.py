@@ -147,3 +147,15 @@ def make_instance_root(root: str | Path, n_train: int = 64, n_val: int = 24, cod
         tw.finalize()
         paths[split] = fw.path
     return paths
+
+
+def extract_shapes(root: str | Path, counts: dict[str, int], **options) -> dict[str, object]:
+    """``run_extract`` of the built-in ``shapes`` dataset with ``test_vit`` at random initialisation,
+    offline and in this process, for each ``split: number of images`` of ``counts`` (``options``: more
+    of ``run_extract``'s keywords); the jobs by split."""
+    from extract.jobs import run_extract
+
+    return {split: run_extract(backbone="test_vit", dataset="shapes", split=split, store_root=root, weights="random",
+                               device="cpu", dataset_options={"num_images": n}, num_workers=0, show_progress=False,
+                               **options)
+            for split, n in counts.items()}

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extract.jobs import run_extract
 from probe.adapter import AdapterConfig, count_parameters
 from probe.heads import JbuHead, build_head, head_inputs
 from probe.jbu import JbuStage
@@ -19,7 +18,7 @@ from probe.train import ProbeConfig, train_probe
 from runtime.errors import MaxaError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import make_synthetic_root  # noqa: E402
+from synthetic import extract_shapes, make_synthetic_root  # noqa: E402
 
 
 def _config(out: int = 3, channels=(8,), grids=((4, 5),)) -> AdapterConfig:
@@ -142,13 +141,8 @@ def test_forward_without_image_is_refused():
 @pytest.fixture(scope="module")
 def shapes_stores(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("jbu-stores")
-    paths = {"root": str(root)}
-    for split, n in (("train", 16), ("val", 6)):
-        job = run_extract(backbone="test_vit", dataset="shapes", split=split, store_root=root, weights="random",
-                          device="cpu", dataset_options={"num_images": n}, num_workers=0, show_progress=False,
-                          target_size=(64, 64))
-        paths[split] = job.features.path
-    return paths
+    jobs = extract_shapes(root, {"train": 16, "val": 6}, target_size=(64, 64))
+    return {"root": str(root), **{split: job.features.path for split, job in jobs.items()}}
 
 
 def test_cli_probe_head_jbu_end_to_end(shapes_stores):

@@ -21,11 +21,14 @@ from extract.runner import ExtractConfig, extract_features
 from pipelines.cli import app
 from store.results import append_result, read_results
 from probe.train import ProbeConfig, train_probe
-from store import open_features, read_lease, verify_store
+from store import open_features, verify_store
 from runtime.errors import StoreError
 from store.lease import StoreLease, lease_location
 from store.spec import FeatureSpec, LayerSpec
-from store.writer import ArrayDef, StoreWriter, remove_store
+from store.writer import ArrayDef, StoreWriter
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import extract_shapes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -190,9 +193,7 @@ def test_stores_rm_is_safe(tmp_path, monkeypatch):
 def lab_root(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("lab")
     paths = {"root": str(root)}
-    for split, n in (("train", 16), ("val", 8)):
-        job = run_extract(backbone="test_vit", dataset="shapes", split=split, store_root=root, weights="random",
-                          device="cpu", dataset_options={"num_images": n}, num_workers=0, show_progress=False)
+    for split, job in extract_shapes(root, {"train": 16, "val": 8}).items():
         paths[split] = job.features.path
         paths[split + "_key"] = job.features.spec.key
     return paths

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +26,9 @@ from probe.train import ProbeConfig, train_probe
 from runtime.errors import MaxaError
 from store.predictions import open_predictions
 from store.writer import StoreWriter
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import extract_shapes  # noqa: E402
 
 runner = CliRunner()
 SIZE = (48, 48)
@@ -55,11 +60,7 @@ def _drop_image(features_path: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("stores")
-    paths = {}
-    for split, n in (("train", 16), ("val", 6)):
-        job = run_extract(backbone="test_vit", dataset="shapes", split=split, store_root=root, weights="random",
-                          device="cpu", dataset_options={"num_images": n}, num_workers=0, show_progress=False)
-        paths[split] = job.features.path
+    paths = {split: job.features.path for split, job in extract_shapes(root, {"train": 16, "val": 6}).items()}
     for task in ("semseg", "boundaries"):
         paths[task] = train_probe(paths["train"], ProbeConfig(task=task, max_epochs=1), device="cpu",
                                   show_progress=False).run_dir

@@ -21,7 +21,7 @@ from runtime.errors import MaxaError, StoreError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shared_data import shared_data  # noqa: E402
-from synthetic import make_synthetic_root  # noqa: E402
+from synthetic import extract_shapes, make_synthetic_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO.parent / "shared" / "data" / "camvid_small"
@@ -30,11 +30,7 @@ CAMVID = REPO.parent / "shared" / "data" / "camvid_small"
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("stores")
-    paths = {}
-    for split, n in (("train", 24), ("val", 8)):
-        job = run_extract(backbone="test_vit", dataset="shapes", split=split, store_root=root, weights="random",
-                          device="cpu", dataset_options={"num_images": n}, num_workers=0, show_progress=False)
-        paths[split] = job.features.path
+    paths = {split: job.features.path for split, job in extract_shapes(root, {"train": 24, "val": 8}).items()}
     paths["root"] = str(root)
     return paths
 

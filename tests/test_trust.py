@@ -25,8 +25,8 @@ from probe.predict import predict
 from probe.train import ProbeConfig, train_probe
 from store import read_attrs
 from runtime.errors import MaxaError, StoreError, StoreMismatchError
-from store.reader import open_features, open_targets
-from store.spec import FORMAT_VERSION, FeatureSpec, content_key
+from store.reader import open_features
+from store.spec import FORMAT_VERSION, content_key
 from store.verify import verify_store
 
 sys.path.insert(0, str(Path(__file__).parent))
