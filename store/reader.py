@@ -8,7 +8,7 @@ Per-image arrays in the layout the writer makes are read straight from their sha
 :mod:`store.fastread` (each shard file read once, every checksum verified). Other arrays, and any
 read that meets damaged bytes, go through zarr: batched reads through its async API with one
 request per image, gathered concurrently (``oindex`` on sharded arrays is an order of magnitude
-slower); a damaged chunk is then named by image (:func:`find_damaged`).
+slower); a damaged chunk is then named by image (:func:`store.damage.find_damaged`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from zarr.core.sync import sync
 
 from store import _layout as L
 from store.location import Location, as_location
-from runtime.errors import MaxaError, StoreError
+from runtime.errors import StoreError
+from store.damage import describe_damage, find_damaged, gather, is_damage, read_failures, reason
 from store.fastread import Damaged, ShardedArray
 from store.quantize import dequantize
 from store.spec import FeatureSpec, TargetSpec
@@ -97,11 +98,11 @@ class _Store:
         try:
             return np.asarray(self.group[name][:])
         except Exception as err:
-            if not _is_damage(err):
+            if not is_damage(err):
                 raise
             raise StoreError(
                 f"{self.kind} store {self.path} is damaged: its bookkeeping array {name!r} cannot be read "
-                f"({_reason(err)}). Run `maxa stores verify {self.path}`, then re-extract the store: remove it "
+                f"({reason(err)}). Run `maxa stores verify {self.path}`, then re-extract the store: remove it "
                 "(`maxa stores rm`) and run the same `maxa extract` again."
             ) from err
 
@@ -141,8 +142,8 @@ class _Store:
                 return fast.read_rows(idx, out)
             except Damaged:
                 pass  # read again through zarr, which names the damaged images
-        rows = sync(_gather(arr, idx))
-        failed = _failures(idx, rows)
+        rows = sync(gather(arr, idx))
+        failed = read_failures(idx, rows)
         if failed:
             raise self._damaged_error(name, arr, failed) from failed[0][1]
         return _into(out, np.stack([np.asarray(r) for r in rows]))
@@ -160,7 +161,7 @@ class _Store:
         try:
             return _into(out, np.asarray(arr[start:stop]))
         except Exception as err:
-            if not _is_damage(err):
+            if not is_damage(err):
                 raise
             failed = find_damaged(arr, start, stop)
             if not failed:  # every chunk reads alone: not damage we can pin down, keep zarr's error
@@ -176,7 +177,7 @@ class _Store:
         where = describe_damage(arr, [i for i, _ in failed], ids)
         return StoreError(
             f"{self.kind} store {self.path} is damaged: array {name!r}, {where} cannot be read "
-            f"({_reason(failed[0][1])}). Run `maxa stores verify {self.path}` to list every damaged image, then "
+            f"({reason(failed[0][1])}). Run `maxa stores verify {self.path}` to list every damaged image, then "
             "re-extract the store: remove it (`maxa stores rm`) and run the same `maxa extract` again."
         )
 
@@ -217,92 +218,6 @@ def _into(out: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
 
 def _is_run(idx: list[int]) -> bool:
     return all(b == a + 1 for a, b in zip(idx, idx[1:]))
-
-
-async def _gather(arr: zarr.Array, idx: list[int]) -> list[Any]:
-    """Image ``i`` of ``arr`` for each ``i`` in ``idx``, read concurrently. Every request runs to
-    its end: a failed one yields its exception in its place (none is left pending when the loop
-    goes away, which asyncio would report as "Task was destroyed but it is pending!")."""
-    import asyncio
-
-    aarr = arr._async_array  # the public sync API serialises per call; gather overlaps requests
-    return await asyncio.gather(*(aarr.getitem((i,)) for i in idx), return_exceptions=True)
-
-
-def _failures(idx: Sequence[int], rows: Sequence[Any]) -> list[tuple[int, BaseException]]:
-    """``(index, exception)`` of the failed reads of a :func:`_gather`; re-raises what is not damage
-    (an ``OSError``, a cancellation, ...) as it came."""
-    failed = [(i, r) for i, r in zip(idx, rows) if isinstance(r, BaseException)]
-    for _, e in failed:
-        if not _is_damage(e):
-            raise e
-    return failed
-
-
-def _is_damage(err: BaseException) -> bool:
-    """Whether a read error comes from the bytes of a chunk (a checksum mismatch, a codec that
-    cannot decode them) rather than from the storage itself (``OSError``: permissions, network),
-    memory, or maxa's own checks."""
-    return isinstance(err, Exception) and not isinstance(err, (OSError, MemoryError, MaxaError))
-
-
-def _reason(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    if "checksum" in text.lower():
-        return "crc32c checksum mismatch: the bytes on disk changed after they were written"
-    return f"{type(err).__name__}: {text[:200]}"
-
-
-def _units(arr: zarr.Array) -> tuple[int, int]:
-    """``(images per shard, images per inner chunk)`` of a per-image array."""
-    chunk = int(arr.chunks[0])
-    shards = getattr(arr, "shards", None)
-    return (int(shards[0]) if shards else chunk), chunk
-
-
-def find_damaged(arr: zarr.Array, start: int, stop: int) -> list[tuple[int, BaseException]]:
-    """``(first image, error)`` of every inner chunk of ``arr`` in images ``start:stop`` that cannot be
-    read, each chunk read alone (only after a read of the range failed: this costs one more read of
-    the range). An array with one chunk per shard reports the shard's first image (the shard is the
-    unit). Errors that are not damage (see :func:`_is_damage`) are raised as they came."""
-    per_shard, per_chunk = _units(arr)
-    stop = min(stop, arr.shape[0])
-    failed: list[tuple[int, BaseException]] = []
-    shard_starts = range(start - start % per_shard, stop, per_shard)
-    for s0 in shard_starts:
-        a, b = max(s0, start), min(s0 + per_shard, stop)
-        if len(shard_starts) > 1:  # find the failing shards first, then their chunks
-            try:
-                arr[a:b]
-                continue
-            except Exception as err:
-                if not _is_damage(err):
-                    raise
-        firsts = [max(c, a) for c in range(a - a % per_chunk, b, per_chunk)]
-        failed += _failures(firsts, sync(_gather(arr, firsts)))
-    return failed
-
-
-def describe_damage(arr: zarr.Array, first_images: Sequence[int], ids: Sequence[str] | None) -> str:
-    """``"image 5 (id img5)"``, ``"3 images: 5 (id a), 9 (id b), …"`` or, for an array with one chunk per
-    shard, ``"images 0..7 (ids a..h; this array keeps a whole shard in one chunk)"``."""
-    n = arr.shape[0]
-    _, per_chunk = _units(arr)
-
-    def name(i: int) -> str:
-        return str(ids[i]) if ids is not None and 0 <= i < len(ids) else "?"
-
-    firsts = sorted({int(i) - int(i) % per_chunk for i in first_images})
-    if per_chunk > 1:
-        spans = [(c, min(c + per_chunk, n) - 1) for c in firsts]
-        text = ", ".join(f"{a}..{b} (ids {name(a)}..{name(b)})" for a, b in spans[:5])
-        more = f" and {len(spans) - 5} more chunks" if len(spans) > 5 else ""
-        return f"images {text}{more} (this array keeps a whole shard in one chunk, so the shard is the unit)"
-    if len(firsts) == 1:
-        return f"image {firsts[0]} (id {name(firsts[0])})"
-    text = ", ".join(f"{i} (id {name(i)})" for i in firsts[:5])
-    more = f", and {len(firsts) - 5} more" if len(firsts) > 5 else ""
-    return f"{len(firsts)} images: {text}{more}"
 
 
 class FeatureStore(_Store):

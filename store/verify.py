@@ -15,7 +15,7 @@ import numpy as np
 from store import _layout as L
 from store.location import Location, as_location
 from runtime.errors import StoreError
-from store.reader import _reason, describe_damage, find_damaged
+from store.damage import describe_damage, find_damaged, reason
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -134,4 +134,4 @@ def _damage_problem(name: str, arr: Any, start: int, stop: int, ids: list[str] |
     what = describe_damage(arr, [i for i, _ in failed], ids)
     fine = stop - start - len(failed) if arr.chunks[0] == 1 else 0
     rest = f"; the other {fine} image(s) of images {start}..{stop - 1} read fine" if fine else ""
-    return f"{name}: {what} unreadable ({_reason(failed[0][1])}){rest}"
+    return f"{name}: {what} unreadable ({reason(failed[0][1])}){rest}"
