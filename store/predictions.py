@@ -48,7 +48,7 @@ class PredictionStore(_Store):
 
     @cached_property
     def array_names(self) -> list[str]:
-        return sorted(name for name, _ in self.group.arrays() if name not in (L.SHARD_DONE, L.BAD))
+        return sorted(name for name, _ in self.group.arrays() if name not in L.BOOKKEEPING)
 
     def read(self, indices: Sequence[int], name: str | None = None) -> np.ndarray:
         """``(B, *shape)`` values of images ``indices`` (any order, repeats allowed)."""

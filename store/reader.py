@@ -407,9 +407,14 @@ def open_targets(path: str | Path | Location, *, allow_incomplete: bool = False)
     return TargetStore(path, allow_incomplete=allow_incomplete)
 
 
-def open_store(path: str | Path | Location, *, allow_incomplete: bool = True) -> FeatureStore | TargetStore:
-    """Open a store of either kind."""
+def open_store(path: str | Path | Location, *, allow_incomplete: bool = True) -> _Store:
+    """Open a store of any kind: features, targets, or predictions (``maxa predict --out x.zarr``)."""
     meta = L.read_attrs(path)
-    if meta is not None and meta.get("kind") == "targets":
+    kind = meta.get("kind") if meta is not None else None
+    if kind == "targets":
         return TargetStore(path, allow_incomplete=allow_incomplete)
+    if kind == "predictions":
+        from store.predictions import PredictionStore
+
+        return PredictionStore(path, allow_incomplete=allow_incomplete)
     return FeatureStore(path, allow_incomplete=allow_incomplete)

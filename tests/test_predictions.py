@@ -182,6 +182,14 @@ def test_cli_writes_a_store_and_refuses_in_one_line(runs, tmp_path):
         assert r.exit_code != 0 and message in text and "Traceback" not in r.output and "bug in maxa" not in text, \
             (args, r.output)
     assert not (tmp_path / "q.zarr").exists()
+    # the store commands know a prediction store
+    info = runner.invoke(app, ["stores", "info", str(tmp_path / "p.zarr"), "--json"])
+    assert info.exit_code == 0, info.output
+    assert '"kind": "predictions"' in info.output and '"boundary_probability"' in info.output
+    names = open_predictions(tmp_path / "p.zarr").array_names
+    assert "boundary_probability" in names and not {"bad", "shard_done", "image_id"} & set(names), names
+    check = runner.invoke(app, ["stores", "verify", str(tmp_path / "p.zarr")])
+    assert check.exit_code == 0 and "Traceback" not in check.output, check.output
 
 
 # -- pictures ----------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def stores_info(
 
     loc = _require_store(_location(path, storage_option))
     s = open_store(loc, allow_incomplete=True)
-    spec = s.spec.to_dict()
+    spec = dict(s.spec) if isinstance(s.spec, dict) else s.spec.to_dict()  # a prediction store's is a dict
     for layer in spec.get("layers", []):
         layer.pop("token_centres", None)  # recorded in the store; too long to print
     lease = read_lease(loc)
