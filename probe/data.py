@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -99,15 +99,13 @@ def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 
 class _Converter:
     """``put(k, values)`` for :meth:`FeatureStore.read_batch_each`: one image's ``(h, w, C)``
-    float16 values into row ``k`` of a float32 ``(B, h·w, C)`` batch, on the calling thread (the
-    compiled F16C copy where there is one, :func:`probe.fused.half_to_float`; else torch's)."""
+    float16 values into row ``k`` of a float32 ``(B, h·w, C)`` batch, on the calling thread
+    (``copy``: the compiled F16C copy, :func:`probe.fused.half_to_float`; ``None``: torch's)."""
 
-    def __init__(self, out: torch.Tensor) -> None:
-        from probe import fused
-
+    def __init__(self, out: torch.Tensor, copy: Callable[[torch.Tensor, torch.Tensor], None] | None) -> None:
         self.out = out
         self._src: tuple[np.ndarray, torch.Tensor] | None = None
-        self._copy = fused.half_to_float()
+        self._copy = copy
 
     def __call__(self, k: int, values: np.ndarray) -> None:
         if self._src is None or self._src[0] is not values:  # the reader hands on one buffer: view it once
@@ -232,6 +230,10 @@ class ProbeData:
         scratch = [] if on_cpu else [np.empty((batch_size, *shape), dtype=self.features.layer_dtype(l))
                                      for l, shape in zip(self.layers, shapes)]
         ring = [[_float_batch(batch_size, shape) for shape in shapes] for _ in range(depth + 2)] if reuse and on_cpu else []
+        if on_cpu:
+            from probe import fused
+
+            copy = fused.half_to_float()  # looked up once per pass, not per batch
 
         def features(k: int, idx: np.ndarray) -> list[torch.Tensor]:
             feats = []
@@ -241,7 +243,7 @@ class ProbeData:
                     feats.append(got.flatten(1, -2).to(self.device).float())
                     continue
                 out = (ring[k % len(ring)][j] if ring else _float_batch(len(idx), shapes[j]))[: len(idx)]
-                self.features.read_batch_each(idx, _Converter(out), l)
+                self.features.read_batch_each(idx, _Converter(out, copy), l)
                 feats.append(out)
             return feats
 

@@ -129,11 +129,7 @@ class _Store:
         _check_out(out, (len(idx), *arr.shape[1:]), arr.dtype, name)
         if not idx:
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype) if out is None else out
-        n = arr.shape[0]
-        for i in idx:
-            if not -n <= i < n:
-                raise IndexError(f"image index {i} out of range for a store of {n} images")
-        idx = [i % n for i in idx]  # a negative index counts from the end (and a run of them stays a run)
+        idx = _checked_indices(idx, arr.shape[0])
         if _is_run(idx):  # a contiguous range reads whole shards in one call
             return self._read_range(name, arr, idx[0], idx[-1] + 1, out)
         fast = self._fast(name, arr)
@@ -216,6 +212,15 @@ def _into(out: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def _checked_indices(idx: list[int], n: int) -> list[int]:
+    """``idx`` as indices in ``0..n-1``: a negative index counts from the end (and a run of them
+    stays a run); one outside the store is an ``IndexError``."""
+    for i in idx:
+        if not -n <= i < n:
+            raise IndexError(f"image index {i} out of range for a store of {n} images")
+    return [i % n for i in idx]
+
+
 def _is_run(idx: list[int]) -> bool:
     return all(b == a + 1 for a, b in zip(idx, idx[1:]))
 
@@ -275,12 +280,7 @@ class FeatureStore(_Store):
         """
         name = self._layer_array_name(layer)
         arr = self._array(name)
-        n = arr.shape[0]
-        idx = [int(i) for i in indices]
-        for i in idx:
-            if not -n <= i < n:
-                raise IndexError(f"image index {i} out of range for a store of {n} images")
-        idx = [i % n for i in idx]
+        idx = _checked_indices([int(i) for i in indices], arr.shape[0])
         fast = None if self.spec.lossy else self._fast(name, arr)
         if fast is not None:
             try:
