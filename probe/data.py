@@ -99,11 +99,12 @@ def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 
 class _Converter:
     """``put(k, values)`` for :meth:`FeatureStore.read_batch_each`: one image's ``(h, w, C)``
-    float16 values into row ``k`` of a float32 ``(B, h·w, C)`` batch, on the calling thread
-    (``copy``: the compiled F16C copy, :func:`probe.fused.half_to_float`; ``None``: torch's)."""
+    float16 values into row ``k`` of a float32 ``(B, h·w, C)`` batch given as its flat rows
+    (:func:`_flat_rows`, made once per buffer), on the calling thread (``copy``: the compiled F16C
+    copy, :func:`probe.fused.half_to_float`; ``None``: torch's)."""
 
-    def __init__(self, out: torch.Tensor, copy: Callable[[torch.Tensor, torch.Tensor], None] | None) -> None:
-        self.out = out
+    def __init__(self, rows: Sequence[torch.Tensor], copy: Callable[[torch.Tensor, torch.Tensor], None] | None) -> None:
+        self.rows = rows
         self._src: tuple[np.ndarray, torch.Tensor] | None = None
         self._copy = copy
 
@@ -112,9 +113,15 @@ class _Converter:
             self._src = (values, torch.from_numpy(values).view(-1))
         src = self._src[1]
         if self._copy is not None and src.dtype == torch.float16:
-            self._copy(self.out[k].view(-1), src)
+            self._copy(self.rows[k], src)
         else:
-            _serial_copy(self.out[k], src)
+            _serial_copy(self.rows[k], src)
+
+
+def _flat_rows(batch: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's row of a ``(B, N, C)`` batch as a flat view (a view costs a few µs to make:
+    a reused buffer makes its views once)."""
+    return [row.view(-1) for row in batch.unbind(0)]
 
 
 class ProbeData:
@@ -230,6 +237,7 @@ class ProbeData:
         scratch = [] if on_cpu else [np.empty((batch_size, *shape), dtype=self.features.layer_dtype(l))
                                      for l, shape in zip(self.layers, shapes)]
         ring = [[_float_batch(batch_size, shape) for shape in shapes] for _ in range(depth + 2)] if reuse and on_cpu else []
+        ring_rows = [[_flat_rows(b) for b in bufs] for bufs in ring]
         if on_cpu:
             from probe import fused
 
@@ -242,8 +250,12 @@ class ProbeData:
                     got = torch.from_numpy(self.features.read_batch(idx, l, out=scratch[j][: len(idx)]))
                     feats.append(got.flatten(1, -2).to(self.device).float())
                     continue
-                out = (ring[k % len(ring)][j] if ring else _float_batch(len(idx), shapes[j]))[: len(idx)]
-                self.features.read_batch_each(idx, _Converter(out, copy), l)
+                if ring:
+                    out, rows = ring[k % len(ring)][j][: len(idx)], ring_rows[k % len(ring)][j]
+                else:
+                    out = _float_batch(len(idx), shapes[j])
+                    rows = _flat_rows(out)
+                self.features.read_batch_each(idx, _Converter(rows, copy), l)
                 feats.append(out)
             return feats
 

@@ -87,11 +87,16 @@ def test_compiled_half_to_float_equals_torch_for_every_float16():
     copy = fused.half_to_float()
     if copy is None:
         pytest.skip("no compiled F16C copy here: the streamed probe uses torch's copy")
-    src = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
-    src = torch.cat([src, src[:5]])  # a length that is not a multiple of 8: the scalar tail too
-    dst = torch.full(src.shape, 7.0)
-    copy(dst, src)
-    want = src.float()
-    nan = torch.isnan(want)
-    assert torch.equal(torch.isnan(dst), nan)
-    assert torch.equal(dst[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    every = torch.cat([every, every[:5]])  # a length that is not a multiple of 8: the scalar tail too
+    # the whole set (streaming stores: 256 KB of output and more), into a destination 1..3 values off
+    # a 32-byte boundary (the scalar head), and a small copy (plain stores)
+    for src, offset in ((every, 0), (every, 1), (every, 3), (every[1000:1203], 0), (every[-77:], 2)):
+        space = torch.full((src.numel() + offset + 9,), 7.0)
+        dst = space[offset:offset + src.numel()]
+        copy(dst, src)
+        want = src.float()
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(dst), nan)
+        assert torch.equal(dst[~nan].view(torch.int32), want[~nan].view(torch.int32))
+        assert torch.all(space[:offset] == 7.0) and torch.all(space[offset + src.numel():] == 7.0)  # nothing beside
