@@ -21,7 +21,7 @@ verdict, bytes per image (feature arrays, crc32c and shard index included) of bo
 ratio; writes every run and the summary as JSON.
 
     python benchmarks/lossy.py --out benchmarks/out/lossy.json
-    python benchmarks/lossy.py --only synthetic instances --seeds 0 1 2 3 4 5 6 7 --known-size 128 48
+    python benchmarks/lossy.py --only synthetic --seeds 0 1 2 3 4 5 --known-size 128 48 --known-epochs 3
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ def int8_copy(path: str, root: str) -> str:
         w.write_shard(shard, {f"features/{l}": fs.read_batch(range(start, stop), l) for l in fs.spec.layer_names})
     w.finalize()
     return w.path
+
+
+def _scaled(kwargs: dict[str, Any], scale: float) -> dict[str, Any]:
+    """Known-answer probe settings with ``scale`` times the epochs and the patience."""
+    return {**kwargs, "max_epochs": max(1, round(kwargs["max_epochs"] * scale)),
+            "patience": max(1, round(kwargs["patience"] * scale))}
 
 
 def bytes_per_image(path: str) -> float:
@@ -133,6 +139,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (the same for both stores)")
     p.add_argument("--only", nargs="*", default=None, help="store sets: synthetic instances coco_mini camvid_small")
     p.add_argument("--tasks", nargs="*", default=None, help="only these tasks")
+    p.add_argument("--known-epochs", type=float, default=1.0, metavar="SCALE",
+                   help="known-answer stores: train SCALE times the epochs of tests/test_golden.py (patience too)")
     p.add_argument("--epochs", type=int, default=60, help="real data: epoch cap (real_data_table.py's 60)")
     p.add_argument("--patience", type=int, default=10, help="real data: early-stopping patience")
     p.add_argument("--store-root", default=None)
@@ -144,7 +152,7 @@ def main() -> None:
     rows = []
     for label, which, stores, tasks in pairs(root, args):
         size = {c: bytes_per_image(train) for c, (train, _) in stores.items()}
-        jobs = [(t, kw, m) for s, t, kw, m in KNOWN if s == which] or \
+        jobs = [(t, _scaled(kw, args.known_epochs), m) for s, t, kw, m in KNOWN if s == which] or \
                [(t, {**real, "task_options": {"min_large": 3} if t == "instances" else {}}, m) for t, m in tasks.items()]
         for task, kwargs, metrics in jobs:
             if args.tasks and task not in args.tasks:
@@ -164,7 +172,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
     print(f"\nbackbone {args.backbone} (random init), seeds {args.seeds}, {args.threads} torch threads, known-answer "
-          f"stores of {args.known_size[0]}/{args.known_size[1]} images, real data: at most {args.epochs} epochs, "
+          f"stores of {args.known_size[0]}/{args.known_size[1]} images and {args.known_epochs:g}× the test's epochs, real data: at most {args.epochs} epochs, "
           f"patience {args.patience}\n")
     print("| dataset | task | metric | seeds | float16 | int8 | delta (mean ± s.e.) | within bar | B/img float16 | "
           "B/img int8 | ratio |")
