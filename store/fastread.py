@@ -20,6 +20,7 @@ same images through zarr, which names the damaged images (``store.reader``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -203,14 +204,20 @@ class ShardedArray:
         if not len(idx):
             return out
         shards = idx // self.per_shard
-        for shard in np.unique(shards):
-            where = np.flatnonzero(shards == shard)
-            wanted, first = np.unique(idx[where], return_index=True)
-            # each wanted image straight into its first place in ``out``, then copied to its repeats
-            self.read_shard_into(int(shard), wanted.tolist(), [out[i] for i in where[first]])
-            if len(wanted) < len(where):
-                inverse = np.searchsorted(wanted, idx[where])
-                out[where] = out[where[first][inverse]]
+        repeats = []
+        # zstd: every shard's chunks are decoded on the worker threads together, not shard by shard
+        # (a shuffled batch holds one or two images of each shard, too few to fill the cores)
+        with _Work(parallel=self.zstd and len(idx) >= 2) as work:
+            for shard in np.unique(shards):
+                where = np.flatnonzero(shards == shard)
+                wanted, first = np.unique(idx[where], return_index=True)
+                # each wanted image straight into its first place in ``out``, then copied to its repeats
+                self.read_shard_into(int(shard), wanted.tolist(), [out[i] for i in where[first]],
+                                     work if self.zstd else None)
+                if len(wanted) < len(where):
+                    repeats.append((where, where[first][np.searchsorted(wanted, idx[where])]))
+        for where, source in repeats:  # once every chunk is decoded
+            out[where] = out[source]
         return out
 
     def read_rows_each(self, indices: Sequence[int], put: Callable[[int, np.ndarray], None]) -> bool:
@@ -256,7 +263,8 @@ class ShardedArray:
                 raise Damaged(f"shard {shard}: its file disappeared while read")
         return True
 
-    def read_shard_into(self, shard: int, images: list[int], out: Sequence[np.ndarray]) -> None:
+    def read_shard_into(self, shard: int, images: list[int], out: Sequence[np.ndarray],
+                        work: "_Work | None" = None) -> None:
         """Images ``images`` (sorted, unique, all in shard ``shard``) into ``out`` (one array each).
 
         On object storage, a shard of which many images are wanted is read whole in one GET; else
@@ -264,12 +272,13 @@ class ShardedArray:
         bytes, one range per run of chunks that lie end to end (concurrent GETs). On a local disk the
         runs are read in calls of up to ``_PIECE`` chunks (one open each) while the worker threads
         check and decode the calls already read; uncompressed chunks are read straight into ``out``
-        (their checksums beside it) with one scattered read per run.
+        (their checksums beside it) with one scattered read per run. ``work``: a caller's
+        :class:`_Work` that the decoding joins (the caller waits for it); by default this call's own.
         """
         loc = self._shard_file(shard)
         count = min(self.per_shard, self.num_images - shard * self.per_shard)
         if not loc.random_access and len(images) >= _WHOLE_SHARD_FRACTION * count:
-            self._read_whole_into(loc, shard, images, out)
+            self._read_whole_into(loc, shard, images, out, work)
             return
         index = self._shard_index(loc, shard)
         if index is None:  # never written: zarr's fill value
@@ -289,7 +298,7 @@ class ShardedArray:
                 pieces.append([k])
         wanted = sum(len(p) for p in pieces)
         decode = lambda job: self._decode(job[0], out[job[1]], job[2])  # noqa: E731
-        with _Work(parallel=wanted >= (2 if self.zstd else _PIECE)) as work:
+        with _joined(work, wanted >= (2 if self.zstd else _PIECE)) as work:
             if not self.zstd and loc.random_access and all(spans[k][1] == self.item_bytes + 4 for p in pieces for k in p):
                 flat = [o.reshape(-1).view(np.uint8) for o in out]
                 crcs = np.zeros((len(out), 4), dtype=np.uint8)
@@ -334,7 +343,8 @@ class ShardedArray:
             self._indexes[shard] = index
         return index
 
-    def _read_whole_into(self, loc: Location, shard: int, images: list[int], out: Sequence[np.ndarray]) -> None:
+    def _read_whole_into(self, loc: Location, shard: int, images: list[int], out: Sequence[np.ndarray],
+                         work: "_Work | None" = None) -> None:
         """Images ``images`` of shard ``shard`` from one read of the whole shard file."""
         data = loc.read_bytes()
         if data is None:  # never written: zarr's fill value
@@ -350,7 +360,7 @@ class ShardedArray:
                 self._fill(out[k])
             else:
                 jobs.append((buf[span[0]:span[0] + span[1]], k, images[k]))
-        with _Work(parallel=len(jobs) >= (2 if self.zstd else _PIECE)) as work:
+        with _joined(work, len(jobs) >= (2 if self.zstd else _PIECE)) as work:
             for i in range(0, len(jobs), _PIECE):
                 work.add(lambda job: self._decode(job[0], out[job[1]], job[2]), jobs[i:i + _PIECE])
 
@@ -390,6 +400,11 @@ def _pool() -> ThreadPoolExecutor | None:
 def _each(fn: Callable[[Any], None], jobs: Sequence[Any]) -> None:
     for job in jobs:
         fn(job)
+
+
+def _joined(work: "_Work | None", parallel: bool) -> Any:
+    """``work`` itself (its owner waits for it), or a new :class:`_Work` waited for on leaving."""
+    return contextlib.nullcontext(work) if work is not None else _Work(parallel)
 
 
 class _Work:
