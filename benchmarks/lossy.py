@@ -56,6 +56,8 @@ KNOWN = [
     ("instances", "instances", dict(lr=1e-2, max_epochs=30, batch_size=8, patience=30,
                                     task_options={"min_large": 2}), ("ari",)),
 ]
+#: The control arm (``--control``): float16 plus uniform noise of the int8 error's size (:func:`noisy_copy`).
+CONTROL = "float16+noise"
 #: (reader, data, options, tasks with their metrics): as benchmarks/real_data_table.py.
 REAL = [
     ("coco", DATA / "coco_mini", {}, {"boundaries": ("iou", "ce"), "distance": ("mse",), "instances": ("ari",)}),
@@ -73,6 +75,34 @@ def int8_copy(path: str, root: str) -> str:
     for shard in range(w.num_shards):
         start, stop = w.shard_range(shard)
         w.write_shard(shard, {f"features/{l}": fs.read_batch(range(start, stop), l) for l in fs.spec.layer_names})
+    w.finalize()
+    return w.path
+
+
+def noisy_copy(path: str, root: str, seed: int = 0) -> str:
+    """A float16 store of ``path``'s features plus uniform noise of the int8 error's size: each
+    value moved by up to half an int8 step (``s / 2``, ``s`` the image's channel scale of
+    :func:`store.quantize.quantize`), so a probe's sensitivity to any perturbation of that size
+    can be told apart from int8's own effect."""
+    import numpy as np
+
+    from store.quantize import QMAX
+
+    fs = open_features(path)
+    rng = np.random.default_rng(seed)
+    # other "weights" (so its own key and path; train and eval copies still pair), all else the same
+    spec = dataclasses.replace(fs.spec, weights_id=f"{fs.spec.weights_id}+int8-sized-noise")
+    w = StoreWriter(feature_store_path(root, spec), kind="features", key=spec.key, spec=spec.to_dict(),
+                    arrays=feature_arrays(spec), image_ids=fs.image_ids, shard_size=fs.shard_size,
+                    compression="none").open()
+    for shard in range(w.num_shards):
+        start, stop = w.shard_range(shard)
+        out = {}
+        for l in fs.spec.layer_names:
+            x = fs.read_batch(range(start, stop), l).astype(np.float32)
+            step = np.abs(x).max(axis=(1, 2), keepdims=True) / QMAX
+            out[f"features/{l}"] = (x + rng.uniform(-0.5, 0.5, x.shape).astype(np.float32) * step).astype(np.float16)
+        w.write_shard(shard, out)
     w.finalize()
     return w.path
 
@@ -113,8 +143,11 @@ def pairs(root: str, args: argparse.Namespace) -> list[tuple[str, str, dict[str,
         sub = f"{root}/{name}"
         f16 = make(sub, n_train=args.known_size[0], n_val=args.known_size[1])
         q = {split: int8_copy(p, sub) for split, p in f16.items()}
-        out.append((f"known-answer {name}", name, {"float16": (f16["train"], f16["val"]),
-                                                   "int8": (q["train"], q["val"])}, {}))
+        arms = {"float16": (f16["train"], f16["val"]), "int8": (q["train"], q["val"])}
+        if args.control:
+            noisy = {split: noisy_copy(p, sub, seed=k) for k, (split, p) in enumerate(f16.items())}
+            arms[CONTROL] = (noisy["train"], noisy["val"])
+        out.append((f"known-answer {name}", name, arms, {}))
     for reader, data, options, tasks in REAL:
         if args.only and data.name not in args.only:
             continue
@@ -139,6 +172,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (the same for both stores)")
     p.add_argument("--only", nargs="*", default=None, help="store sets: synthetic instances coco_mini camvid_small")
     p.add_argument("--tasks", nargs="*", default=None, help="only these tasks")
+    p.add_argument("--control", action="store_true",
+                   help="known-answer stores: also train on a float16 copy with uniform noise of the int8 "
+                        "error's size (the probe's own sensitivity to a perturbation that small)")
     p.add_argument("--known-epochs", type=float, default=1.0, metavar="SCALE",
                    help="known-answer stores: train SCALE times the epochs of tests/test_golden.py (patience too)")
     p.add_argument("--epochs", type=int, default=60, help="real data: epoch cap (real_data_table.py's 60)")
@@ -151,7 +187,7 @@ def main() -> None:
     real = dict(max_epochs=args.epochs, patience=args.patience, batch_size=4)
     rows = []
     for label, which, stores, tasks in pairs(root, args):
-        size = {c: bytes_per_image(train) for c, (train, _) in stores.items()}
+        size = {c: bytes_per_image(train) for c, (train, _) in stores.items() if c != CONTROL}
         jobs = [(t, _scaled(kw, args.known_epochs), m) for s, t, kw, m in KNOWN if s == which] or \
                [(t, {**real, "task_options": {"min_large": 3} if t == "instances" else {}}, m) for t, m in tasks.items()]
         for task, kwargs, metrics in jobs:
@@ -162,8 +198,10 @@ def main() -> None:
                 got = {c: probe(tr, ev, task, kwargs, seed, f"{root}/results-{c}") for c, (tr, ev) in stores.items()}
                 for metric in metrics:
                     a, b = got["float16"][metric], got["int8"][metric]
+                    control = {"control": got[CONTROL][metric], "delta_control": got[CONTROL][metric] - a} \
+                        if CONTROL in got else {}
                     rows.append({"dataset": label, "task": task, "metric": metric, "seed": seed, "float16": a,
-                                 "int8": b, "delta": b - a, "bytes_float16": size["float16"],
+                                 "int8": b, "delta": b - a, **control, "bytes_float16": size["float16"],
                                  "bytes_int8": size["int8"], "ratio": size["float16"] / size["int8"],
                                  "epochs": [got["float16"]["_epochs"], got["int8"]["_epochs"]],
                                  "seconds": time.perf_counter() - t0})
@@ -182,6 +220,15 @@ def main() -> None:
         print(f"| {r['dataset']} | {r['task']} | {r['metric']} | {r['seeds']} | {r['float16']:.4g} | {r['int8']:.4g} | "
               f"{r['delta']:+.3g} ± {r['stderr']:.2g}{rel} | {r['verdict']} | {r['bytes_float16']:,.0f} | "
               f"{r['bytes_int8']:,.0f} | {r['ratio']:.3f}× |")
+    controls = [r for r in summary if "delta_control" in r]
+    if controls:
+        print(f"\ncontrol: float16 plus uniform noise of the int8 error's size, the same probes and seeds\n")
+        print("| dataset | task | metric | delta int8 (mean ± s.e.) | delta noise (mean ± s.e.) | per seed: int8 / noise |")
+        print("|---|---|---|---|---|---|")
+        for r in controls:
+            pairs_ = ", ".join(f"{a:+.2f} / {b:+.2f}" for a, b in zip(r["delta_per_seed"], r["delta_control_per_seed"]))
+            print(f"| {r['dataset']} | {r['task']} | {r['metric']} | {r['delta']:+.3g} ± {r['stderr']:.2g} | "
+                  f"{r['delta_control']:+.3g} ± {r['stderr_control']:.2g} | {pairs_} |")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -205,7 +252,10 @@ def summarise(rows: list[dict]) -> list[dict]:
             verdict = "**no**"
         else:
             verdict = "unresolved"
-        out.append({"dataset": dataset, "task": task, "metric": metric, "seeds": len(rs), "float16": a,
+        ctl = np.array([r["delta_control"] for r in rs if "delta_control" in r])
+        control = {"delta_control": float(ctl.mean()), "stderr_control": float(ctl.std(ddof=1) / np.sqrt(len(ctl))),
+                   "delta_control_per_seed": ctl.tolist()} if len(ctl) > 1 else {}
+        out.append({**control, "dataset": dataset, "task": task, "metric": metric, "seeds": len(rs), "float16": a,
                     "int8": float(np.mean([r["int8"] for r in rs])), "delta": mean, "stderr": stderr,
                     "delta_per_seed": deltas.tolist(), "bar": bar, "verdict": verdict,
                     "bytes_float16": rs[0]["bytes_float16"], "bytes_int8": rs[0]["bytes_int8"], "ratio": rs[0]["ratio"]})
