@@ -49,8 +49,11 @@ def _features(ids: np.ndarray, classes: np.ndarray, rng: np.random.Generator, no
     return (f + noise * rng.standard_normal(f.shape)).astype(np.float16)
 
 
-def make_synthetic_root(root: str | Path, n_train: int = 64, n_val: int = 24, noise: float = 0.1, seed: int = 0) -> dict[str, str]:
-    """Write train/val feature and target stores under ``root``; returns their paths."""
+def make_synthetic_root(root: str | Path, n_train: int = 64, n_val: int = 24, noise: float = 0.1, seed: int = 0,
+                        extra_channels: int = 0) -> dict[str, str]:
+    """Write train/val feature and target stores under ``root``; returns their paths.
+    ``extra_channels``: that many channels of pure noise after the 16 that encode the answer
+    (ViT-sized images, for the reading paths that depend on an image's size)."""
     paths = {}
     for split, n in (("train", n_train), ("val", n_val)):
         rng = np.random.default_rng([seed, 0 if split == "train" else 1])
@@ -58,7 +61,10 @@ def make_synthetic_root(root: str | Path, n_train: int = 64, n_val: int = 24, no
         feats, sem, inst, bnd = [], [], [], []
         for _ in range(n):
             ids, classes = _layout(rng)
-            feats.append(_features(ids, classes, rng, noise))
+            f = _features(ids, classes, rng, noise)
+            if extra_channels:
+                f = np.concatenate([f, (noise * rng.standard_normal((CELLS, CELLS, extra_channels))).astype(np.float16)], -1)
+            feats.append(f)
             big_ids = np.kron(ids, np.ones((CELL, CELL), np.int32))
             sem.append(np.kron(classes, np.ones((CELL, CELL), np.int32)).astype(np.uint8))
             inst.append(big_ids.astype(np.uint16))

@@ -42,6 +42,24 @@ def test_streamed_batches_equal_in_memory_batches(pair, prefetch):
         assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
 
 
+def test_streamed_batches_of_vit_sized_images_equal_in_memory_batches(tmp_path):
+    """Images of 14×14×336 values (263 KB as float32): the compiled copy writes them with streaming
+    stores (``probe/csrc/maxa_kernels.cpp``), smaller ones with plain stores; both paths, with and
+    without reused buffers, hand over exactly the in-memory values."""
+    paths = make_synthetic_root(tmp_path, n_train=9, n_val=2, extra_channels=320)
+    fs = open_features(paths["train"])
+    assert np.prod(fs.layer_shape()) * 4 >= 256 * 1024
+    ts = next(t for t in map(open_targets, (tmp_path / "targets").rglob("*.zarr")) if t.image_ids == fs.image_ids)
+    ram = ProbeData(fs, ts, [], in_memory=True)
+    want = [f[0].clone() for _, f, _ in ram.batches(4, shuffle=True, generator=torch.Generator().manual_seed(1))]
+    for reuse in (False, True):
+        disk = ProbeData(fs, ts, [], in_memory=False, prefetch=1)
+        got = [f[0].clone() for _, f, _ in disk.batches(4, shuffle=True, generator=torch.Generator().manual_seed(1),
+                                                         reuse_buffers=reuse)]
+        assert len(got) == len(want) == 3
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
 def test_streamed_epoch_stopped_early_then_again(pair):
     fs, ts = pair
     disk = ProbeData(fs, ts, [], in_memory=False, prefetch=1)
