@@ -107,10 +107,11 @@ def noisy_copy(path: str, root: str, seed: int = 0) -> str:
     return w.path
 
 
-def _scaled(kwargs: dict[str, Any], scale: float) -> dict[str, Any]:
-    """Known-answer probe settings with ``scale`` times the epochs and the patience."""
+def _scaled(kwargs: dict[str, Any], scale: float, lr: float | None = None) -> dict[str, Any]:
+    """Known-answer probe settings with ``scale`` times the epochs and the patience (and learning
+    rate ``lr`` where given)."""
     return {**kwargs, "max_epochs": max(1, round(kwargs["max_epochs"] * scale)),
-            "patience": max(1, round(kwargs["patience"] * scale))}
+            "patience": max(1, round(kwargs["patience"] * scale)), **({"lr": lr} if lr else {})}
 
 
 def bytes_per_image(path: str) -> float:
@@ -175,6 +176,8 @@ def main() -> None:
     p.add_argument("--control", action="store_true",
                    help="known-answer stores: also train on a float16 copy with uniform noise of the int8 "
                         "error's size (the probe's own sensitivity to a perturbation that small)")
+    p.add_argument("--known-lr", type=float, default=None,
+                   help="known-answer stores: this learning rate instead of the test's (1e-2)")
     p.add_argument("--known-epochs", type=float, default=1.0, metavar="SCALE",
                    help="known-answer stores: train SCALE times the epochs of tests/test_golden.py (patience too)")
     p.add_argument("--epochs", type=int, default=60, help="real data: epoch cap (real_data_table.py's 60)")
@@ -188,7 +191,7 @@ def main() -> None:
     rows = []
     for label, which, stores, tasks in pairs(root, args):
         size = {c: bytes_per_image(train) for c, (train, _) in stores.items() if c != CONTROL}
-        jobs = [(t, _scaled(kw, args.known_epochs), m) for s, t, kw, m in KNOWN if s == which] or \
+        jobs = [(t, _scaled(kw, args.known_epochs, args.known_lr), m) for s, t, kw, m in KNOWN if s == which] or \
                [(t, {**real, "task_options": {"min_large": 3} if t == "instances" else {}}, m) for t, m in tasks.items()]
         for task, kwargs, metrics in jobs:
             if args.tasks and task not in args.tasks:
@@ -207,10 +210,11 @@ def main() -> None:
                                  "seconds": time.perf_counter() - t0})
                     print(json.dumps(rows[-1]), flush=True)
     summary = summarise(rows)
+    lr = f", lr {args.known_lr:g}" if args.known_lr else ""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
     print(f"\nbackbone {args.backbone} (random init), seeds {args.seeds}, {args.threads} torch threads, known-answer "
-          f"stores of {args.known_size[0]}/{args.known_size[1]} images and {args.known_epochs:g}× the test's epochs, real data: at most {args.epochs} epochs, "
+          f"stores of {args.known_size[0]}/{args.known_size[1]} images and {args.known_epochs:g}× the test's epochs{lr}, real data: at most {args.epochs} epochs, "
           f"patience {args.patience}\n")
     print("| dataset | task | metric | seeds | float16 | int8 | delta (mean ± s.e.) | within bar | B/img float16 | "
           "B/img int8 | ratio |")
@@ -222,7 +226,7 @@ def main() -> None:
               f"{r['bytes_int8']:,.0f} | {r['ratio']:.3f}× |")
     controls = [r for r in summary if "delta_control" in r]
     if controls:
-        print(f"\ncontrol: float16 plus uniform noise of the int8 error's size, the same probes and seeds\n")
+        print("\ncontrol: float16 plus uniform noise of the int8 error's size, the same probes and seeds\n")
         print("| dataset | task | metric | delta int8 (mean ± s.e.) | delta noise (mean ± s.e.) | per seed: int8 / noise |")
         print("|---|---|---|---|---|---|")
         for r in controls:
