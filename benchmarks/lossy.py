@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -65,18 +65,25 @@ REAL = [
 ]
 
 
-def int8_copy(path: str, root: str) -> str:
-    """The int8 store of the features of float16 store ``path``, written under ``root``."""
+def _copy_store(path: str, root: str, spec: Any, compression: str,
+                values: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> str:
+    """Store ``path``'s features, each shard's values through ``values``, as a store of ``spec``
+    written under ``root`` with ``compression``."""
     fs = open_features(path)
-    spec = dataclasses.replace(fs.spec, quantization="int8")
     w = StoreWriter(feature_store_path(root, spec), kind="features", key=spec.key, spec=spec.to_dict(),
                     arrays=feature_arrays(spec), image_ids=fs.image_ids, shard_size=fs.shard_size,
-                    compression="int8").open()
+                    compression=compression).open()
     for shard in range(w.num_shards):
         start, stop = w.shard_range(shard)
-        w.write_shard(shard, {f"features/{l}": fs.read_batch(range(start, stop), l) for l in fs.spec.layer_names})
+        w.write_shard(shard, {f"features/{l}": values(fs.read_batch(range(start, stop), l)) for l in fs.spec.layer_names})
     w.finalize()
     return w.path
+
+
+def int8_copy(path: str, root: str) -> str:
+    """The int8 store of the features of float16 store ``path``, written under ``root``."""
+    spec = dataclasses.replace(open_features(path).spec, quantization="int8")
+    return _copy_store(path, root, spec, "int8")  # the writer quantises
 
 
 def noisy_copy(path: str, root: str, seed: int = 0) -> str:
@@ -84,27 +91,19 @@ def noisy_copy(path: str, root: str, seed: int = 0) -> str:
     value moved by up to half an int8 step (``s / 2``, ``s`` the image's channel scale of
     :func:`store.quantize.quantize`), so a probe's sensitivity to any perturbation of that size
     can be told apart from int8's own effect."""
-    import numpy as np
-
     from store.quantize import QMAX
 
-    fs = open_features(path)
     rng = np.random.default_rng(seed)
+
+    def noisy(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32)
+        step = np.abs(x).max(axis=(1, 2), keepdims=True) / QMAX
+        return (x + rng.uniform(-0.5, 0.5, x.shape).astype(np.float32) * step).astype(np.float16)
+
+    fs = open_features(path)
     # other "weights" (so its own key and path; train and eval copies still pair), all else the same
     spec = dataclasses.replace(fs.spec, weights_id=f"{fs.spec.weights_id}+int8-sized-noise")
-    w = StoreWriter(feature_store_path(root, spec), kind="features", key=spec.key, spec=spec.to_dict(),
-                    arrays=feature_arrays(spec), image_ids=fs.image_ids, shard_size=fs.shard_size,
-                    compression="none").open()
-    for shard in range(w.num_shards):
-        start, stop = w.shard_range(shard)
-        out = {}
-        for l in fs.spec.layer_names:
-            x = fs.read_batch(range(start, stop), l).astype(np.float32)
-            step = np.abs(x).max(axis=(1, 2), keepdims=True) / QMAX
-            out[f"features/{l}"] = (x + rng.uniform(-0.5, 0.5, x.shape).astype(np.float32) * step).astype(np.float16)
-        w.write_shard(shard, out)
-    w.finalize()
-    return w.path
+    return _copy_store(path, root, spec, "none", noisy)
 
 
 def _scaled(kwargs: dict[str, Any], scale: float, lr: float | None = None) -> dict[str, Any]:

@@ -207,13 +207,12 @@ class ShardedArray:
         repeats = []
         # zstd: every shard's chunks are decoded on the worker threads together, not shard by shard
         # (a shuffled batch holds one or two images of each shard, too few to fill the cores)
-        with _Work(parallel=self.zstd and len(idx) >= 2) as work:
+        with _Work(parallel=len(idx) >= 2) if self.zstd else contextlib.nullcontext() as work:
             for shard in np.unique(shards):
                 where = np.flatnonzero(shards == shard)
                 wanted, first = np.unique(idx[where], return_index=True)
                 # each wanted image straight into its first place in ``out``, then copied to its repeats
-                self.read_shard_into(int(shard), wanted.tolist(), [out[i] for i in where[first]],
-                                     work if self.zstd else None)
+                self.read_shard_into(int(shard), wanted.tolist(), [out[i] for i in where[first]], work)
                 if len(wanted) < len(where):
                     repeats.append((where, where[first][np.searchsorted(wanted, idx[where])]))
         for where, source in repeats:  # once every chunk is decoded
