@@ -63,7 +63,7 @@ def _extension() -> Any:
         digest = hashlib.sha1(SOURCE.read_bytes() + f"{torch.__version__} {cflags}".encode()).hexdigest()[:10]
         name = f"maxa_kernels_{cap.lower()}_{digest}"
         if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-            print("maxa: building the CPU kernels (once per machine, about 30 s)…", file=sys.stderr, flush=True)
+            print("maxa: building the CPU kernels (once per machine, about 25 s)…", file=sys.stderr, flush=True)
         _ext = load(
             name=name, sources=[str(SOURCE)], extra_cflags=cflags,
             extra_ldflags=["-fopenmp"], verbose=False,
