@@ -14,7 +14,16 @@ A single short run of a small probe is chaotic: the same pair trained with anoth
 by more than the bar. With ``--seeds`` each pair is trained once per seed (the probe's seed; the
 stores stay the same) and the table gives the mean paired difference with its standard error, and
 a verdict: within the bar, outside it, or unresolved by the runs' spread. ``--known-size`` makes
-the known-answer stores bigger (their scores less noisy).
+the known-answer stores bigger (their scores less noisy); ``--jobs`` trains seeds in parallel
+processes (on a many-core host, ``--jobs`` cores ``--threads 1``; the numbers do not change).
+
+Two more arms tell int8's own effect from a chaotic training run's:
+
+* ``--control``: a float16 copy of the known-answer stores plus uniform noise of the int8 error's
+  size (a probe as sensitive to any perturbation that small moves as much);
+* ``--same-adapter``: the float16 run's adapter (trained again from the same seed, checked bitwise
+  equal) scored on the int8 eval store's values, held in a float16 store that pairs with the
+  float16 training store: what int8 changes at evaluation alone.
 
 Prints a markdown table: dataset, task, metric, seeds, float16, int8 (means), delta (mean ± s.e.),
 verdict, bytes per image (feature arrays, crc32c and shard index included) of both and their
@@ -28,10 +37,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +70,13 @@ KNOWN = [
 ]
 #: The control arm (``--control``): float16 plus uniform noise of the int8 error's size (:func:`noisy_copy`).
 CONTROL = "float16+noise"
+#: The same-adapter arm (``--same-adapter``): the float16 probe (trained on the float16 store, so the
+#: very same adapter, bitwise) scored on the int8 eval store's values (:func:`dequantized_copy`).
+SAME_ADAPTER = "float16 adapter, int8 eval"
+#: Arms beside float16 and int8: (name, key in the rows and summary, what the table says).
+EXTRA_ARMS = [(CONTROL, "control", "float16 plus uniform noise of the int8 error's size, the same probes and seeds"),
+              (SAME_ADAPTER, "same_adapter", "the float16 run's adapter scored on the int8 eval values: what int8 "
+                                             "changes at evaluation alone, without training's chaos")]
 #: (reader, data, options, tasks with their metrics): as benchmarks/real_data_table.py.
 REAL = [
     ("coco", DATA / "coco_mini", {}, {"boundaries": ("iou", "ce"), "distance": ("mse",), "instances": ("ari",)}),
@@ -84,6 +103,17 @@ def int8_copy(path: str, root: str) -> str:
     """The int8 store of the features of float16 store ``path``, written under ``root``."""
     spec = dataclasses.replace(open_features(path).spec, quantization="int8")
     return _copy_store(path, root, spec, "int8")  # the writer quantises
+
+
+def dequantized_copy(int8_path: str, float16_path: str, root: str, targets_root: str) -> str:
+    """A float16 store under ``root`` with the spec (so the key, and the pairing) of ``float16_path``
+    and the values int8 store ``int8_path`` reads: bitwise what a probe sees of the int8 store
+    (readers return an int8 store's values dequantised to float16). The target stores of root
+    ``targets_root`` are copied beside it."""
+    import shutil
+
+    shutil.copytree(Path(targets_root) / "targets", Path(root) / "targets")
+    return _copy_store(int8_path, root, open_features(float16_path).spec, "none")
 
 
 def noisy_copy(path: str, root: str, seed: int = 0) -> str:
@@ -129,7 +159,23 @@ def probe(train: str, evaluation: str | None, task: str, kwargs: dict[str, Any],
           results: str) -> dict[str, float]:
     config = ProbeConfig(task=task, seed=seed, **kwargs)
     r = train_probe(train, config, eval_features=evaluation, device="cpu", results_root=results, show_progress=False)
-    return {k: float(v) for k, v in r.metrics.items()} | {"_epochs": float(r.record["epochs"])}
+    digest = hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in r.model.state_dict().values()))
+    return {k: float(v) for k, v in r.metrics.items()} | {"_epochs": float(r.record["epochs"]),
+                                                           "_best_epoch": float(r.record["best_epoch"]),
+                                                           "_adapter": digest.hexdigest()}
+
+
+def run_arms(job: tuple) -> dict[str, dict[str, float]]:
+    """One seed of one task on every arm (``job``: stores by arm, task, probe keywords, seed, store
+    root, torch threads): the metrics by arm, and the seconds it took."""
+    stores, task, kwargs, seed, root, threads = job
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    got = {c: probe(tr, ev, task, kwargs, seed, f"{root}/results-{c}") for c, (tr, ev) in stores.items()}
+    if SAME_ADAPTER in got and got[SAME_ADAPTER]["_adapter"] != got["float16"]["_adapter"]:
+        raise RuntimeError(f"seed {seed}: the float16 probe trained twice gave two adapters: the same-adapter arm "
+                           "would not measure evaluation alone (is training deterministic here?)")
+    return got | {"_seconds": {"total": time.perf_counter() - t0}}
 
 
 def pairs(root: str, args: argparse.Namespace) -> list[tuple[str, str, dict[str, tuple[str, str]], dict]]:
@@ -147,6 +193,8 @@ def pairs(root: str, args: argparse.Namespace) -> list[tuple[str, str, dict[str,
         if args.control:
             noisy = {split: noisy_copy(p, sub, seed=k) for k, (split, p) in enumerate(f16.items())}
             arms[CONTROL] = (noisy["train"], noisy["val"])
+        if args.same_adapter:
+            arms[SAME_ADAPTER] = (f16["train"], dequantized_copy(q["val"], f16["val"], f"{sub}/int8-values", sub))
         out.append((f"known-answer {name}", name, arms, {}))
     for reader, data, options, tasks in REAL:
         if args.only and data.name not in args.only:
@@ -157,6 +205,9 @@ def pairs(root: str, args: argparse.Namespace) -> list[tuple[str, str, dict[str,
                                weights="random", device="cpu", dataset_options=options, show_progress=False,
                                compression=comp).features.path for split in ("train", "val")]
             stores[label] = tuple(got)
+        if args.same_adapter:
+            stores[SAME_ADAPTER] = (stores["float16"][0], dequantized_copy(
+                stores["int8"][1], stores["float16"][1], f"{root}/real-int8-values-{data.name}", f"{root}/real"))
         out.append((data.name, data.name, stores, tasks))
     return out
 
@@ -169,12 +220,18 @@ def main() -> None:
                         "difference and its standard error over the seeds")
     p.add_argument("--known-size", type=int, nargs=2, default=[32, 12], metavar=("TRAIN", "VAL"),
                    help="images in the known-answer train and eval stores (bigger: less noise per run)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the same for both stores)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per probe (the same for every arm)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds trained at once, each in its own process with --threads torch threads (a many-core "
+                        "host: --jobs cores --threads 1); the numbers do not depend on it")
     p.add_argument("--only", nargs="*", default=None, help="store sets: synthetic instances coco_mini camvid_small")
     p.add_argument("--tasks", nargs="*", default=None, help="only these tasks")
     p.add_argument("--control", action="store_true",
                    help="known-answer stores: also train on a float16 copy with uniform noise of the int8 "
                         "error's size (the probe's own sensitivity to a perturbation that small)")
+    p.add_argument("--same-adapter", action="store_true",
+                   help="also score the float16 run's adapter (trained again, checked bitwise the same) on "
+                        "the int8 eval values: int8's effect at evaluation alone")
     p.add_argument("--known-lr", type=float, default=None,
                    help="known-answer stores: this learning rate instead of the test's (1e-2)")
     p.add_argument("--known-epochs", type=float, default=1.0, metavar="SCALE",
@@ -189,25 +246,31 @@ def main() -> None:
     real = dict(max_epochs=args.epochs, patience=args.patience, batch_size=4)
     rows = []
     for label, which, stores, tasks in pairs(root, args):
-        size = {c: bytes_per_image(train) for c, (train, _) in stores.items() if c != CONTROL}
+        size = {c: bytes_per_image(stores[c][0]) for c in ("float16", "int8")}
         jobs = [(t, _scaled(kw, args.known_epochs, args.known_lr), m) for s, t, kw, m in KNOWN if s == which] or \
                [(t, {**real, "task_options": {"min_large": 3} if t == "instances" else {}}, m) for t, m in tasks.items()]
         for task, kwargs, metrics in jobs:
             if args.tasks and task not in args.tasks:
                 continue
-            for seed in args.seeds:
-                t0 = time.perf_counter()
-                got = {c: probe(tr, ev, task, kwargs, seed, f"{root}/results-{c}") for c, (tr, ev) in stores.items()}
+            work = [(stores, task, kwargs, seed, root, args.threads) for seed in args.seeds]
+            # spawned, not forked: a forked child would inherit torch's thread pools in whatever state
+            pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) \
+                if args.jobs > 1 else None
+            runs = pool.map(run_arms, work) if pool else map(run_arms, work)  # in seed order, as they finish
+            for seed, got in zip(args.seeds, runs):
                 for metric in metrics:
                     a, b = got["float16"][metric], got["int8"][metric]
-                    control = {"control": got[CONTROL][metric], "delta_control": got[CONTROL][metric] - a} \
-                        if CONTROL in got else {}
+                    extra = {k: v for arm, key, _ in EXTRA_ARMS if arm in got
+                             for k, v in ((key, got[arm][metric]), (f"delta_{key}", got[arm][metric] - a))}
                     rows.append({"dataset": label, "task": task, "metric": metric, "seed": seed, "float16": a,
-                                 "int8": b, "delta": b - a, **control, "bytes_float16": size["float16"],
+                                 "int8": b, "delta": b - a, **extra, "bytes_float16": size["float16"],
                                  "bytes_int8": size["int8"], "ratio": size["float16"] / size["int8"],
                                  "epochs": [got["float16"]["_epochs"], got["int8"]["_epochs"]],
-                                 "seconds": time.perf_counter() - t0})
+                                 "best_epoch": {c: got[c]["_best_epoch"] for c in stores},
+                                 "seconds": got["_seconds"]["total"]})
                     print(json.dumps(rows[-1]), flush=True)
+            if pool:
+                pool.shutdown()
     summary = summarise(rows)
     lr = f", lr {args.known_lr:g}" if args.known_lr else ""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -223,15 +286,18 @@ def main() -> None:
         print(f"| {r['dataset']} | {r['task']} | {r['metric']} | {r['seeds']} | {r['float16']:.4g} | {r['int8']:.4g} | "
               f"{r['delta']:+.3g} ± {r['stderr']:.2g}{rel} | {r['verdict']} | {r['bytes_float16']:,.0f} | "
               f"{r['bytes_int8']:,.0f} | {r['ratio']:.3f}× |")
-    controls = [r for r in summary if "delta_control" in r]
-    if controls:
-        print("\ncontrol: float16 plus uniform noise of the int8 error's size, the same probes and seeds\n")
-        print("| dataset | task | metric | delta int8 (mean ± s.e.) | delta noise (mean ± s.e.) | per seed: int8 / noise |")
-        print("|---|---|---|---|---|---|")
-        for r in controls:
-            pairs_ = ", ".join(f"{a:+.2f} / {b:+.2f}" for a, b in zip(r["delta_per_seed"], r["delta_control_per_seed"]))
+    for _, key, what in EXTRA_ARMS:
+        shown = [r for r in summary if f"delta_{key}" in r]
+        if not shown:
+            continue
+        print(f"\n{key.replace('_', ' ')}: {what}\n")
+        print(f"| dataset | task | metric | delta int8 (mean ± s.e.) | delta {key} (mean ± s.e.) | within bar | "
+              f"per seed: int8 / {key} |")
+        print("|---|---|---|---|---|---|---|")
+        for r in shown:
+            pairs_ = ", ".join(f"{a:+.2f} / {b:+.2f}" for a, b in zip(r["delta_per_seed"], r[f"delta_{key}_per_seed"]))
             print(f"| {r['dataset']} | {r['task']} | {r['metric']} | {r['delta']:+.3g} ± {r['stderr']:.2g} | "
-                  f"{r['delta_control']:+.3g} ± {r['stderr_control']:.2g} | {pairs_} |")
+                  f"{r[f'delta_{key}']:+.3g} ± {r[f'stderr_{key}']:.2g} | {r[f'verdict_{key}']} | {pairs_} |")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -244,25 +310,34 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["dataset"], r["task"], r["metric"]), []).append(r)
     out = []
     for (dataset, task, metric), rs in groups.items():
-        deltas = np.array([r["delta"] for r in rs])
         a = float(np.mean([r["float16"] for r in rs]))
         bar = 0.5 if metric in PERCENT else 0.02 * abs(a)
-        mean = float(deltas.mean())
-        stderr = float(deltas.std(ddof=1) / np.sqrt(len(deltas))) if len(deltas) > 1 else 0.0
-        if abs(mean) + 2 * stderr <= bar:
-            verdict = "yes"
-        elif abs(mean) - 2 * stderr > bar:
-            verdict = "**no**"
-        else:
-            verdict = "unresolved"
-        ctl = np.array([r["delta_control"] for r in rs if "delta_control" in r])
-        control = {"delta_control": float(ctl.mean()), "stderr_control": float(ctl.std(ddof=1) / np.sqrt(len(ctl))),
-                   "delta_control_per_seed": ctl.tolist()} if len(ctl) > 1 else {}
-        out.append({**control, "dataset": dataset, "task": task, "metric": metric, "seeds": len(rs), "float16": a,
+        deltas = [r["delta"] for r in rs]
+        mean, stderr, verdict = _verdict(deltas, bar)
+        extra = {}
+        for _, key, _ in EXTRA_ARMS:  # each extra arm's difference from float16, with its own verdict
+            d = [r[f"delta_{key}"] for r in rs if f"delta_{key}" in r]
+            if d:
+                m, se, v = _verdict(d, bar)
+                extra |= {f"delta_{key}": m, f"stderr_{key}": se, f"verdict_{key}": v, f"delta_{key}_per_seed": d}
+        out.append({**extra, "dataset": dataset, "task": task, "metric": metric, "seeds": len(rs), "float16": a,
                     "int8": float(np.mean([r["int8"] for r in rs])), "delta": mean, "stderr": stderr,
-                    "delta_per_seed": deltas.tolist(), "bar": bar, "verdict": verdict,
+                    "delta_per_seed": deltas, "bar": bar, "verdict": verdict,
                     "bytes_float16": rs[0]["bytes_float16"], "bytes_int8": rs[0]["bytes_int8"], "ratio": rs[0]["ratio"]})
     return out
+
+
+def _verdict(deltas: list[float], bar: float) -> tuple[float, float, str]:
+    """Mean of the paired differences ``deltas``, its standard error, and the verdict against ``bar``."""
+    d = np.asarray(deltas, dtype=np.float64)
+    mean = float(d.mean())
+    stderr = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    if abs(mean) + 2 * stderr <= bar:
+        return mean, stderr, "yes"
+    if abs(mean) - 2 * stderr > bar:
+        return mean, stderr, "**no**"
+    return mean, stderr, "unresolved"
+
 
 if __name__ == "__main__":
     main()
