@@ -109,10 +109,11 @@ def dequantized_copy(int8_path: str, float16_path: str, root: str, targets_root:
     """A float16 store under ``root`` with the spec (so the key, and the pairing) of ``float16_path``
     and the values int8 store ``int8_path`` reads: bitwise what a probe sees of the int8 store
     (readers return an int8 store's values dequantised to float16). The target stores of root
-    ``targets_root`` are copied beside it."""
+    ``targets_root``, if any, are copied beside it (a probe finds its eval targets there)."""
     import shutil
 
-    shutil.copytree(Path(targets_root) / "targets", Path(root) / "targets")
+    if (Path(targets_root) / "targets").is_dir():
+        shutil.copytree(Path(targets_root) / "targets", Path(root) / "targets")
     return _copy_store(int8_path, root, open_features(float16_path).spec, "none")
 
 

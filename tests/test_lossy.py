@@ -117,6 +117,39 @@ def test_lossy_store_never_stands_in_for_lossless(stores, tmp_path):
     assert rows[lossy.key]["quantization"] == "int8" and rows[lossless.key]["quantization"] == "none"
 
 
+def _lossy_benchmark():
+    """``benchmarks/lossy.py`` as a module (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lossy_benchmark", Path(__file__).parents[1] / "benchmarks" / "lossy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_verdict_against_the_bar():
+    """benchmarks/lossy.py: within the bar by two standard errors, outside it by two, or unresolved."""
+    verdict = _lossy_benchmark()._verdict
+    assert verdict([0.1, -0.1, 0.05, -0.05], 0.5)[2] == "yes"
+    assert verdict([3.0, 3.2, 2.9], 0.5)[2] == "**no**"
+    assert verdict([4.0, -4.0, 3.0, -3.0], 0.5)[2] == "unresolved"
+    assert verdict([0.45, 0.55], 0.5)[2] == "unresolved"  # mean 0.5, s.e. 0.05: not within by two s.e.
+    mean, stderr, _ = verdict([1.0, 3.0], 0.5)
+    assert mean == 2.0 and stderr == pytest.approx(1.0)
+
+
+def test_benchmark_same_adapter_store_holds_what_the_int8_store_reads(stores, tmp_path):
+    """The same-adapter arm's store: the float16 store's spec (so it pairs with the float16 training
+    store) and, bitwise, the values the int8 store reads."""
+    _, lossless, lossy = stores
+    copy = open_features(_lossy_benchmark().dequantized_copy(lossy.path, lossless.path, str(tmp_path / "copy"),
+                                                              str(tmp_path)))
+    assert copy.key == lossless.key and copy.path != lossless.path and not copy.spec.lossy
+    assert copy.spec.backbone_identity() == lossless.spec.backbone_identity()
+    assert np.array_equal(copy.read_all(), lossy.read_all())
+    assert not np.array_equal(copy.read_all(), lossless.read_all())
+
+
 def test_size_ratio_at_least_two(tmp_path):
     """At a 14 × 14 grid (ViT-S/16 at 224) of Gaussian-like features, shard files ≥ 2× smaller."""
     rng = np.random.default_rng(2)
