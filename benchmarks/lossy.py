@@ -36,10 +36,12 @@ ratio; writes every run and the summary as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import multiprocessing
+import shutil
 import sys
 import tempfile
 import time
@@ -110,8 +112,6 @@ def dequantized_copy(int8_path: str, float16_path: str, root: str, targets_root:
     and the values int8 store ``int8_path`` reads: bitwise what a probe sees of the int8 store
     (readers return an int8 store's values dequantised to float16). The target stores of root
     ``targets_root``, if any, are copied beside it (a probe finds its eval targets there)."""
-    import shutil
-
     if (Path(targets_root) / "targets").is_dir():
         shutil.copytree(Path(targets_root) / "targets", Path(root) / "targets")
     return _copy_store(int8_path, root, open_features(float16_path).spec, "none")
@@ -166,7 +166,7 @@ def probe(train: str, evaluation: str | None, task: str, kwargs: dict[str, Any],
                                                            "_adapter": digest.hexdigest()}
 
 
-def run_arms(job: tuple) -> dict[str, dict[str, float]]:
+def run_arms(job: tuple) -> tuple[dict[str, dict[str, Any]], float]:
     """One seed of one task on every arm (``job``: stores by arm, task, probe keywords, seed, store
     root, torch threads): the metrics by arm, and the seconds it took."""
     stores, task, kwargs, seed, root, threads = job
@@ -176,7 +176,7 @@ def run_arms(job: tuple) -> dict[str, dict[str, float]]:
     if SAME_ADAPTER in got and got[SAME_ADAPTER]["_adapter"] != got["float16"]["_adapter"]:
         raise RuntimeError(f"seed {seed}: the float16 probe trained twice gave two adapters: the same-adapter arm "
                            "would not measure evaluation alone (is training deterministic here?)")
-    return got | {"_seconds": {"total": time.perf_counter() - t0}}
+    return got, time.perf_counter() - t0
 
 
 def pairs(root: str, args: argparse.Namespace) -> list[tuple[str, str, dict[str, tuple[str, str]], dict]]:
@@ -255,23 +255,21 @@ def main() -> None:
                 continue
             work = [(stores, task, kwargs, seed, root, args.threads) for seed in args.seeds]
             # spawned, not forked: a forked child would inherit torch's thread pools in whatever state
-            pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) \
-                if args.jobs > 1 else None
-            runs = pool.map(run_arms, work) if pool else map(run_arms, work)  # in seed order, as they finish
-            for seed, got in zip(args.seeds, runs):
-                for metric in metrics:
-                    a, b = got["float16"][metric], got["int8"][metric]
-                    extra = {k: v for arm, key, _ in EXTRA_ARMS if arm in got
-                             for k, v in ((key, got[arm][metric]), (f"delta_{key}", got[arm][metric] - a))}
-                    rows.append({"dataset": label, "task": task, "metric": metric, "seed": seed, "float16": a,
-                                 "int8": b, "delta": b - a, **extra, "bytes_float16": size["float16"],
-                                 "bytes_int8": size["int8"], "ratio": size["float16"] / size["int8"],
-                                 "epochs": [got["float16"]["_epochs"], got["int8"]["_epochs"]],
-                                 "best_epoch": {c: got[c]["_best_epoch"] for c in stores},
-                                 "seconds": got["_seconds"]["total"]})
-                    print(json.dumps(rows[-1]), flush=True)
-            if pool:
-                pool.shutdown()
+            with (ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) if args.jobs > 1
+                  else contextlib.nullcontext()) as pool:
+                runs = pool.map(run_arms, work) if pool else map(run_arms, work)  # in seed order, as they finish
+                for seed, (got, seconds) in zip(args.seeds, runs):
+                    for metric in metrics:
+                        a, b = got["float16"][metric], got["int8"][metric]
+                        extra = {k: v for arm, key, _ in EXTRA_ARMS if arm in got
+                                 for k, v in ((key, got[arm][metric]), (f"delta_{key}", got[arm][metric] - a))}
+                        rows.append({"dataset": label, "task": task, "metric": metric, "seed": seed, "float16": a,
+                                     "int8": b, "delta": b - a, **extra, "bytes_float16": size["float16"],
+                                     "bytes_int8": size["int8"], "ratio": size["float16"] / size["int8"],
+                                     "epochs": [got["float16"]["_epochs"], got["int8"]["_epochs"]],
+                                     "best_epoch": {c: got[c]["_best_epoch"] for c in stores},
+                                     "seconds": seconds})
+                        print(json.dumps(rows[-1]), flush=True)
     summary = summarise(rows)
     lr = f", lr {args.known_lr:g}" if args.known_lr else ""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
