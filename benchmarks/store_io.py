@@ -5,7 +5,10 @@ for each compression (``none``, ``zstd``), with the shard size the extraction ru
 then times, in one process and in alternating rounds:
 
 * ``raw read``: every file of the store read with ``np.fromfile`` (the reference for reads);
-* ``read_all``: ``FeatureStore.read_all()``;
+* ``read_all``: ``FeatureStore.read_all()``, into a fresh array, and ``read_all(out=)``: into one
+  array kept from round to round (its memory touched once before the first round), with
+  ``fresh array`` beside them: allocating an array of the store's size and touching each of its pages,
+  no reading — the part of ``read_all`` that is the machine's memory, not the store;
 * ``read_batch``: ``FeatureStore.read_batch`` of random batches of 16 (a shuffled permutation),
   each into a fresh array dropped before the next batch is read (as the raw read drops each file's
   array), and ``read_batch(out=)``: the same batches into one reused array (what the streamed probe
@@ -159,6 +162,16 @@ def raw_write(files: list[str], out: Path, fsync: bool) -> float:
     return spent
 
 
+_KEPT: dict[str, np.ndarray] = {}  # read_all(out=)'s array per compression, kept across rounds
+
+
+def touch_fresh(shape: tuple[int, ...]) -> None:
+    """A new float16 array of ``shape`` with one value written per 4 KB page (what the kernel does
+    for the array ``read_all`` returns before a byte is read into it)."""
+    a = np.empty(shape, np.float16).reshape(-1)
+    a[::2048] = 0
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -180,6 +193,10 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
         rows["raw read"] = (timed(lambda: raw_read(files)), n)
         fs = open_features(fpath)
         rows["read_all"] = (timed(lambda: fs.read_all()), n)
+        rows["fresh array"] = (timed(lambda: touch_fresh((n, *GRID, CHANNELS))), n)
+        if comp not in _KEPT:
+            _KEPT[comp] = np.ones((n, *GRID, CHANNELS), np.float16)  # every page touched once
+        rows["read_all(out=)"] = (timed(lambda: fs.read_all(out=_KEPT[comp])), n)
         nb = min(n, args.batch_images)
         order = rng.permutation(n)[:nb]
         batches = [order[i:i + 16] for i in range(0, nb, 16)]
@@ -217,7 +234,7 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
 
 
 REFERENCE = {"read": "raw read", "write": "raw write+fsync"}
-ROWS = [("raw read", "read"), ("read_all", "read"), ("read_batch(16)", "read"), ("read_batch(16,out=)", "read"),
+ROWS = [("raw read", "read"), ("read_all", "read"), ("fresh array", "read"), ("read_all(out=)", "read"), ("read_batch(16)", "read"), ("read_batch(16,out=)", "read"),
         ("probe epoch(16)", "read"),
         ("write_shard", "write"), ("write_shard via zarr", "write"), ("raw write+fsync", "write"), ("raw write", "write"),
         ("write_shard 1 thread", "write"), ("write_shard 2 threads", "write")]

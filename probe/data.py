@@ -101,17 +101,19 @@ class _Converter:
     """``put(k, values)`` for :meth:`FeatureStore.read_batch_each`: one image's ``(h, w, C)``
     float16 values into row ``k`` of a float32 ``(B, h·w, C)`` batch given as its flat rows
     (:func:`_flat_rows`, made once per buffer), on the calling thread (``copy``: the compiled F16C
-    copy, :func:`probe.fused.half_to_float`; ``None``: torch's)."""
+    copy, :func:`probe.fused.half_to_float`; ``None``: torch's). Safe to call from several
+    threads at once for different ``k`` (the reader's worker threads, on a compressed store)."""
 
     def __init__(self, rows: Sequence[torch.Tensor], copy: Callable[[torch.Tensor, torch.Tensor], None] | None) -> None:
         self.rows = rows
-        self._src: tuple[np.ndarray, torch.Tensor] | None = None
+        self._views: dict[int, tuple[np.ndarray, torch.Tensor]] = {}  # per buffer the reader hands on
         self._copy = copy
 
     def __call__(self, k: int, values: np.ndarray) -> None:
-        if self._src is None or self._src[0] is not values:  # the reader hands on one buffer: view it once
-            self._src = (values, torch.from_numpy(values).view(-1))
-        src = self._src[1]
+        view = self._views.get(id(values))
+        if view is None or view[0] is not values:  # the reader hands on one buffer per thread: view it once
+            view = self._views[id(values)] = (values, torch.from_numpy(values).view(-1))
+        src = view[1]
         if self._copy is not None and src.dtype == torch.float16:
             self._copy(self.rows[k], src)
         else:
@@ -221,8 +223,9 @@ class ProbeData:
         """Batches read from the stores by a background thread, ``prefetch`` batches ahead.
 
         On a CPU the thread converts each image's float16 features into the float32 batch as soon
-        as they are read, while still in the CPU's cache (:meth:`FeatureStore.read_batch_each`), on
-        this thread alone (:func:`_serial_copy`); with ``reuse`` the batches are a ring of
+        as they are read, while still in the CPU's cache (:meth:`FeatureStore.read_batch_each`): on
+        this thread alone for uncompressed values, on the reader's worker threads beside the
+        decoding for zstd-compressed ones (:func:`_serial_copy`, or the compiled copy); with ``reuse`` the batches are a ring of
         ``prefetch + 2`` buffers per layer (fresh memory for every batch costs about as much as
         reading it; the queue holds at most ``prefetch`` batches and the thread fills one more, so
         the batch the consumer holds is not written until it asks for the next one). On a GPU the

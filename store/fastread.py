@@ -220,18 +220,25 @@ class ShardedArray:
         return out
 
     def read_rows_each(self, indices: Sequence[int], put: Callable[[int, np.ndarray], None]) -> bool:
-        """Call ``put(k, image)`` for each ``k``-th image of ``indices`` (each in ``0..N-1``), in
-        shard order, where ``image`` is one image's values, valid only during the call (the same
-        array object each time); ``False`` (nothing read) where this array is not read so:
-        compressed, or not on a local disk.
+        """Call ``put(k, image)`` for each ``k``-th image of ``indices`` (each in ``0..N-1``), where
+        ``image`` is one image's values, valid only during the call; ``False`` (nothing read) where
+        this array is not read so: not on a local disk.
 
         Each chunk is read into one small buffer, its checksum checked and handed on while its bytes
         are still in the CPU's cache: a caller that converts the values (float16 to float32) then
         passes over memory once, not three times (into a batch, out of it, into the copy).
+        Uncompressed chunks are read and handed on by the calling thread, in shard order, always in
+        the same array object. zstd chunks are read by the calling thread and each decoded by a
+        worker thread into that thread's own buffer and handed on there: ``put`` is then called
+        from several threads at once (never twice for the same ``k``), so that the caller's
+        conversion runs on every core beside the decoding.
         """
-        if self.zstd or not self.folder.random_access:
+        if not self.folder.random_access:
             return False
         idx = np.asarray(indices, dtype=np.int64)
+        if self.zstd:
+            self._decoded_each(idx, put)
+            return True
         shards = idx // self.per_shard
         chunk = np.empty(self.item_bytes + 4, dtype=np.uint8)
         whole, payload, crc = memoryview(chunk), memoryview(chunk[:-4]), chunk[-4:]
@@ -261,6 +268,43 @@ class ShardedArray:
             if not loc.read_pieces_each([(span[0], [whole]) for _, span in present], each):
                 raise Damaged(f"shard {shard}: its file disappeared while read")
         return True
+
+    def _decoded_each(self, idx: np.ndarray, put: Callable[[int, np.ndarray], None]) -> None:
+        """:meth:`read_rows_each` of zstd chunks: this thread reads each shard's wanted chunks (one
+        call per shard), the worker threads check, decode and hand on each chunk."""
+        shards = idx // self.per_shard
+        mine = threading.local()  # one image buffer per worker thread, for this call
+
+        def decode(job: tuple[memoryview, int, int]) -> None:
+            chunk, k, image = job
+            buf = getattr(mine, "image", None)
+            if buf is None:
+                buf = mine.image = self._empty(1)[0]
+            self._decode(chunk, buf, image)
+            put(k, buf)
+
+        with _Work(parallel=len(idx) >= 2) as work:
+            for shard in np.unique(shards).tolist():
+                where = np.flatnonzero(shards == shard).tolist()
+                loc = self._shard_file(shard)
+                index = self._shard_index(loc, shard)
+                spans = [None] * len(where) if index is None else self._spans(index, idx[where].tolist(), shard, None)
+                present = [(k, span) for k, span in zip(where, spans) if span is not None]
+                if len(present) < len(where):  # never written: zarr's fill value
+                    fill = self._empty(1)[0]
+                    self._fill(fill)
+                    for k, span in zip(where, spans):
+                        if span is None:
+                            put(k, fill)
+                if not present:
+                    continue
+                got = loc.read_ranges([span for _, span in present])
+                if got is None:
+                    raise Damaged(f"shard {shard}: its file disappeared while read")
+                for (k, span), data in zip(present, got):
+                    if len(data) != span[1]:
+                        raise Damaged(f"shard {shard}: shorter than its index says")
+                    work.add(decode, [(memoryview(data), k, int(idx[k]))])
 
     def read_shard_into(self, shard: int, images: list[int], out: Sequence[np.ndarray],
                         work: "_Work | None" = None) -> None:

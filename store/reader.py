@@ -270,13 +270,14 @@ class FeatureStore(_Store):
                         layer: str | None = None) -> None:
         """Call ``put(k, values)`` with the ``(h, w, C)`` features (:meth:`layer_dtype`) of the
         ``k``-th image of ``indices``, for every ``k`` (in no set order); ``values`` is valid only
-        during the call.
+        during the call. ``put`` may be called from several threads at once (for different ``k``).
 
         For a loader that converts as it goes (float16 into a float32 batch): on a local disk each
-        uncompressed image is read into one small buffer and handed on while still in the CPU's
-        cache (:meth:`store.fastread.ShardedArray.read_rows_each`); otherwise the batch is read with
+        image is read (and decoded, on the worker threads, where zstd-compressed) into one small
+        buffer and handed on while still in the CPU's cache
+        (:meth:`store.fastread.ShardedArray.read_rows_each`); otherwise the batch is read with
         :meth:`read_batch` and handed on image by image. Damage raises :class:`StoreError` naming
-        the images, as :meth:`read_batch` does.
+        the images, as :meth:`read_batch` does (some images may have been handed on before).
         """
         name = self._layer_array_name(layer)
         arr = self._array(name)
@@ -303,9 +304,18 @@ class FeatureStore(_Store):
             return np.dtype(self.spec.dtype)
         return np.dtype(self._array(self._layer_array_name(layer)).dtype)
 
-    def read_all(self, layer: str | None = None) -> np.ndarray:
-        """The whole ``(N, h, w, C)`` layer, read shard by shard."""
-        return self._values(layer, lambda name: self._read_range(name, self._array(name), 0, len(self)))
+    def read_all(self, layer: str | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole ``(N, h, w, C)`` layer, read shard by shard.
+
+        ``out``: a C-contiguous ``(N, h, w, C)`` array of :meth:`layer_dtype` to read into (one
+        reused across reads saves the cost of fresh memory: the kernel hands out and zeroes every
+        page of a new array on first touch, which on a virtual machine can cost more than the read).
+        """
+        name = self._layer_array_name(layer)
+        _check_out(out, (len(self), *self.layer_shape(layer)), self.layer_dtype(layer), name)
+        if not self.spec.lossy:
+            return self._read_range(name, self._array(name), 0, len(self), out)
+        return _into(out, self._values(layer, lambda name: self._read_range(name, self._array(name), 0, len(self))))
 
     def token_centres(self, layer: str | None = None) -> np.ndarray:
         """``(h, w, 2)`` normalised ``(y, x)`` token centres of ``layer``."""
@@ -358,10 +368,13 @@ class TargetStore(_Store):
         self._check_name(name)
         return self._read_rows(name, indices)
 
-    def read_all(self, name: str) -> np.ndarray:
+    def read_all(self, name: str, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Every image's ``name`` targets (into ``out`` if given: a C-contiguous array of the
+        array's shape and dtype)."""
         self._check_name(name)
         arr = self._array(name)
-        return self._read_range(name, arr, 0, arr.shape[0])
+        _check_out(out, arr.shape, arr.dtype, name)
+        return self._read_range(name, arr, 0, arr.shape[0], out)
 
     def to_dask(self, name: str) -> Any:
         """Targets ``name`` as a lazy dask array, one chunk per shard (``store.views``)."""

@@ -99,6 +99,9 @@ def test_fast_reader_and_zarr_agree_bitwise(stores):
     assert fs.layer_dtype() == np.float16 and fs.layer_shape() == (4, 5, 6)
     buf = np.empty((len(rows), *fs.layer_shape()), dtype=fs.layer_dtype())
     assert fs.read_batch(rows, out=buf) is buf and np.array_equal(buf, fast)
+    whole = np.full((len(fs), *fs.layer_shape()), np.nan, dtype=fs.layer_dtype())
+    assert fs.read_all(out=whole) is whole and np.array_equal(whole, dequantize(g["features/last"][...],
+                                                                               g["feature_scales/last"][...]))
     each = np.zeros_like(buf)
     fs.read_batch_each(rows, lambda k, v: each.__setitem__(k, v))  # the streamed probe's reader: dequantised too
     assert np.array_equal(each, fast)
