@@ -228,10 +228,10 @@ class ShardedArray:
         are still in the CPU's cache: a caller that converts the values (float16 to float32) then
         passes over memory once, not three times (into a batch, out of it, into the copy).
         Uncompressed chunks are read and handed on by the calling thread, in shard order, always in
-        the same array object. zstd chunks are read by the calling thread and each decoded by a
-        worker thread into that thread's own buffer and handed on there: ``put`` is then called
-        from several threads at once (never twice for the same ``k``), so that the caller's
-        conversion runs on every core beside the decoding.
+        the same array object. zstd chunks are read, checked and decoded by the worker threads,
+        each into that thread's own buffers, and handed on there: ``put`` is then called from
+        several threads at once (never twice for the same ``k``), so that the reads and the
+        caller's conversion run on every core beside the decoding.
         """
         if not self.folder.random_access:
             return False
@@ -270,20 +270,30 @@ class ShardedArray:
         return True
 
     def _decoded_each(self, idx: np.ndarray, put: Callable[[int, np.ndarray], None]) -> None:
-        """:meth:`read_rows_each` of zstd chunks: this thread reads each shard's wanted chunks (one
-        call per shard), the worker threads check, decode and hand on each chunk."""
+        """:meth:`read_rows_each` of zstd chunks: this thread looks up each wanted chunk in its
+        shard's index and opens each shard file once; each worker thread takes a share of the
+        chunks and reads, checks and decodes each into its own buffers, and hands it on.
+        (Uncompressed chunks are faster read and handed on by one thread: two threads reading
+        them from the page cache were 0.85x as fast, alternated, 3,000 ViT-B images.)"""
         shards = idx // self.per_shard
-        mine = threading.local()  # one image buffer per worker thread, for this call
+        mine = threading.local()  # per worker thread: a chunk buffer and an image buffer
 
-        def decode(job: tuple[memoryview, int, int]) -> None:
-            chunk, k, image = job
-            buf = getattr(mine, "image", None)
-            if buf is None:
-                buf = mine.image = self._empty(1)[0]
-            self._decode(chunk, buf, image)
-            put(k, buf)
+        def each(job: tuple[Callable[[int, Sequence[Any]], int], int, int, int, int]) -> None:
+            read, offset, nbytes, k, image = job
+            raw = getattr(mine, "raw", None)
+            if raw is None or len(raw) < nbytes:
+                raw = mine.raw = np.empty(max(nbytes, self.item_bytes + 4), dtype=np.uint8)
+            chunk = raw[:nbytes]
+            if read(offset, [chunk]) != nbytes:
+                raise Damaged(f"image {image}: its chunk is cut short in its shard file")
+            out = getattr(mine, "image", None)
+            if out is None:
+                out = mine.image = self._empty(1)[0]
+            self._decode(memoryview(chunk), out, image)
+            put(k, out)
 
-        with _Work(parallel=len(idx) >= 2) as work:
+        jobs: list[tuple[Callable[[int, Sequence[Any]], int], int, int, int, int]] = []
+        with contextlib.ExitStack() as files, _Work(parallel=len(idx) >= 2) as work:  # work ends before files close
             for shard in np.unique(shards).tolist():
                 where = np.flatnonzero(shards == shard).tolist()
                 loc = self._shard_file(shard)
@@ -298,13 +308,13 @@ class ShardedArray:
                             put(k, fill)
                 if not present:
                     continue
-                got = loc.read_ranges([span for _, span in present])
-                if got is None:
+                read = files.enter_context(loc.reader())
+                if read is None:
                     raise Damaged(f"shard {shard}: its file disappeared while read")
-                for (k, span), data in zip(present, got):
-                    if len(data) != span[1]:
-                        raise Damaged(f"shard {shard}: shorter than its index says")
-                    work.add(decode, [(memoryview(data), k, int(idx[k]))])
+                jobs.extend((read, offset, nbytes, k, int(idx[k])) for k, (offset, nbytes) in present)
+            step = max(1, -(-len(jobs) // _workers()))  # one job list per worker thread
+            for i in range(0, len(jobs), step):
+                work.add(each, jobs[i:i + step])
 
     def read_shard_into(self, shard: int, images: list[int], out: Sequence[np.ndarray],
                         work: "_Work | None" = None) -> None:
@@ -427,11 +437,15 @@ _POOL: tuple[int, ThreadPoolExecutor] | None = None
 _POOL_LOCK = threading.Lock()
 
 
+def _workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
 def _pool() -> ThreadPoolExecutor | None:
     """The worker threads (one per core, at most 8; none on one core). Checksums and zstd release
     the GIL, so decoding uses every core. Made again in a forked child (a fork keeps no threads)."""
     global _POOL
-    workers = min(8, os.cpu_count() or 1)
+    workers = _workers()
     if workers < 2:
         return None
     with _POOL_LOCK:

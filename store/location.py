@@ -17,6 +17,7 @@ and that is what records and messages carry; options never appear in it.
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -166,6 +167,20 @@ class Location(ABC):
                 return False
             each(k, got[0])
         return True
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Callable[[int, Sequence[Any]], int] | None]:
+        """``read(offset, buffers)``: :meth:`read_into` on the file opened once for the ``with``
+        block, safe to call from several threads at once (``None`` if the file is not there)."""
+        if not self.exists():
+            yield None
+            return
+
+        def read(offset: int, buffers: Sequence[Any]) -> int:
+            got = self.read_pieces([(offset, buffers)])
+            return 0 if got is None else got[0]
+
+        yield read
 
     #: Whether many small reads cost about what their bytes cost (a local disk), rather than a
     #: request each (object storage): readers then read byte ranges rather than whole files.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -119,6 +120,22 @@ class LocalLocation(Location):
             for k, (offset, buffers) in enumerate(pieces):
                 each(k, _preadv_all(fd, offset, [memoryview(b).cast("B") for b in buffers]))
             return True
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Callable[[int, Sequence[Any]], int] | None]:
+        if not hasattr(os, "preadv"):  # Windows: the base class's reads
+            with super().reader() as read:
+                yield read
+            return
+        try:
+            fd = os.open(self.url, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            yield None
+            return
+        try:  # pread does not move the file's position: one descriptor serves every thread
+            yield lambda offset, buffers: _preadv_all(fd, offset, [memoryview(b).cast("B") for b in buffers])
         finally:
             os.close(fd)
 

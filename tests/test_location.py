@@ -79,6 +79,23 @@ def test_read_ranges(root):
     assert (root / "d/none.bin").read_into(0, [bytearray(1)]) is None
 
 
+def test_reader_serves_several_threads(root):
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = root / "d/p.bin"
+    with f.reader() as read:
+        assert read is None
+    data = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)
+    f.write_bytes(data.tobytes())
+    with f.reader() as read:
+        def one(k: int) -> bool:
+            a, b = np.zeros(k % 13, np.uint8), bytearray(40)
+            return read(k * 50, [a, b]) == min(len(a) + 40, 5000 - k * 50) and \
+                bytes(a) + bytes(b)[:max(0, 5000 - k * 50 - len(a))] == data[k * 50:k * 50 + len(a) + 40].tobytes()
+        with ThreadPoolExecutor(4) as ex:
+            assert all(ex.map(one, range(100)))
+
+
 def test_exclusive_create(root):
     f = root / "lease"
     assert f.create(b"first")
