@@ -26,10 +26,13 @@ then times, in one process and in alternating rounds:
 
 Reads are warm: the store was just written (or read in the round before), so the files sit in
 the page cache and every read row measures the reader's own cost, not the disk's. That is what
-the issue measured.
+the issue measured. With ``--cold`` each read row (the raw read included) starts with the store's
+files evicted from the page cache: the disk's speed, as an epoch over a store larger than memory
+sees it.
 
     python benchmarks/store_io.py                 # ~2 GB per store (7,000 images), 3 rounds
     python benchmarks/store_io.py --images 1024   # a quick run
+    python benchmarks/store_io.py --cold --no-writes   # reads from the disk, not the page cache
 
 Prints a table (img/s, GB/s of decoded features, × the raw reference) and writes
 ``benchmarks/out/store_io.json``.
@@ -172,7 +175,19 @@ def touch_fresh(shape: tuple[int, ...]) -> None:
     a[::2048] = 0
 
 
-def timed(fn) -> float:
+def evict(files: list[str]) -> None:
+    """Drop ``files`` from the page cache (written back first), so that the next read comes from
+    the disk (``posix_fadvise(DONTNEED)``: no root needed; Linux)."""
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -190,10 +205,15 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
         rows: dict[str, tuple[float, int]] = {}
         files = store_files(fpath)
         n = args.images
+        def timed(fn) -> float:  # a read row: from the disk itself with --cold
+            if args.cold:
+                evict(files)
+            return _timed(fn)
+
         rows["raw read"] = (timed(lambda: raw_read(files)), n)
         fs = open_features(fpath)
         rows["read_all"] = (timed(lambda: fs.read_all()), n)
-        rows["fresh array"] = (timed(lambda: touch_fresh((n, *GRID, CHANNELS))), n)
+        rows["fresh array"] = (_timed(lambda: touch_fresh((n, *GRID, CHANNELS))), n)
         if comp not in _KEPT:
             _KEPT[comp] = np.ones((n, *GRID, CHANNELS), np.float16)  # every page touched once
         rows["read_all(out=)"] = (timed(lambda: fs.read_all(out=_KEPT[comp])), n)
@@ -265,7 +285,8 @@ def print_table(table: dict, meta: dict) -> None:
     print(f"\nstore I/O, {meta['images']} images of {GRID[0]}x{GRID[1]}x{CHANNELS} float16 "
           f"({IMAGE_BYTES / 1e3:.0f} KB), shard size {meta['shard_size']}, median of {meta['rounds']} rounds; "
           f"{meta['cpus']} CPUs (an extraction here starts {meta['runner_writer_threads']} writer thread(s)), {meta['date']}")
-    print("reads are WARM (page cache): the store's files were just written or read; GB/s counts decoded features")
+    print("reads are COLD (each read row starts with the store's files evicted from the page cache)" if meta["cold"] else
+          "reads are WARM (page cache): the store's files were just written or read; GB/s counts decoded features")
     print(f"{'compression':<12}{'row':<23}{'img/s':>10}{'GB/s':>8}{'x raw':>8}{'x nofsync':>10}")
     for comp, rows in table.items():
         for row, r in rows.items():
@@ -295,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epoch-images", type=int, default=7000, help="images in the streamed probe epoch")
     p.add_argument("--compression", nargs="+", default=["none", "zstd"])
     p.add_argument("--no-writes", action="store_true", help="skip the write rows")
+    p.add_argument("--cold", action="store_true",
+                   help="evict the store's files from the page cache before each read row: the disk's speed, "
+                        "as an epoch over a store larger than memory sees it (Linux)")
     p.add_argument("--tmp", default=None, help="folder for the stores (default: a temporary folder)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "store_io.json"))
     args = p.parse_args(argv)
@@ -327,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
                 "host": platform.node(), "zarr": zarr.__version__, "numpy": np.__version__,
                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                          text=True).stdout.strip(),
-                "runner_writer_threads": _runner_writer_threads(), "warm": True, "batch_images": min(args.images, args.batch_images),
+                "runner_writer_threads": _runner_writer_threads(), "warm": not args.cold, "cold": args.cold, "batch_images": min(args.images, args.batch_images),
                 "epoch_images": min(args.images, args.epoch_images)}
         table = summarise(rounds)
         print_table(table, meta)
