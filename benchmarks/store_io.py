@@ -41,6 +41,7 @@ Prints a table (img/s, GB/s of decoded features, × the raw reference) and write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -62,7 +63,8 @@ GRID, CHANNELS = (14, 14), 768  # ViT-B/16 at 224²
 IMAGE_BYTES = GRID[0] * GRID[1] * CHANNELS * 2
 
 
-def _specs(n: int):
+def _specs(n: int, compression: str = "none"):
+    from store.quantize import QUANTIZATIONS
     from store.spec import FeatureSpec, LayerSpec, TargetSpec
 
     ids = [f"img{i:06d}" for i in range(n)]
@@ -71,6 +73,8 @@ def _specs(n: int):
                         input_size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic",
                         layers=(layer,), dataset="bench", dataset_id="bench", split="train", num_images=n,
                         image_ids_hash=f"bench{n}")
+    if compression in QUANTIZATIONS:  # a lossy store: its spec says so, its arrays are int8 + scales
+        fspec = dataclasses.replace(fspec, quantization=compression)
     tspec = TargetSpec(dataset="bench", dataset_id="bench", split="train", size=(14, 14), kinds=("semantic",),
                        num_images=n, image_ids_hash=f"bench{n}", num_classes=4)
     return ids, fspec, tspec
@@ -86,7 +90,7 @@ def build_feature_store(path: Path, n: int, shard_size: int, compression: str, p
     before ``store.fastwrite``); returns the seconds spent in ``write_shard``."""
     from store.writer import StoreWriter, feature_arrays
 
-    ids, fspec, _ = _specs(n)
+    ids, fspec, _ = _specs(n, compression)
     w = StoreWriter(path, kind="features", key=fspec.key, spec=fspec.to_dict(), arrays=feature_arrays(fspec),
                     image_ids=ids, shard_size=shard_size, compression=compression, direct_writes=direct).open()
     spent = 0.0
@@ -108,7 +112,7 @@ def write_store_threaded(path: Path, n: int, shard_size: int, compression: str, 
 
     from store.writer import StoreWriter, feature_arrays
 
-    ids, fspec, _ = _specs(n)
+    ids, fspec, _ = _specs(n, compression)
     w = StoreWriter(path, kind="features", key=fspec.key, spec=fspec.to_dict(), arrays=feature_arrays(fspec),
                     image_ids=ids, shard_size=shard_size, compression=compression).open()
 
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-images", type=int, default=2048, help="images read by random read_batch calls")
     p.add_argument("--epoch-images", type=int, default=7000, help="images in the streamed probe epoch")
-    p.add_argument("--compression", nargs="+", default=["none", "zstd"])
+    p.add_argument("--compression", nargs="+", default=["none", "zstd"], help="none, zstd, int8 (default: none zstd)")
     p.add_argument("--no-writes", action="store_true", help="skip the write rows")
     p.add_argument("--cold", action="store_true",
                    help="evict the store's files from the page cache before each read row: the disk's speed, "

@@ -43,6 +43,8 @@ _ABSENT = 2**64 - 1
 _WHOLE_SHARD_FRACTION = 0.25
 #: Chunks read per call on a local disk: the worker threads check one piece while the next is read.
 _PIECE = 64
+#: Decoded bytes from which zstd chunks are decoded on the worker threads.
+_PARALLEL_BYTES = 256 * 1024
 
 
 class Damaged(Exception):
@@ -121,6 +123,11 @@ class ShardedArray:
     @property
     def index_bytes(self) -> int:
         return 16 * self.per_shard + 4
+
+    def _parallel(self, count: int) -> bool:
+        """Whether decoding ``count`` zstd chunks is worth the worker threads: small chunks (scales,
+        small targets) decode faster on the calling thread than they are handed over."""
+        return count >= 2 and count * self.item_bytes >= _PARALLEL_BYTES
 
     def _index(self, tail: bytes | memoryview, shard: int) -> np.ndarray:
         """``(per_shard, 2)`` offsets and sizes from the index bytes, its checksum verified."""
@@ -207,7 +214,7 @@ class ShardedArray:
         repeats = []
         # zstd: every shard's chunks are decoded on the worker threads together, not shard by shard
         # (a shuffled batch holds one or two images of each shard, too few to fill the cores)
-        with _Work(parallel=len(idx) >= 2) if self.zstd else contextlib.nullcontext() as work:
+        with _Work(parallel=self._parallel(len(idx))) if self.zstd else contextlib.nullcontext() as work:
             for shard in np.unique(shards):
                 where = np.flatnonzero(shards == shard)
                 wanted, first = np.unique(idx[where], return_index=True)
@@ -293,7 +300,7 @@ class ShardedArray:
             put(k, out)
 
         jobs: list[tuple[Callable[[int, Sequence[Any]], int], int, int, int, int]] = []
-        with contextlib.ExitStack() as files, _Work(parallel=len(idx) >= 2) as work:  # work ends before files close
+        with contextlib.ExitStack() as files, _Work(parallel=self._parallel(len(idx))) as work:  # work ends before files close
             for shard in np.unique(shards).tolist():
                 where = np.flatnonzero(shards == shard).tolist()
                 loc = self._shard_file(shard)
@@ -351,7 +358,7 @@ class ShardedArray:
                 pieces.append([k])
         wanted = sum(len(p) for p in pieces)
         decode = lambda job: self._decode(job[0], out[job[1]], job[2])  # noqa: E731
-        with _joined(work, wanted >= (2 if self.zstd else _PIECE)) as work:
+        with _joined(work, self._parallel(wanted) if self.zstd else wanted >= _PIECE) as work:
             if not self.zstd and loc.random_access and all(spans[k][1] == self.item_bytes + 4 for p in pieces for k in p):
                 flat = [o.reshape(-1).view(np.uint8) for o in out]
                 crcs = np.zeros((len(out), 4), dtype=np.uint8)
@@ -413,7 +420,7 @@ class ShardedArray:
                 self._fill(out[k])
             else:
                 jobs.append((buf[span[0]:span[0] + span[1]], k, images[k]))
-        with _joined(work, len(jobs) >= (2 if self.zstd else _PIECE)) as work:
+        with _joined(work, self._parallel(len(jobs)) if self.zstd else len(jobs) >= _PIECE) as work:
             for i in range(0, len(jobs), _PIECE):
                 work.add(lambda job: self._decode(job[0], out[job[1]], job[2]), jobs[i:i + _PIECE])
 

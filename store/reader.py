@@ -13,6 +13,7 @@ slower); a damaged chunk is then named by image (:func:`store.damage.find_damage
 
 from __future__ import annotations
 
+import threading
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -240,19 +241,34 @@ class FeatureStore(_Store):
     def _layer_array_name(self, layer: str | None) -> str:
         return L.feature_array(self.spec.layer(layer).name)
 
-    def _values(self, layer: str | None, read: Callable[[str], np.ndarray]) -> np.ndarray:
-        """Layer ``layer``'s values of the rows ``read(array name)`` reads, dequantised where stored quantised."""
+    def _dequantized(self, layer: str | None, idx: list[int], out: np.ndarray | None = None) -> np.ndarray:
+        """A quantised layer's float16 values of images ``idx`` (checked, in ``0..N-1``), into ``out``
+        if given. From a local disk each image's int8 chunk is decoded and dequantised by a worker
+        thread while in the CPU's cache; elsewhere, or on damage, the int8 rows are read, then
+        dequantised (which names the damaged images)."""
         name = self.spec.layer(layer).name
-        stored = read(L.feature_array(name))
-        if not self.spec.lossy:
-            return stored
-        return dequantize(stored, read(L.feature_scale_array(name)))
+        values, scales_name = L.feature_array(name), L.feature_scale_array(name)
+        scales = self._read_rows(scales_name, idx)
+        out = np.empty((len(idx), *self.layer_shape(layer)), dtype=np.float16) if out is None else out
+        fast = self._fast(values, self._array(values)) if idx else None
+        if fast is not None:
+            def put(k: int, q: np.ndarray) -> None:
+                dequantize(q[None], scales[k:k + 1], out=out[k:k + 1])
+
+            try:
+                if fast.read_rows_each(idx, put):
+                    return out
+            except Damaged:
+                pass  # read again below, which names the damaged images
+        return dequantize(self._read_rows(values, idx), scales, out=out)
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.read(index)
 
     def read(self, index: int, layer: str | None = None) -> np.ndarray:
-        return self._values(layer, lambda name: self._read_rows(name, [index]))[0]
+        if self.spec.lossy:
+            return self._dequantized(layer, _checked_indices([int(index)], len(self)))[0]
+        return self._read_rows(self._layer_array_name(layer), [index])[0]
 
     def read_batch(self, indices: Sequence[int], layer: str | None = None, *,
                    out: np.ndarray | None = None) -> np.ndarray:
@@ -264,7 +280,7 @@ class FeatureStore(_Store):
         if not self.spec.lossy:
             return self._read_rows(self._layer_array_name(layer), indices, out)
         _check_out(out, (len(indices), *self.layer_shape(layer)), self.layer_dtype(layer), self._layer_array_name(layer))
-        return _into(out, self._values(layer, lambda name: self._read_rows(name, indices)))
+        return self._dequantized(layer, _checked_indices([int(i) for i in indices], len(self)), out)
 
     def read_batch_each(self, indices: Sequence[int], put: Callable[[int, np.ndarray], None],
                         layer: str | None = None) -> None:
@@ -282,10 +298,21 @@ class FeatureStore(_Store):
         name = self._layer_array_name(layer)
         arr = self._array(name)
         idx = _checked_indices([int(i) for i in indices], arr.shape[0])
-        fast = None if self.spec.lossy else self._fast(name, arr)
+        fast = self._fast(name, arr)
         if fast is not None:
+            each = put
+            if self.spec.lossy:  # dequantised into a float16 buffer per thread, then handed on
+                scales = self._read_rows(L.feature_scale_array(self.spec.layer(layer).name), idx)
+                mine = threading.local()
+
+                def each(k: int, q: np.ndarray) -> None:
+                    buf = getattr(mine, "values", None)
+                    if buf is None:
+                        buf = mine.values = np.empty((1, *q.shape), dtype=np.float16)
+                    dequantize(q[None], scales[k:k + 1], out=buf)
+                    put(k, buf[0])
             try:
-                if fast.read_rows_each(idx, put):
+                if fast.read_rows_each(idx, each):
                     return
             except Damaged:
                 pass  # read again below, which names the damaged images
@@ -315,14 +342,17 @@ class FeatureStore(_Store):
         _check_out(out, (len(self), *self.layer_shape(layer)), self.layer_dtype(layer), name)
         if not self.spec.lossy:
             return self._read_range(name, self._array(name), 0, len(self), out)
-        return _into(out, self._values(layer, lambda name: self._read_range(name, self._array(name), 0, len(self))))
+        return self._dequantized(layer, list(range(len(self))), out)
 
     def token_centres(self, layer: str | None = None) -> np.ndarray:
         """``(h, w, 2)`` normalised ``(y, x)`` token centres of ``layer``."""
         return np.asarray(self.spec.layer(layer).token_centres, dtype=np.float32)
 
     def _layer_range(self, layer: str, start: int, stop: int) -> np.ndarray:
-        return self._values(layer, lambda name: self._read_range(name, self._array(name), start, stop))
+        if self.spec.lossy:
+            return self._dequantized(layer, list(range(start, stop)))
+        name = self._layer_array_name(layer)
+        return self._read_range(name, self._array(name), start, stop)
 
     def to_dask(self, layer: str | None = None) -> Any:
         """Layer ``layer`` as a lazy ``(N, h, w, C)`` dask array, one chunk per shard (``store.views``),

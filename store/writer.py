@@ -33,7 +33,7 @@ from runtime.errors import StoreError
 from store.fastwrite import ShardWriter
 from store.lease import StoreLease, acquire_lease, read_lease, remove_lease
 from store.location import Location, as_location
-from store.quantize import quantize
+from store.quantize import QUANTIZATIONS, quantize
 from store.spec import FORMAT_VERSION, FeatureSpec
 from store.xarray_meta import add_xarray_metadata, consolidate, subgroup_attrs, write_image_ids
 
@@ -151,6 +151,12 @@ class StoreWriter:
         self.shard_size = int(shard_size)
         self.num_shards = -(-self.num_images // self.shard_size)
         self.compression = compression
+        quantised = [a.name for a in self.arrays if a.scales]
+        if (compression in QUANTIZATIONS) != bool(quantised):
+            raise ValueError(
+                f"compression {compression!r} with {'quantised arrays ' + ', '.join(quantised) if quantised else 'no quantised array'}: "
+                f"a lossy compression needs the arrays of feature_arrays(spec) for a spec with that quantization, "
+                f"and quantised arrays need that compression")
         self.provenance = provenance or {}
         self.wait_timeout = wait_timeout
         self.log = log

@@ -66,12 +66,50 @@ def _write(root: Path, spec, data: np.ndarray, shard_size: int = 4) -> str:
     return w.path
 
 
+def test_writer_refuses_a_lossy_compression_without_quantised_arrays(tmp_path):
+    """compression='int8' on arrays that hold float16 (or int8 arrays under a lossless
+    compression) would label a store as something it is not: refused before anything is written."""
+    spec = make_spec()
+    lossy = dataclasses.replace(spec, quantization="int8")
+    for s, comp in ((spec, "int8"), (lossy, "none"), (lossy, "zstd")):
+        with pytest.raises(ValueError, match="lossy compression needs the arrays of feature_arrays"):
+            StoreWriter(feature_store_path(tmp_path, s), kind="features", key=s.key, spec=s.to_dict(),
+                        arrays=feature_arrays(s), image_ids=[f"img{i}" for i in range(s.num_images)],
+                        shard_size=4, compression=comp)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.fixture
 def stores(tmp_path):
     data = (np.random.default_rng(1).standard_normal((10, 4, 5, 6)) * [1, 2, 0.1, 0, 5, 3]).astype(np.float16)
     spec = make_spec()
     lossy = dataclasses.replace(spec, quantization="int8")
     return data, open_features(_write(tmp_path, spec, data)), open_features(_write(tmp_path, lossy, data))
+
+
+@pytest.mark.parametrize("block", [None, 200], ids=["default-blocks", "blocks-inside-an-image"])
+def test_dequantize_equals_the_numpy_formula_bit_for_bit(block, monkeypatch):
+    """The reader's blocked dequantisation (torch's float16 rounding) gives the plain NumPy
+    formula's bits: every int8 value against scales from float16's subnormals to past its
+    largest value (overflow to inf), zero scales, and blocks that end inside an image."""
+    import store.quantize
+
+    if block is not None:
+        monkeypatch.setattr(store.quantize, "_BLOCK_VALUES", block)
+    q = np.resize(np.arange(-128, 128, dtype=np.int8), (6, 3, 7, 64))  # every int8 value, in every channel
+    exps = np.linspace(-40, 12, 6 * 64).astype(np.float32)
+    s = (np.float32(1.7) ** exps).astype(np.float32).reshape(6, 64)
+    s[0, :5] = 0
+    s[1, :3] = np.float32(65504 / 100)  # q * s at and past float16's largest
+    with np.errstate(over="ignore"):  # the overflow to inf is meant
+        want = (q.astype(np.float32) * s[:, None, None, :]).astype(np.float16)
+    got = dequantize(q, s)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    assert np.isinf(got).any() and (got.view(np.uint16) & 0x7C00 == 0).any()  # overflow and subnormals seen
+    out = np.full(q.shape, np.nan, np.float16)
+    assert dequantize(q, s, out=out) is out and np.array_equal(out.view(np.uint16), want.view(np.uint16))
+    with pytest.raises(ValueError, match="out= for dequantize"):
+        dequantize(q, s, out=np.zeros(q.shape, np.float32))
 
 
 def test_plain_zarr_reads_int8_store_as_the_reader(stores):
@@ -105,9 +143,31 @@ def test_fast_reader_and_zarr_agree_bitwise(stores):
     each = np.zeros_like(buf)
     fs.read_batch_each(rows, lambda k, v: each.__setitem__(k, v))  # the streamed probe's reader: dequantised too
     assert np.array_equal(each, fast)
+    by_hand = (q.astype(np.float32) * s[:, None, None, :]).astype(np.float16)
+    assert np.array_equal(fast.view(np.uint16), by_hand.view(np.uint16))
+    assert np.array_equal(fs.to_dask().compute(), fs.read_all())
     shards = list(fs.layer_shards())
     assert [start for start, _ in shards] == [0, 4, 8]
     assert np.array_equal(np.concatenate([v for _, v in shards]), fs.read_all())
+
+
+def test_damaged_int8_chunk_is_named(stores):
+    from store import StoreError, as_location
+
+    _, _, fs = stores
+    f = as_location(fs.path) / "features/last/c/1/0/0/0"  # images 4..7
+    raw = bytearray(f.read_bytes())
+    index = np.frombuffer(bytes(raw[-(16 * 4 + 4):-4]), "<u8").reshape(-1, 2)
+    offset, nbytes = (int(v) for v in index[2])  # image 6
+    raw[offset + nbytes // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    fs = open_features(fs.path)
+    for read in (lambda: fs.read_batch([1, 6, 9]), fs.read_all, lambda: fs.read(6),
+                 lambda: fs.read_batch_each([6, 2], lambda k, v: None)):
+        with pytest.raises(StoreError) as err:
+            read()
+        assert "image 6 (id img6)" in str(err.value) and "\n" not in str(err.value)
+    assert fs.read_batch([5, 7]).shape == (2, 4, 5, 6)  # its neighbours are whole
 
 
 def test_lossy_store_never_stands_in_for_lossless(stores, tmp_path):
