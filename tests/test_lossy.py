@@ -41,6 +41,36 @@ def test_round_trip_error_bound_and_zero_channels():
     assert np.all(np.abs(x32 - deq.astype(np.float32)) <= scale / 2 * (1 + 1e-5) + np.abs(x32) * 2.0**-10)
 
 
+@pytest.mark.parametrize("block", [None, 100], ids=["default-blocks", "blocks-inside-an-image"])
+def test_quantize_equals_the_whole_array_formula(block, monkeypatch):
+    """The writer's image-by-image quantisation gives the bits of the whole-array NumPy formula:
+    float16 and float32 input, zero channels (+0 and -0), subnormal values, one token per image."""
+    import store.quantize
+
+    if block is not None:
+        monkeypatch.setattr(store.quantize, "_BLOCK_VALUES", block)
+
+    def formula(x):
+        x32 = np.asarray(x, dtype=np.float32)
+        tokens = tuple(range(1, x32.ndim - 1))
+        absmax = np.abs(x32).max(axis=tokens) if tokens else np.abs(x32)
+        s = (absmax / np.float32(QMAX)).astype(np.float32)
+        per = s.reshape(s.shape[0], *([1] * (x32.ndim - 2)), s.shape[-1])
+        q = np.rint(np.divide(x32, np.broadcast_to(per, x32.shape), out=np.zeros_like(x32), where=per > 0))
+        return np.clip(q, -QMAX, QMAX).astype(np.int8), s
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, 3, 7, 40)) * rng.uniform(1e-3, 300, 40)).astype(np.float16)
+    x[:, :, :, 2] = 0
+    x[1, :, :, 4] = -0.0
+    x[2, :, :, 6] = np.float16(6e-8)  # float16's smallest subnormal
+    for values in (x, x.astype(np.float32) * 7, x[:, 0, 0, :], x[:2, :1]):
+        q, s = quantize(values)
+        want_q, want_s = formula(values)
+        assert q.shape == values.shape and np.array_equal(q, want_q) and np.array_equal(s.view(np.uint32),
+                                                                                          want_s.view(np.uint32))
+
+
 def test_key_differs_only_when_lossy():
     spec = make_spec()
     assert spec.quantization == "none" and "quantization" not in spec.identity()
