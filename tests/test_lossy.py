@@ -41,14 +41,17 @@ def test_round_trip_error_bound_and_zero_channels():
     assert np.all(np.abs(x32 - deq.astype(np.float32)) <= scale / 2 * (1 + 1e-5) + np.abs(x32) * 2.0**-10)
 
 
+@pytest.mark.parametrize("torch_too", [True, False], ids=["torch", "numpy-alone"])
 @pytest.mark.parametrize("block", [None, 100], ids=["default-blocks", "blocks-inside-an-image"])
-def test_quantize_equals_the_whole_array_formula(block, monkeypatch):
+def test_quantize_equals_the_whole_array_formula(block, torch_too, monkeypatch):
     """The writer's image-by-image quantisation gives the bits of the whole-array NumPy formula:
     float16 and float32 input, zero channels (+0 and -0), subnormal values, one token per image."""
     import store.quantize
 
     if block is not None:
         monkeypatch.setattr(store.quantize, "_BLOCK_VALUES", block)
+    if not torch_too:  # the store needs only NumPy
+        monkeypatch.setattr(store.quantize, "_torch", lambda: None)
 
     def formula(x):
         x32 = np.asarray(x, dtype=np.float32)
@@ -117,8 +120,9 @@ def stores(tmp_path):
     return data, open_features(_write(tmp_path, spec, data)), open_features(_write(tmp_path, lossy, data))
 
 
+@pytest.mark.parametrize("torch_too", [True, False], ids=["torch", "numpy-alone"])
 @pytest.mark.parametrize("block", [None, 200], ids=["default-blocks", "blocks-inside-an-image"])
-def test_dequantize_equals_the_numpy_formula_bit_for_bit(block, monkeypatch):
+def test_dequantize_equals_the_numpy_formula_bit_for_bit(block, torch_too, monkeypatch):
     """The reader's blocked dequantisation (torch's float16 rounding) gives the plain NumPy
     formula's bits: every int8 value against scales from float16's subnormals to past its
     largest value (overflow to inf), zero scales, and blocks that end inside an image."""
@@ -126,6 +130,8 @@ def test_dequantize_equals_the_numpy_formula_bit_for_bit(block, monkeypatch):
 
     if block is not None:
         monkeypatch.setattr(store.quantize, "_BLOCK_VALUES", block)
+    if not torch_too:  # the store needs only NumPy
+        monkeypatch.setattr(store.quantize, "_torch", lambda: None)
     q = np.resize(np.arange(-128, 128, dtype=np.int8), (6, 3, 7, 64))  # every int8 value, in every channel
     exps = np.linspace(-40, 12, 6 * 64).astype(np.float32)
     s = (np.float32(1.7) ** exps).astype(np.float32).reshape(6, 64)
