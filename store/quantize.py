@@ -126,11 +126,8 @@ def dequantize(q: np.ndarray, scale: np.ndarray, out: np.ndarray | None = None) 
     if torch is None:
         qv, ov = q.reshape(q.shape[0], -1, channels), out.reshape(q.shape[0], -1, channels)
         products = np.empty((min(rows, qv.shape[1]), channels), dtype=np.float32)
-        for i in range(qv.shape[0]):
-            for t in range(0, qv.shape[1], rows):
-                block = qv[i, t:t + rows]
-                np.multiply(block, s[i], out=products[:len(block)])  # float32(q) * s, in float32
-                ov[i, t:t + rows] = products[:len(block)]  # rounded to float16 as astype rounds
+        with np.errstate(over="ignore"):  # a product past float16's range is inf, as in the formula
+            _numpy_blocks(qv, s, ov, products, rows)
         return out
     if q.flags.writeable and s.flags.writeable:
         tq, ts = torch.from_numpy(q.reshape(q.shape[0], -1, channels)), torch.from_numpy(s)
@@ -144,6 +141,14 @@ def dequantize(q: np.ndarray, scale: np.ndarray, out: np.ndarray | None = None) 
         for t in range(0, tq.shape[1], rows):
             torch.mul(tq[i, t:t + rows], si, out=to[i, t:t + rows])  # float32(q) * s, stored as float16
     return out
+
+
+def _numpy_blocks(qv: np.ndarray, s: np.ndarray, ov: np.ndarray, products: np.ndarray, rows: int) -> None:
+    for i in range(qv.shape[0]):
+        for t in range(0, qv.shape[1], rows):
+            block = qv[i, t:t + rows]
+            np.multiply(block, s[i], out=products[:len(block)])  # float32(q) * s, in float32
+            ov[i, t:t + rows] = products[:len(block)]  # rounded to float16 as astype rounds
 
 
 def _per_token(per_channel: np.ndarray, ndim: int) -> np.ndarray:
