@@ -23,6 +23,7 @@ same images through zarr, which names the damaged images (``store.reader``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,8 @@ _WHOLE_SHARD_FRACTION = 0.25
 _PIECE = 64
 #: Decoded bytes from which zstd chunks are decoded on the worker threads.
 _PARALLEL_BYTES = 256 * 1024
+#: Shard files a worker-thread read keeps open at once (a whole store's read goes in groups of them).
+_OPEN_FILES = 64
 
 
 class Damaged(Exception):
@@ -318,16 +321,19 @@ class ShardedArray:
             self._decode(memoryview(chunk), out, image)
             put(k, out)
 
-        jobs: list[tuple[Callable[[int, Sequence[Any]], int], int, int, int, int]] = []
-        with contextlib.ExitStack() as files, _Work(parallel=self._parallel(len(idx))) as work:  # work ends before files close
-            for shard, loc, present in self._present(idx, put):
-                read = files.enter_context(loc.reader())
-                if read is None:
-                    raise Damaged(f"shard {shard}: its file disappeared while read")
-                jobs.extend((read, offset, nbytes, k, int(idx[k])) for k, (offset, nbytes) in present)
-            step = max(1, -(-len(jobs) // _workers()))  # one job list per worker thread
-            for i in range(0, len(jobs), step):
-                work.add(each, jobs[i:i + step])
+        shards = self._present(idx, put)
+        while group := list(itertools.islice(shards, _OPEN_FILES)):  # at most _OPEN_FILES files open at once
+            with contextlib.ExitStack() as files:
+                jobs = []
+                for shard, loc, present in group:
+                    read = files.enter_context(loc.reader())
+                    if read is None:
+                        raise Damaged(f"shard {shard}: its file disappeared while read")
+                    jobs.extend((read, offset, nbytes, k, int(idx[k])) for k, (offset, nbytes) in present)
+                with _Work(parallel=self._parallel(len(jobs))) as work:  # every job ends before the files close
+                    step = max(1, -(-len(jobs) // _workers()))  # one job list per worker thread
+                    for i in range(0, len(jobs), step):
+                        work.add(each, jobs[i:i + step])
 
     def read_shard_into(self, shard: int, images: list[int], out: Sequence[np.ndarray],
                         work: "_Work | None" = None) -> None:

@@ -232,6 +232,41 @@ def test_read_all_into_a_reused_buffer(written):
             fs.read_all(out=bad)
 
 
+def test_worker_reads_open_a_few_files_at_a_time(tmp_path, monkeypatch):
+    """zstd on a local disk: the worker-thread reads open at most ``_OPEN_FILES`` shard files at
+    once (a whole store's read goes in groups); the values are zarr-python's either way."""
+    w = make_writer(tmp_path, make_spec(n=N), shard_size=SHARD, compression="zstd")
+    fill(w, _data())
+    w.finalize()
+    ref = _zarr_read(w.path)
+    fs = open_features(w.path)
+    import contextlib
+
+    opened, now, most, real = [], [0], [0], type(as_location(tmp_path)).reader
+
+    @contextlib.contextmanager
+    def counting(self):
+        opened.append(str(self))
+        now[0] += 1
+        most[0] = max(most[0], now[0])
+        try:
+            with real(self) as read:
+                yield read
+        finally:
+            now[0] -= 1
+
+    monkeypatch.setattr(fastread, "_OPEN_FILES", 1)
+    monkeypatch.setattr(type(as_location(tmp_path)), "reader", counting)
+    assert np.array_equal(bits(fs.read_all()), bits(ref))
+    batch = [36, 0, 17, 3, 33, 16]
+    assert np.array_equal(bits(fs.read_batch(batch)), bits(ref[batch]))
+    got, _ = _each(fs, batch)
+    assert np.array_equal(bits(got), bits(ref[batch]))
+    assert len(opened) == 3 + 3 + 3 and most[0] == 1  # each call: one file per shard, one at a time
+    monkeypatch.setattr(fastread, "_OPEN_FILES", 64)
+    assert np.array_equal(bits(fs.read_batch(batch)), bits(ref[batch])) and most[0] == 3  # all three at once
+
+
 def test_read_batch_refuses_a_wrong_out(written):
     path, _ = written
     fs = open_features(path)
