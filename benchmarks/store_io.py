@@ -1,7 +1,8 @@
 """Store I/O against the raw speed of the same files (run by hand).
 
 Builds a ViT-B-shaped feature store (14×14×768 float16 per image, ~301 KB) with ``StoreWriter``
-for each compression (``none``, ``zstd``), with the shard size the extraction runner would choose,
+for each compression (``none``, ``zstd``; ``int8`` on request: a quantised spec, int8 values and
+scales), with the shard size the extraction runner would choose,
 then times, in one process and in alternating rounds:
 
 * ``raw read``: every file of the store read with ``np.fromfile`` (the reference for reads);

@@ -21,6 +21,7 @@ a quantised store never stands in for a lossless one.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -71,6 +72,7 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(x.shape), scale
 
 
+@functools.cache
 def _torch() -> Any:
     """torch where it is installed (it converts float16 about 20-40x faster than NumPy, with the
     same bits), else ``None``: the store itself needs only NumPy."""
