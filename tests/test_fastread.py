@@ -232,6 +232,40 @@ def test_read_all_into_a_reused_buffer(written):
             fs.read_all(out=bad)
 
 
+def test_fresh_outputs_touched_on_the_workers(written, monkeypatch):
+    """A large fresh output of an uncompressed read has every page written on the worker threads
+    first (``_touched``); the values are zarr-python's either way, and an ``out=`` is not touched."""
+    path, _ = written
+    ref = _zarr_read(path)
+    fs = open_features(path)
+    touched, real = [], fastread._touched
+
+    def spy(out):
+        got = real(out)
+        touched.append(out.nbytes)
+        return got
+
+    monkeypatch.setattr(fastread, "_touched", spy)
+    monkeypatch.setattr(fastread, "_TOUCH_BYTES", 1)
+    monkeypatch.setattr(fastread, "_PAGE", 8)  # several pages per worker even in this small array
+    assert np.array_equal(bits(fs.read_all()), bits(ref))
+    assert np.array_equal(bits(fs.read_batch([36, 0, 17, 17])), bits(ref[[36, 0, 17, 17]]))
+    zstd = fs._fast(NAME, fs._array(NAME)).zstd  # decoded into the output on the workers: no touch first
+    assert touched == ([] if zstd else [ref.nbytes, 4 * ref[0].nbytes])
+    out = np.full_like(ref, np.nan)
+    assert fs.read_all(out=out) is out and np.array_equal(bits(out), bits(ref)) and len(touched) in (0, 2)
+
+
+def test_touched_writes_one_byte_per_page(monkeypatch):
+    if fastread._pool() is None:
+        pytest.skip("one core: no worker threads, nothing is touched (the array is returned as is)")
+    monkeypatch.setattr(fastread, "_TOUCH_BYTES", 1)
+    monkeypatch.setattr(fastread, "_PAGE", 16)
+    a = np.full(1000, 7, dtype=np.uint8)
+    assert fastread._touched(a) is a
+    assert np.array_equal(np.flatnonzero(a == 0), np.arange(0, 1000, 16)) and (np.delete(a, np.arange(0, 1000, 16)) == 7).all()
+
+
 def test_worker_reads_open_a_few_files_at_a_time(tmp_path, monkeypatch):
     """zstd on a local disk: the worker-thread reads open at most ``_OPEN_FILES`` shard files at
     once (a whole store's read goes in groups); the values are zarr-python's either way."""
