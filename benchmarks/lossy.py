@@ -25,12 +25,19 @@ Two more arms tell int8's own effect from a chaotic training run's:
   equal) scored on the int8 eval store's values, held in a float16 store that pairs with the
   float16 training store: what int8 changes at evaluation alone.
 
+``--runs FILE`` keeps every finished seed as one JSON line in ``FILE`` (appended as it finishes, with
+the settings, the CPU and the commit): a later call with the same file and settings trains only
+the seeds the file lacks and summarises all of them, so a comparison that needs hundreds of seeds
+can be built up over several calls, hosts or interrupted runs.
+
 Prints a markdown table: dataset, task, metric, seeds, float16, int8 (means), delta (mean ± s.e.),
 verdict, bytes per image (feature arrays, crc32c and shard index included) of both and their
 ratio; writes every run and the summary as JSON.
 
     python benchmarks/lossy.py --out benchmarks/out/lossy.json
     python benchmarks/lossy.py --only synthetic --seeds 0 1 2 3 4 5 --known-size 128 48 --known-epochs 3
+    python benchmarks/lossy.py --only instances --seeds $(seq 0 199) --known-size 64 48 --threads 1 \
+        --jobs 2 --runs benchmarks/results/lossy_instances.jsonl
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -213,6 +222,56 @@ def pairs(root: str, args: argparse.Namespace) -> list[tuple[str, str, dict[str,
     return out
 
 
+#: The settings that make two runs of one (dataset, task, seed) the same experiment (``--runs``).
+SETTINGS = ("backbone", "known_size", "known_epochs", "known_lr", "epochs", "patience", "threads")
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in SETTINGS}
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_runs(path: str | None, settings: dict[str, Any]) -> list[dict]:
+    """The runs kept in ``path`` (JSON lines) with these ``settings``; none if there is no file."""
+    if not path or not Path(path).exists():
+        return []
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            sys.exit(f"--runs {path}: line {n} is not JSON (an interrupted write?): remove that line and run again")
+        if row.get("settings") == settings:
+            rows.append(row)
+    # a seed trained again (for an arm its first run lacked) counts once: its latest run
+    latest = {(r["dataset"], r["task"], r["metric"], r["seed"]): r for r in rows}
+    return list(latest.values())
+
+
+def _arm_keys(arms: list[str]) -> set[str]:
+    """The keys a run row holds for ``arms`` (beyond float16 and int8)."""
+    return {key for arm, key, _ in EXTRA_ARMS if arm in arms}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="timm:vit_small_patch16_224")
@@ -241,7 +300,14 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=10, help="real data: early-stopping patience")
     p.add_argument("--store-root", default=None)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "lossy.json"))
+    p.add_argument("--runs", default=None, metavar="FILE",
+                   help="keep each finished seed in FILE (JSON lines); seeds FILE already holds with the same "
+                        "settings are not trained again, and the summary is over every seed FILE holds")
     args = p.parse_args()
+    args.known_size = list(args.known_size)
+    settings = settings_of(args)
+    kept = load_runs(args.runs, settings)
+    meta = {"settings": settings, "cpu": _cpu(), "commit": _commit()}
     torch.set_num_threads(args.threads)
     root = args.store_root or tempfile.mkdtemp(prefix="maxa-lossy-")
     real = dict(max_epochs=args.epochs, patience=args.patience, batch_size=4)
@@ -253,12 +319,21 @@ def main() -> None:
         for task, kwargs, metrics in jobs:
             if args.tasks and task not in args.tasks:
                 continue
-            work = [(stores, task, kwargs, seed, root, args.threads) for seed in args.seeds]
+            want = _arm_keys(list(stores))
+            done = {r["seed"]: r for r in kept if r["dataset"] == label and r["task"] == task
+                    and want <= {k for k in r if f"delta_{k}" in r}}
+            earlier = [r for r in kept if r["dataset"] == label and r["task"] == task]
+            rows.extend(r for r in earlier if r["seed"] in done or r["seed"] not in args.seeds)
+            if done:
+                print(f"{label} {task}: {len(earlier)} runs kept in {args.runs}; seeds {sorted(set(args.seeds) & set(done))} "
+                      "not trained again", flush=True)
+            seeds = [s for s in args.seeds if s not in done]
+            work = [(stores, task, kwargs, seed, root, args.threads) for seed in seeds]
             # spawned, not forked: a forked child would inherit torch's thread pools in whatever state
             with (ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) if args.jobs > 1
                   else contextlib.nullcontext()) as pool:
                 runs = pool.map(run_arms, work) if pool else map(run_arms, work)  # in seed order, as they finish
-                for seed, (got, seconds) in zip(args.seeds, runs):
+                for seed, (got, seconds) in zip(seeds, runs):
                     for metric in metrics:
                         a, b = got["float16"][metric], got["int8"][metric]
                         extra = {k: v for arm, key, _ in EXTRA_ARMS if arm in got
@@ -268,8 +343,12 @@ def main() -> None:
                                      "bytes_int8": size["int8"], "ratio": size["float16"] / size["int8"],
                                      "epochs": [got["float16"]["_epochs"], got["int8"]["_epochs"]],
                                      "best_epoch": {c: got[c]["_best_epoch"] for c in stores},
-                                     "seconds": seconds})
+                                     "seconds": seconds, **meta})
                         print(json.dumps(rows[-1]), flush=True)
+                        if args.runs:
+                            Path(args.runs).parent.mkdir(parents=True, exist_ok=True)
+                            with open(args.runs, "a") as f:  # one whole line per run: an interrupted call keeps the rest
+                                f.write(json.dumps(rows[-1]) + "\n")
     summary = summarise(rows)
     lr = f", lr {args.known_lr:g}" if args.known_lr else ""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -290,12 +369,14 @@ def main() -> None:
         if not shown:
             continue
         print(f"\n{key.replace('_', ' ')}: {what}\n")
-        print(f"| dataset | task | metric | delta int8 (mean ± s.e.) | delta {key} (mean ± s.e.) | within bar | "
+        print(f"| dataset | task | metric | seeds | delta int8 (mean ± s.e.) | delta {key} (mean ± s.e.) | within bar | "
               f"per seed: int8 / {key} |")
-        print("|---|---|---|---|---|---|---|")
-        for r in shown:
-            pairs_ = ", ".join(f"{a:+.2f} / {b:+.2f}" for a, b in zip(r["delta_per_seed"], r[f"delta_{key}_per_seed"]))
-            print(f"| {r['dataset']} | {r['task']} | {r['metric']} | {r['delta']:+.3g} ± {r['stderr']:.2g} | "
+        print("|---|---|---|---|---|---|---|---|")
+        for r in shown:  # over the seeds that ran this arm
+            pairs_ = ", ".join(f"{a:+.2f} / {b:+.2f}" for a, b in zip(r[f"delta_{key}_int8_per_seed"],
+                                                                     r[f"delta_{key}_per_seed"]))
+            print(f"| {r['dataset']} | {r['task']} | {r['metric']} | {r[f'delta_{key}_seeds']} | "
+                  f"{r[f'delta_{key}_int8']:+.3g} ± {r[f'stderr_{key}_int8']:.2g} | "
                   f"{r[f'delta_{key}']:+.3g} ± {r[f'stderr_{key}']:.2g} | {r[f'verdict_{key}']} | {pairs_} |")
 
 
@@ -315,10 +396,14 @@ def summarise(rows: list[dict]) -> list[dict]:
         mean, stderr, verdict = _verdict(deltas, bar)
         extra = {}
         for _, key, _ in EXTRA_ARMS:  # each extra arm's difference from float16, with its own verdict
-            d = [r[f"delta_{key}"] for r in rs if f"delta_{key}" in r]
-            if d:
+            having = [r for r in rs if f"delta_{key}" in r]
+            if having:
+                d = [r[f"delta_{key}"] for r in having]
                 m, se, v = _verdict(d, bar)
-                extra |= {f"delta_{key}": m, f"stderr_{key}": se, f"verdict_{key}": v, f"delta_{key}_per_seed": d}
+                m8, se8, _ = _verdict([r["delta"] for r in having], bar)
+                extra |= {f"delta_{key}": m, f"stderr_{key}": se, f"verdict_{key}": v, f"delta_{key}_per_seed": d,
+                          f"delta_{key}_seeds": len(having), f"delta_{key}_int8": m8, f"stderr_{key}_int8": se8,
+                          f"delta_{key}_int8_per_seed": [r["delta"] for r in having]}
         out.append({**extra, "dataset": dataset, "task": task, "metric": metric, "seeds": len(rs), "float16": a,
                     "int8": float(np.mean([r["int8"] for r in rs])), "delta": mean, "stderr": stderr,
                     "delta_per_seed": deltas, "bar": bar, "verdict": verdict,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -300,3 +302,54 @@ def test_probe_trains_and_scores_on_int8_stores(tmp_path):
     plain = train_probe(paths["train", "none"], ProbeConfig(task="semseg", max_epochs=1, batch_size=4), device="cpu",
                         show_progress=False)
     assert "quantization" not in plain.record and plain.record["eval_store"] == open_features(paths["val", "none"]).key
+
+
+def test_benchmark_runs_file_keeps_seeds_and_trains_only_the_missing(tmp_path, monkeypatch, capsys):
+    """``benchmarks/lossy.py --runs FILE``: each finished seed is appended to FILE; a second call with
+    the same settings trains only the seeds FILE lacks (or lacks an asked arm for) and summarises
+    every seed FILE holds; other settings' runs in FILE are neither skipped nor summarised."""
+    lossy = _lossy_benchmark()
+    trained = []
+
+    def fake_pairs(root, args):
+        arms = {"float16": ("a", "b"), "int8": ("c", "d")}
+        if args.same_adapter:
+            arms[lossy.SAME_ADAPTER] = ("a", "e")
+        return [("known-answer instances", "instances", arms, {})]
+
+    def fake_run(job):
+        stores, task, kwargs, seed, root, threads = job
+        trained.append((seed, len(stores)))
+        got = {arm: {"ari": 50.0 + seed + (1.0 if arm == "int8" else 0.0) + (0.5 if arm == lossy.SAME_ADAPTER else 0.0),
+                     "_epochs": 3.0, "_best_epoch": 2.0} for arm in stores}
+        return got, 0.1
+
+    monkeypatch.setattr(lossy, "pairs", fake_pairs)
+    monkeypatch.setattr(lossy, "run_arms", fake_run)
+    monkeypatch.setattr(lossy, "bytes_per_image", lambda path: 100.0)
+    monkeypatch.setattr(lossy.torch, "set_num_threads", lambda n: None)  # this process's torch stays as it is
+    runs, out = tmp_path / "runs.jsonl", tmp_path / "out.json"
+
+    def main(*argv):
+        monkeypatch.setattr(sys, "argv", ["lossy.py", "--only", "instances", "--runs", str(runs), "--out", str(out),
+                                          *argv])
+        lossy.main()
+        return json.loads(out.read_text())["summary"]
+
+    (s,) = main("--seeds", "0", "1")
+    assert trained == [(0, 2), (1, 2)] and s["seeds"] == 2 and s["delta"] == pytest.approx(1.0)
+    assert [json.loads(l)["seed"] for l in runs.read_text().splitlines()] == [0, 1]
+    (s,) = main("--seeds", "1", "2", "3")  # seed 1 kept: only 2 and 3 are trained
+    assert trained[2:] == [(2, 2), (3, 2)] and s["seeds"] == 4 and s["float16"] == pytest.approx(51.5)
+    (s,) = main("--seeds", "3", "--same-adapter")  # seed 3 lacks the arm: trained again, counted once
+    assert trained[4:] == [(3, 3)] and s["seeds"] == 4
+    assert s["delta_same_adapter_seeds"] == 1 and s["delta_same_adapter"] == pytest.approx(0.5)
+    assert s["delta_same_adapter_int8_per_seed"] == [pytest.approx(1.0)]
+    (s,) = main("--seeds", "0", "--threads", "1")  # other settings: a run of its own
+    assert trained[5:] == [(0, 2)] and s["seeds"] == 1
+    (s,) = main("--seeds", "0")  # nothing to train; seed 3's two runs count once
+    assert trained[6:] == [] and s["seeds"] == 4 and s["delta_same_adapter_seeds"] == 1
+    with open(runs, "a") as f:
+        f.write('{"dataset": "known-answer inst')  # a line cut short by a kill
+    with pytest.raises(SystemExit, match="line 7 is not JSON"):
+        main("--seeds", "0")
