@@ -2,8 +2,9 @@
 
 A :class:`ProbeData` pairs a feature store with its aligned target store. When the arrays a task
 needs fit in memory (:func:`plan_in_memory`: within the host's memory limit, cgroup-aware, and a
-GPU's free memory) they are read once, shard by shard, into tensors (on the GPU when training
-there), and a batch is a single gather. Otherwise batches are read from the stores by a background
+GPU's free memory) they are read once into tensors, and a batch is a single gather: on the CPU the
+array read is the tensor; on a GPU the features go over a block of images at a time through one
+reused pinned buffer, never a host copy of the whole set. Otherwise batches are read from the stores by a background
 thread a few batches ahead, so the device never waits on a per-item loop.
 """
 
@@ -20,13 +21,15 @@ from runtime.memory import device_free_bytes, format_bytes, host_memory_limit
 from store.checks import check_aligned
 from store.reader import FeatureStore, TargetStore
 
-__all__ = ["ProbeData", "estimate_bytes", "memory_budget_bytes", "plan_in_memory"]
+__all__ = ["ProbeData", "estimate_bytes", "load_to_device", "memory_budget_bytes", "plan_in_memory"]
 
 
 #: Of the host's memory limit, the part the probe's in-memory data may take.
 HOST_FRACTION = 0.4
 #: Of a GPU's free memory, the part the probe's in-memory data may take (the rest: the adapter).
 DEVICE_FRACTION = 0.5
+#: Host bytes of the buffer through which in-memory features go to a GPU, a block of images at a time.
+LOAD_BLOCK_BYTES = 256 << 20
 
 
 def memory_budget_bytes(fraction: float = HOST_FRACTION) -> int:
@@ -65,6 +68,26 @@ def estimate_bytes(features: FeatureStore, targets: TargetStore, needs: Sequence
     h, w = targets.spec.size
     per_image += sum(1 for n in needs if n in targets.array_names) * h * w * 4
     return per_image * count
+
+
+def load_to_device(features: FeatureStore, indices: np.ndarray, layer: str, device: torch.device,
+                   block_bytes: int = LOAD_BLOCK_BYTES) -> torch.Tensor:
+    """Features of images ``indices`` of ``layer`` as one ``(n, h·w, C)`` tensor on ``device``,
+    read a block of images at a time into one reused host buffer (pinned for CUDA) and copied over:
+    the host holds one block, not the whole set (which would be fresh memory, touched page by
+    page, before a byte reached the device)."""
+    shape = features.layer_shape(layer)
+    dtype = torch.from_numpy(np.empty(0, dtype=features.layer_dtype(layer))).dtype
+    n, per_image = len(indices), int(np.prod(shape)) * dtype.itemsize
+    step = max(1, min(n, block_bytes // per_image))
+    dest = torch.empty((n, shape[0] * shape[1], shape[2]), dtype=dtype, device=device)
+    host = torch.empty((step, *shape), dtype=dtype, pin_memory=device.type == "cuda" and torch.cuda.is_available())
+    buf = host.numpy()
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        features.read_batch(indices[start:start + count], layer, out=buf[:count])
+        dest[start:start + count].copy_(host[:count].view(count, -1, shape[2]))  # waits: the buffer is refilled next
+    return dest
 
 
 def _to_tensor(a: np.ndarray) -> torch.Tensor:
@@ -186,8 +209,11 @@ class ProbeData:
         idx = self.indices
         contiguous = len(idx) == len(self.features) and np.array_equal(idx, np.arange(len(idx)))
         for l in self.layers:
+            if self.device.type != "cpu":
+                self._feat.append(load_to_device(self.features, idx, l, self.device))
+                continue
             a = self.features.read_all(l) if contiguous else self.features.read_batch(idx, l)
-            self._feat.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])).to(self.device))
+            self._feat.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])))
         for name in self.needs:
             a = self.targets.read_all(name) if contiguous else self.targets.read(name, idx)
             self._tgt[name] = _to_tensor(a).to(self.device)

@@ -42,6 +42,45 @@ def test_streamed_batches_equal_in_memory_batches(pair, prefetch):
         assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
 
 
+def test_load_to_device_block_by_block(pair, monkeypatch):
+    """In-memory features for a GPU go over a block of images at a time through one reused host
+    buffer: the values of a whole read, for every block size (a partial last block, one image per
+    block, one block for all) and for a subset of the images in any order."""
+    from probe import data
+
+    fs, _ = pair
+    shape = fs.layer_shape()
+    per_image = int(np.prod(shape)) * 2
+    reads = []
+    real = type(fs).read_batch
+    monkeypatch.setattr(type(fs), "read_batch", lambda self, idx, layer=None, **kw: reads.append(len(idx)) or
+                        real(self, idx, layer, **kw))
+    for indices in (np.arange(len(fs)), np.array([22, 0, 5, 5, 13, 7, 1])):
+        want = torch.from_numpy(real(fs, indices).reshape(len(indices), -1, shape[-1]))
+        for block in (per_image * 4 + 1, 1, 1 << 30):
+            reads.clear()
+            got = data.load_to_device(fs, indices, fs.spec.layer_names[0], torch.device("cpu"), block_bytes=block)
+            assert got.dtype == torch.float16 and torch.equal(got, want), (indices, block)
+            step = min(len(indices), max(1, block // per_image))
+            assert reads == [min(step, len(indices) - s) for s in range(0, len(indices), step)]
+
+
+def test_in_memory_data_off_the_cpu_goes_block_by_block(pair, monkeypatch):
+    """Off the CPU, ProbeData's in-memory features come from :func:`load_to_device` (here the
+    ``meta`` device stands in for a GPU: shapes without values)."""
+    from probe import data
+
+    fs, ts = pair
+    calls = []
+    real = data.load_to_device
+    monkeypatch.setattr(data, "load_to_device", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    meta = ProbeData(fs, ts, ["semantic"], device="meta", in_memory=True)
+    assert calls == [torch.device("meta")] and meta._feat[0].device.type == "meta"
+    assert meta._feat[0].shape == (len(fs), int(np.prod(fs.layer_shape()[:2])), fs.layer_shape()[-1])
+    cpu = ProbeData(fs, ts, ["semantic"], in_memory=True)
+    assert len(calls) == 1 and cpu._feat[0].device.type == "cpu"
+
+
 def test_streamed_batches_of_vit_sized_images_equal_in_memory_batches(tmp_path):
     """Images of 14×14×336 values (263 KB as float32): the compiled copy writes them with streaming
     stores (``probe/csrc/maxa_kernels.cpp``), smaller ones with plain stores; both paths, with and
