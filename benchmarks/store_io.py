@@ -5,11 +5,14 @@ for each compression (``none``, ``zstd``; ``int8`` on request: a quantised spec,
 scales), with the shard size the extraction runner would choose,
 then times, in one process and in alternating rounds:
 
-* ``raw read``: every file of the store read with ``np.fromfile`` (the reference for reads);
+* ``raw read``: every file of the store read with ``np.fromfile`` (the reference for reads), and
+  ``raw read, fresh array``: the same files read one after the other into one fresh array of their
+  total size (the raw counterpart of ``read_all`` into a fresh array);
 * ``read_all``: ``FeatureStore.read_all()``, into a fresh array, and ``read_all(out=)``: into one
   array kept from round to round (its memory touched once before the first round), with
-  ``fresh array`` beside them: allocating an array of the store's size and touching each of its pages,
-  no reading — the part of ``read_all`` that is the machine's memory, not the store;
+  ``fresh array`` beside them: allocating an array of the store's size and touching each of its pages
+  as ``read_all`` does (on the reader's worker threads), no reading — the part of ``read_all`` that
+  is the machine's memory, not the store;
 * ``read_batch``: ``FeatureStore.read_batch`` of random batches of 16 (a shuffled permutation),
   each into a fresh array dropped before the next batch is read (as the raw read drops each file's
   array), and ``read_batch(out=)``: the same batches into one reused array (what the streamed probe
@@ -153,6 +156,23 @@ def raw_read(files: list[str]) -> int:
     return total
 
 
+def raw_read_fresh(files: list[str]) -> int:
+    """Every file read, one after the other, into one fresh array of their total size."""
+    sizes = [os.path.getsize(f) for f in files]
+    buf = np.empty(sum(sizes), dtype=np.uint8)
+    view, pos = memoryview(buf), 0
+    for f, size in zip(files, sizes):
+        with open(f, "rb", buffering=0) as fh:
+            got = 0
+            while got < size:
+                k = fh.readinto(view[pos + got:pos + size])
+                if not k:
+                    raise RuntimeError(f"{f}: shorter than {size} bytes")
+                got += k
+        pos += size
+    return pos
+
+
 def raw_write(files: list[str], out: Path, fsync: bool) -> float:
     """Seconds to write the bytes of ``files`` into new files under ``out`` (reading them is not timed)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -174,10 +194,16 @@ _KEPT: dict[str, np.ndarray] = {}  # read_all(out=)'s array per compression, kep
 
 
 def touch_fresh(shape: tuple[int, ...]) -> None:
-    """A new float16 array of ``shape`` with one value written per 4 KB page (what the kernel does
-    for the array ``read_all`` returns before a byte is read into it)."""
-    a = np.empty(shape, np.float16).reshape(-1)
-    a[::2048] = 0
+    """A new float16 array of ``shape`` with one value written per 4 KB page, on the reader's worker
+    threads as ``read_all`` does it (the page faults the array ``read_all`` returns costs before a
+    byte is read into it)."""
+    from store import fastread
+
+    a = np.empty(shape, np.float16)
+    if fastread._pool() is None or a.nbytes < fastread._TOUCH_BYTES:  # read_all leaves it to its one thread
+        a.reshape(-1)[::2048] = 0
+    else:
+        fastread._touched(a)
 
 
 def evict(files: list[str]) -> None:
@@ -216,6 +242,7 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
             return _timed(fn)
 
         rows["raw read"] = (timed(lambda: raw_read(files)), n)
+        rows["raw read, fresh array"] = (timed(lambda: raw_read_fresh(files)), n)
         fs = open_features(fpath)
         rows["read_all"] = (timed(lambda: fs.read_all()), n)
         rows["fresh array"] = (_timed(lambda: touch_fresh((n, *GRID, CHANNELS))), n)
@@ -259,7 +286,7 @@ def one_round(stores: dict, args, rng: np.random.Generator, pool: np.ndarray, tm
 
 
 REFERENCE = {"read": "raw read", "write": "raw write+fsync"}
-ROWS = [("raw read", "read"), ("read_all", "read"), ("fresh array", "read"), ("read_all(out=)", "read"), ("read_batch(16)", "read"), ("read_batch(16,out=)", "read"),
+ROWS = [("raw read", "read"), ("raw read, fresh array", "read"), ("read_all", "read"), ("fresh array", "read"), ("read_all(out=)", "read"), ("read_batch(16)", "read"), ("read_batch(16,out=)", "read"),
         ("probe epoch(16)", "read"),
         ("write_shard", "write"), ("write_shard via zarr", "write"), ("raw write+fsync", "write"), ("raw write", "write"),
         ("write_shard 1 thread", "write"), ("write_shard 2 threads", "write")]
