@@ -70,6 +70,17 @@ def estimate_bytes(features: FeatureStore, targets: TargetStore, needs: Sequence
     return per_image * count
 
 
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def _host_buffer(shape: tuple[int, ...], dtype: np.dtype, device: torch.device) -> torch.Tensor:
+    """An empty host tensor that batches for ``device`` are read into, pinned for a CUDA device (the
+    copy then goes straight from it, not through the driver's own staging buffer)."""
+    pin = device.type == "cuda" and torch.cuda.is_available()
+    return torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=pin)
+
+
 def load_to_device(features: FeatureStore, indices: np.ndarray, layer: str, device: torch.device,
                    block_bytes: int = LOAD_BLOCK_BYTES) -> torch.Tensor:
     """Features of images ``indices`` of ``layer`` as one ``(n, h·w, C)`` tensor on ``device``,
@@ -77,11 +88,11 @@ def load_to_device(features: FeatureStore, indices: np.ndarray, layer: str, devi
     the host holds one block, not the whole set (which would be fresh memory, touched page by
     page, before a byte reached the device)."""
     shape = features.layer_shape(layer)
-    dtype = torch.from_numpy(np.empty(0, dtype=features.layer_dtype(layer))).dtype
+    dtype = _torch_dtype(features.layer_dtype(layer))
     n, per_image = len(indices), int(np.prod(shape)) * dtype.itemsize
     step = max(1, min(n, block_bytes // per_image))
     dest = torch.empty((n, shape[0] * shape[1], shape[2]), dtype=dtype, device=device)
-    host = torch.empty((step, *shape), dtype=dtype, pin_memory=device.type == "cuda" and torch.cuda.is_available())
+    host = _host_buffer((step, *shape), features.layer_dtype(layer), device)
     buf = host.numpy()
     for start in range(0, n, step):
         count = min(step, n - start)
@@ -263,7 +274,7 @@ class ProbeData:
         stop = threading.Event()
         shapes = [self.features.layer_shape(l) for l in self.layers]
         on_cpu = self.device.type == "cpu"
-        scratch = [] if on_cpu else [np.empty((batch_size, *shape), dtype=self.features.layer_dtype(l))
+        scratch = [] if on_cpu else [_host_buffer((batch_size, *shape), self.features.layer_dtype(l), self.device).numpy()
                                      for l, shape in zip(self.layers, shapes)]
         ring = [[_float_batch(batch_size, shape) for shape in shapes] for _ in range(depth + 2)] if reuse and on_cpu else []
         ring_rows = [[_flat_rows(b) for b in bufs] for bufs in ring]

@@ -79,6 +79,9 @@ def test_in_memory_data_off_the_cpu_goes_block_by_block(pair, monkeypatch):
     assert meta._feat[0].shape == (len(fs), int(np.prod(fs.layer_shape()[:2])), fs.layer_shape()[-1])
     cpu = ProbeData(fs, ts, ["semantic"], in_memory=True)
     assert len(calls) == 1 and cpu._feat[0].device.type == "cpu"
+    streamed = ProbeData(fs, ts, ["semantic"], device="meta", in_memory=False)
+    got = [f[0] for _, f, _ in streamed.batches(8)]
+    assert [g.shape[0] for g in got] == [8, 8, 7] and all(g.device.type == "meta" and g.dtype == torch.float32 for g in got)
 
 
 def test_streamed_batches_of_vit_sized_images_equal_in_memory_batches(tmp_path):
