@@ -485,8 +485,8 @@ def _touched(out: np.ndarray) -> np.ndarray:
     a virtual machine the host may back it first): for a store-sized array, done by the one thread
     that reads into it, that fault alone ran at 0.4-0.7 GB/s on a 2-core VM, against 1.2-1.5 GB/s
     on two threads. One byte per page is written: the pages are the cost, not the bytes."""
-    pool = _pool()
-    if pool is None or out.nbytes < _TOUCH_BYTES:
+    pool = _pool() if out.nbytes >= _TOUCH_BYTES else None
+    if pool is None:
         return out
     flat = out.reshape(-1).view(np.uint8)
     step = -(-flat.size // _workers() // _PAGE) * _PAGE
