@@ -484,7 +484,8 @@ def _touched(out: np.ndarray) -> np.ndarray:
     large. A fresh array's first write costs a page fault per page (the kernel zeroes each page; on
     a virtual machine the host may back it first): for a store-sized array, done by the one thread
     that reads into it, that fault alone ran at 0.4-0.7 GB/s on a 2-core VM, against 1.2-1.5 GB/s
-    on two threads. One byte per page is written: the pages are the cost, not the bytes."""
+    on two threads. One byte per page is written: the pages are the cost, not the bytes. It waits
+    for the workers, so a worker thread must never ask for a large array (theirs are one image)."""
     pool = _pool() if out.nbytes >= _TOUCH_BYTES else None
     if pool is None:
         return out
