@@ -267,6 +267,17 @@ def load_runs(path: str | None, settings: dict[str, Any]) -> list[dict]:
     return list(latest.values())
 
 
+def seed_ranges(seeds) -> str:
+    """``seeds`` as runs of consecutive numbers: ``0-6, 9, 11-299``."""
+    out: list[list[int]] = []
+    for s in sorted(set(seeds)):
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
 def _arm_keys(arms: list[str]) -> set[str]:
     """The keys a run row holds for ``arms`` (beyond float16 and int8)."""
     return {key for arm, key, _ in EXTRA_ARMS if arm in arms}
@@ -325,7 +336,7 @@ def main() -> None:
             earlier = [r for r in kept if r["dataset"] == label and r["task"] == task]
             rows.extend(r for r in earlier if r["seed"] in done or r["seed"] not in args.seeds)
             if done:
-                print(f"{label} {task}: {len(earlier)} runs kept in {args.runs}; seeds {sorted(set(args.seeds) & set(done))} "
+                print(f"{label} {task}: {len(earlier)} runs kept in {args.runs}; seeds {seed_ranges(set(args.seeds) & set(done))} "
                       "not trained again", flush=True)
             seeds = [s for s in args.seeds if s not in done]
             work = [(stores, task, kwargs, seed, root, args.threads) for seed in seeds]
@@ -353,7 +364,7 @@ def main() -> None:
     lr = f", lr {args.known_lr:g}" if args.known_lr else ""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
-    print(f"\nbackbone {args.backbone} (random init), seeds {args.seeds}, {args.threads} torch threads, known-answer "
+    print(f"\nbackbone {args.backbone} (random init), seeds {seed_ranges(args.seeds)}, {args.threads} torch threads, known-answer "
           f"stores of {args.known_size[0]}/{args.known_size[1]} images and {args.known_epochs:g}× the test's epochs{lr}, real data: at most {args.epochs} epochs, "
           f"patience {args.patience}\n")
     print("| dataset | task | metric | seeds | float16 | int8 | delta (mean ± s.e.) | within bar | B/img float16 | "

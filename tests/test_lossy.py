@@ -239,6 +239,14 @@ def test_benchmark_verdict_against_the_bar():
     assert mean == 2.0 and stderr == pytest.approx(1.0)
 
 
+def test_benchmark_seed_ranges():
+    """The seeds a summary names, as runs of consecutive numbers (a 300-seed list is one line)."""
+    ranges = _lossy_benchmark().seed_ranges
+    assert ranges(list(range(300))) == "0-299"
+    assert ranges([9, 0, 1, 2, 11, 12, 5, 1]) == "0-2, 5, 9, 11-12"
+    assert ranges([]) == ""
+
+
 def test_benchmark_same_adapter_store_holds_what_the_int8_store_reads(stores, tmp_path):
     """The same-adapter arm's store: the float16 store's spec (so it pairs with the float16 training
     store) and, bitwise, the values the int8 store reads."""
