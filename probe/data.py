@@ -1,10 +1,10 @@
 """Batches of stored features and targets for training and evaluation (no images, no backbone).
 
 A :class:`ProbeData` pairs a feature store with its aligned target store. When the arrays a task
-needs fit in memory (:func:`plan_in_memory`: within the host's memory limit, cgroup-aware, and a
-GPU's free memory) they are read once into tensors, and a batch is a single gather: on the CPU the
-array read is the tensor; on a GPU the features go over a block of images at a time through one
-reused pinned buffer, never a host copy of the whole set. Otherwise batches are read from the stores by a background
+needs fit in memory (:func:`plan_in_memory`: within the host's memory limit, cgroup-aware, or on
+a GPU within its free memory) they are read once into tensors, and a batch is a single gather: on
+the CPU the array read is the tensor; on a GPU the features (through one reused pinned buffer) and
+the targets go over a block of images at a time, never a host copy of the whole set. Otherwise batches are read from the stores by a background
 thread a few batches ahead, so the device never waits on a per-item loop.
 """
 
@@ -21,7 +21,8 @@ from runtime.memory import device_free_bytes, format_bytes, host_memory_limit
 from store.checks import check_aligned
 from store.reader import FeatureStore, TargetStore
 
-__all__ = ["ProbeData", "estimate_bytes", "load_to_device", "memory_budget_bytes", "plan_in_memory"]
+__all__ = ["ProbeData", "estimate_bytes", "load_to_device", "memory_budget_bytes", "plan_in_memory",
+           "targets_to_device"]
 
 
 #: Of the host's memory limit, the part the probe's in-memory data may take.
@@ -43,16 +44,18 @@ def plan_in_memory(estimates: Sequence[int], device: torch.device | str = "cpu",
     """Which of several data sets (in order of priority) to hold in memory, and a line saying why.
 
     They are taken in order while their sum fits the budget: 40 % of the host's memory limit
-    (:func:`runtime.memory.host_memory_limit`: the cgroup or SLURM limit where there is one) and,
-    on a GPU, also half of the device's free memory (the tensors live there).
+    (:func:`runtime.memory.host_memory_limit`: the cgroup or SLURM limit where there is one) or, on a
+    GPU, half of the device's free memory: the tensors live there, and reach it a block of images at a
+    time (:func:`load_to_device`, :func:`targets_to_device`), so the host holds one block, not the set.
     """
-    limit = host_memory_limit()
-    budget = int(limit.bytes * HOST_FRACTION)
-    why = f"{HOST_FRACTION:.0%} of {format_bytes(limit.bytes)} ({limit.source})"
     free = device_free_bytes(torch.device(device))
-    if free is not None and free * DEVICE_FRACTION < budget:
+    if free is not None:
         budget = int(free * DEVICE_FRACTION)
         why = f"{DEVICE_FRACTION:.0%} of {format_bytes(free)} free on {device}"
+    else:
+        limit = host_memory_limit()
+        budget = int(limit.bytes * HOST_FRACTION)
+        why = f"{HOST_FRACTION:.0%} of {format_bytes(limit.bytes)} ({limit.source})"
     names = list(names) if names is not None else [f"set {k + 1}" for k in range(len(estimates))]
     keep, used = [], 0
     for need in estimates:
@@ -98,6 +101,23 @@ def load_to_device(features: FeatureStore, indices: np.ndarray, layer: str, devi
         count = min(step, n - start)
         features.read_batch(indices[start:start + count], layer, out=buf[:count])
         dest[start:start + count].copy_(host[:count].view(count, -1, shape[2]))  # waits: the buffer is refilled next
+    return dest
+
+
+def targets_to_device(targets: TargetStore, name: str, indices: np.ndarray, device: torch.device,
+                      block_bytes: int = LOAD_BLOCK_BYTES) -> torch.Tensor:
+    """Targets ``name`` of images ``indices`` as one tensor on ``device``, read a block of images at
+    a time and copied over (as :func:`load_to_device`): the host never holds the whole set."""
+    n = len(indices)
+    first = _to_tensor(targets.read(name, indices[:1]))
+    dest = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=device)
+    if n == 0:
+        return dest
+    dest[:1].copy_(first)
+    step = max(1, min(n, block_bytes // max(1, first.element_size() * first[0].numel())))
+    for start in range(1, n, step):
+        got = _to_tensor(targets.read(name, indices[start:start + step]))
+        dest[start:start + len(got)].copy_(got)
     return dest
 
 
@@ -226,8 +246,11 @@ class ProbeData:
             a = self.features.read_all(l) if contiguous else self.features.read_batch(idx, l)
             self._feat.append(torch.from_numpy(a.reshape(a.shape[0], -1, a.shape[-1])))
         for name in self.needs:
+            if self.device.type != "cpu":
+                self._tgt[name] = targets_to_device(self.targets, name, idx, self.device)
+                continue
             a = self.targets.read_all(name) if contiguous else self.targets.read(name, idx)
-            self._tgt[name] = _to_tensor(a).to(self.device)
+            self._tgt[name] = _to_tensor(a)
 
     def _read(self, positions: np.ndarray) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """A batch by position in ``self.indices``, from memory (the in-memory path)."""

@@ -73,3 +73,12 @@ def test_a_gpu_budget_is_its_free_memory(limited, monkeypatch):
     monkeypatch.setattr(data, "device_free_bytes", lambda dev: 2 * GB if dev.type == "cuda" else None)
     keep, why = data.plan_in_memory([0.9 * GB, 0.2 * GB], "cuda")
     assert keep == [True, False] and "budget 1.0 GB: 50% of 2.0 GB free on cuda" in why
+
+
+def test_a_gpu_budget_is_not_held_to_the_hosts(limited, monkeypatch):
+    """A GPU's sets reach it a block of images at a time (the host never holds a whole set), so a
+    device with more free memory than the host's budget (4 GB here) keeps more than that."""
+    monkeypatch.setattr(data, "device_free_bytes", lambda dev: 20 * GB if dev.type == "cuda" else None)
+    keep, why = data.plan_in_memory([6 * GB, 3 * GB, 2 * GB], "cuda")
+    assert keep == [True, True, False] and "budget 10.0 GB: 50% of 20.0 GB free on cuda" in why
+    assert data.plan_in_memory([6 * GB], "cpu")[0] == [False]

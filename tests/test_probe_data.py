@@ -65,6 +65,29 @@ def test_load_to_device_block_by_block(pair, monkeypatch):
             assert reads == [min(step, len(indices) - s) for s in range(0, len(indices), step)]
 
 
+def test_targets_to_device_block_by_block(pair, monkeypatch):
+    """In-memory targets for a GPU go over a block of images at a time too: the values of a whole
+    read, for every block size and for a subset of the images in any order."""
+    from probe import data
+
+    fs, ts = pair
+    name = "semantic"
+    whole = ts.read_all(name)
+    per_image = whole[0].nbytes
+    reads = []
+    real = type(ts).read
+    monkeypatch.setattr(type(ts), "read", lambda self, n, idx: reads.append(len(idx)) or real(self, n, idx))
+    for indices in (np.arange(len(ts)), np.array([22, 0, 5, 5, 13, 7, 1])):
+        want = data._to_tensor(whole[indices])
+        for block in (per_image * 4 + 1, 1, 1 << 30):
+            reads.clear()
+            got = data.targets_to_device(ts, name, indices, torch.device("cpu"), block_bytes=block)
+            assert got.dtype == want.dtype and torch.equal(got, want), (indices, block)
+            step = min(len(indices), max(1, block // per_image))
+            assert reads == [1] + [min(step, len(indices) - s) for s in range(1, len(indices), step)]
+    assert data.targets_to_device(ts, name, np.arange(0), torch.device("cpu")).shape == (0, *whole.shape[1:])
+
+
 def test_in_memory_data_off_the_cpu_goes_block_by_block(pair, monkeypatch):
     """Off the CPU, ProbeData's in-memory features come from :func:`load_to_device` (here the
     ``meta`` device stands in for a GPU: shapes without values)."""
@@ -74,11 +97,16 @@ def test_in_memory_data_off_the_cpu_goes_block_by_block(pair, monkeypatch):
     calls = []
     real = data.load_to_device
     monkeypatch.setattr(data, "load_to_device", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    targets = []
+    real_targets = data.targets_to_device
+    monkeypatch.setattr(data, "targets_to_device", lambda *a, **kw: targets.append(a[1]) or real_targets(*a, **kw))
     meta = ProbeData(fs, ts, ["semantic"], device="meta", in_memory=True)
     assert calls == [torch.device("meta")] and meta._feat[0].device.type == "meta"
+    assert targets == ["semantic"] and meta._tgt["semantic"].device.type == "meta"
+    assert meta._tgt["semantic"].shape == (len(ts), *ts.read("semantic", [0]).shape[1:])
     assert meta._feat[0].shape == (len(fs), int(np.prod(fs.layer_shape()[:2])), fs.layer_shape()[-1])
     cpu = ProbeData(fs, ts, ["semantic"], in_memory=True)
-    assert len(calls) == 1 and cpu._feat[0].device.type == "cpu"
+    assert len(calls) == 1 and cpu._feat[0].device.type == "cpu" and len(targets) == 1
     streamed = ProbeData(fs, ts, ["semantic"], device="meta", in_memory=False)
     got = [f[0] for _, f, _ in streamed.batches(8)]
     assert [g.shape[0] for g in got] == [8, 8, 7] and all(g.device.type == "meta" and g.dtype == torch.float32 for g in got)
