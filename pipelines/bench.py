@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import statistics
 import time
 from contextlib import nullcontext
@@ -37,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from extract.backbones import LoadedBackbone, get_backbone_entry, load_backbone
-from runtime.devices import resolve_device
+from runtime.devices import device_name, resolve_device
 from runtime.provenance import tool_version
 from pipelines.defaults import SPEED_BATCH_SIZE, SPEED_BATCHES, SPEED_REFERENCE
 from probe.adapter import MaxaAdapter, count_parameters
@@ -51,20 +50,6 @@ __all__ = ["DEFAULT_REFERENCE", "ADAPTER_OUT_SIZE", "speed_benchmark", "speed_re
 DEFAULT_REFERENCE = SPEED_REFERENCE
 ADAPTER_OUT_SIZE = (224, 224)
 _SEED = 0
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model (from /proc/cpuinfo where there is one)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def _load_avg() -> float | None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.devices import resolve_device
+from runtime.devices import device_name, resolve_device
 from runtime.progress import ProgressReporter
 from runtime.provenance import tool_version
 from probe import fused
@@ -356,8 +356,8 @@ def _save(config: ProbeConfig, stores: Stores, data: _Data, trainer: _Trainer, f
                    "task_options": task.options(), "lr": trainer.lr, "device": str(dev),
                    "in_memory": data.fit.in_memory, "memory_plan": data.memory_plan,
                    "threads": torch.get_num_threads()},
-        "run_dir": str(run_dir) if run_dir is not None else "", "tool_version": tool_version(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "run_dir": str(run_dir) if run_dir is not None else "", "device": device_name(dev),
+        "tool_version": tool_version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     meta = {**record, "history": history, "info": data.training.info.to_dict(), "out_size": list(data.out_size),
             "train_features": str(features), "eval_features": str(stores.eval_features),

@@ -67,6 +67,10 @@ def test_record_run_dir_and_predict_any_size(shapes_root, tmp_path):
     assert meta["config"]["probe"]["task"] == "semseg" and meta["config"]["adapter"]["out_channels"] == 5
     rows = [x for x in read_results(shapes_root["root"]) if x["run_dir"] == r.run_dir]
     assert len(rows) == 1 and rows[0]["metrics"] == pytest.approx(rec["metrics"])
+    from runtime.devices import device_name
+
+    # where it ran: the CPU's model (a GPU's name on a GPU), in the record and the results table
+    assert rec["device"] == rows[0]["device"] == device_name(torch.device("cpu")) and rec["device"]
     small, _ = predict(r.run_dir, shapes_root["val"], 1, (224, 224))
     big, _ = predict(r.run_dir, shapes_root["val"], 1, (448, 448))
     assert small.shape == (5, 224, 224) and big.shape == (5, 448, 448)
