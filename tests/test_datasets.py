@@ -19,7 +19,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from extract.datasets.base import DatasetReader, get_dataset_class
+from extract.datasets.base import DatasetReader, DatasetWarning, get_dataset_class
 from extract.datasets.coco import COCODataset
 from extract.datasets.cocostuff import COCOSTUFF_CLASSES, CocoStuffDataset, label_lut
 from extract.datasets.nyuv2 import NYUv2Dataset
@@ -502,8 +502,10 @@ def test_segfolder_camvid_void_is_ignored() -> None:
     ann = reader.read_annotation(0)
     np.testing.assert_array_equal(ann.semantic == 255, raw == 11)
     np.testing.assert_array_equal(ann.semantic[raw != 11], raw[raw != 11])
-    inferred = SegFolderDataset(root, "train")  # void counts as a class when not ignored
-    assert inferred.num_classes == 12 and inferred.options["num_classes"] == 12
+    with pytest.warns(DatasetWarning, match=r"12 classes .* inferred .* --num-classes 11 --ignore-index 11"):
+        inferred = SegFolderDataset(root, "train")  # void counts as a class when not ignored: said, once
+    assert inferred.num_classes == 12 and inferred.options["num_classes"] == 12 and len(inferred.warnings) == 1
+    assert reader.warnings == []  # given: nothing to say
 
 
 def test_segfolder_label_out_of_range_names_file(tmp_path: Path) -> None:

@@ -130,6 +130,13 @@ class SegFolderDataset(DatasetReader):
         if num_classes is None:
             num_classes = self._infer_num_classes()
             self.options["num_classes"] = num_classes
+            self._warn(
+                f"segfolder {split}: no --num-classes given, so {num_classes} classes (labels 0..{num_classes - 1}) "
+                f"were inferred from the first {min(_INFER_FILES, len(self))} label files, ignore_index "
+                f"{self._source_ignore}; if the highest label is void rather than a class (CamVid's 11), pass "
+                f"--num-classes {num_classes - 1} --ignore-index {num_classes - 1}, else pass --num-classes "
+                f"{num_classes} to silence this."
+            )
         self.num_classes = int(num_classes)
         if not 1 <= self.num_classes <= 255:
             raise DatasetError(f"segfolder num_classes must be in 1..255 (255 marks ignored), not {self.num_classes}; pass --num-classes N with the number of classes (or leave it out to infer it).")
