@@ -499,3 +499,24 @@ def test_help_short_flag_version_and_required_split():
     assert ok("--version").startswith("maxa ")
     result = invoke("extract", "--backbone", "test_vit", "--dataset", "shapes")
     assert result.exit_code == 2 and "--split" in result.output
+
+
+@pytest.mark.parametrize("args, says", [
+    (("probe", "--store", "s", "--task", "boundaries", "--max-epochs", "-1"), "'--max-epochs'"),
+    (("probe", "--store", "s", "--task", "boundaries", "--batch-size", "abc"), "'--batch-size'"),
+    (("probe", "--store", "s", "--bogus"), "--bogus"),
+    (("extract", "--dataset", "shapes"), "'--backbone'"),
+    (("stores", "ls", "--nope"), "--nope"),
+    (("probee",), "Did you mean 'probe'"),
+    (("--nope",), "--nope"),
+])
+def test_command_lines_click_refuses_are_one_line(args, says):
+    """Values out of range or of the wrong type, unknown options and commands, missing options: one
+    ``error:`` line naming the option and the command's help, exit 2, as every other bad input."""
+    line = one_line_error(*args, code=2)
+    assert says in line and line.endswith("-h`."), line
+
+
+def test_a_bare_group_still_prints_its_help():
+    bare = invoke("stores")
+    assert "Usage:" in bare.output and "verify" in bare.output and "error:" not in bare.output

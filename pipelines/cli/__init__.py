@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.cli.errors import _worker_error, clean_errors  # noqa: F401 - tests import _worker_error from here
+from pipelines.cli.errors import OneLineUsageErrors, _worker_error, clean_errors  # noqa: F401 - tests import _worker_error from here
 from pipelines.cli.listings import backbones, datasets
 from pipelines.cli.results import ListByDefault, results_ls, results_upgrade
 from pipelines.cli.run import bench_speed, extract, predict, probe, quickstart, report, sweep
@@ -26,14 +26,17 @@ __all__ = ["app", "main", "clean_errors"]
 #: ``-h`` beside ``--help`` on every command
 HELP = {"help_option_names": ["-h", "--help"]}
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP,
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings=HELP,
                   help="Dense evaluation of frozen vision backbones with masked cross-attention adapters.")
 stores_app = typer.Typer(no_args_is_help=True, context_settings=HELP,
                          help="List, inspect and verify feature and target stores.")
 app.add_typer(stores_app, name="stores")
 results_app = typer.Typer(cls=ListByDefault, no_args_is_help=True, context_settings=HELP,
-                          help="The results table: `maxa results ROOT` lists and filters it, exports CSV / JSON; "
-                               "`maxa results upgrade ROOT` rewrites old record files.")
+                          help="The results table: `maxa results ROOT [--task T] [--format table|csv|json] …` lists, "
+                               "filters and exports it (the same as `maxa results ls ROOT …`: its filters and "
+                               "options are in `maxa results ls -h`); `maxa results upgrade ROOT` rewrites old "
+                               "record files.")
 app.add_typer(results_app, name="results")
 bench_app = typer.Typer(no_args_is_help=True, context_settings=HELP,
                         help="Benchmarks: backbone and adapter inference speed (paper §4.5).")

@@ -10,8 +10,10 @@ import functools
 import importlib
 from typing import Any, Callable
 
+import click
 import typer
 from rich.markup import escape as rich_escape
+from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from pipelines.cli.render import err
@@ -159,3 +161,50 @@ def _error_line(message: str) -> None:
     """Print ``message`` as one ``error:`` line (newlines in wrapped library messages are folded)."""
     text = " ".join(part.strip() for part in message.splitlines() if part.strip())
     err.print(f"[bold red]error:[/] {rich_escape(text)}", soft_wrap=True, highlight=False, markup=True)
+
+
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """click's exception class ``name``, and typer's copy of it where typer carries its own click."""
+    found = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        pass
+    else:
+        found.append(getattr(vendored, name))
+    return tuple(found)
+
+
+_USAGE_ERRORS = _click_exceptions("UsageError")
+_NO_ARGS_IS_HELP = _click_exceptions("NoArgsIsHelpError")
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The ``maxa`` group: a command line click refuses (an option's value out of its range or of the
+    wrong type, an unknown option or command, a missing argument) is one ``error:`` line naming it and
+    the command's help, exit 2, like every other bad input, not a boxed usage panel. A bare group
+    (``maxa stores``) still prints its help."""
+
+    def make_context(self, info_name: Any, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:  # ``maxa --nope``
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _NO_ARGS_IS_HELP:
+            raise
+        except _USAGE_ERRORS as e:
+            _usage_line(e, info_name or "maxa")
+            raise typer.Exit(e.exit_code) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:  # ``maxa probe --max-epochs -1``, ``maxa probee``
+            return super().invoke(ctx)
+        except _NO_ARGS_IS_HELP:
+            raise
+        except _USAGE_ERRORS as e:
+            _usage_line(e, (getattr(e, "ctx", None) or ctx).command_path)
+            raise typer.Exit(e.exit_code) from None
+
+
+def _usage_line(e: Exception, where: str) -> None:
+    message = " ".join(e.format_message().split())
+    _error_line(f"{message} See `{where} -h`." if message.endswith((".", "?", "!")) else
+                f"{message}; see `{where} -h`.")
