@@ -54,6 +54,13 @@ class Failure:
         return f"{self.job}: {self.reason}"
 
 
+def _root_cause(reason: str) -> str:
+    """``reason`` without its leading "needs JOB: " / "needs JOB, which failed: " links."""
+    while reason.startswith("needs ") and ": " in reason:
+        reason = reason.split(": ", 1)[1]
+    return reason
+
+
 @dataclass
 class SweepSummary:
     """What a sweep did (or, with ``dry_run``, would do)."""
@@ -78,6 +85,23 @@ class SweepSummary:
 
     def failure_lines(self) -> list[str]:
         return [f.line() for f in self.failures]
+
+    def grouped_failure_lines(self, named: int = 2) -> list[str]:
+        """One line per cause, in order of first appearance: a job that cannot run because a job it
+        needs cannot (a dataset root that is not there stops every store and probe of that dataset)
+        counts under that job's cause; a group names its first ``named`` jobs and counts the rest."""
+        groups: dict[str, list[Failure]] = {}
+        for f in self.failures:
+            groups.setdefault(_root_cause(f.reason), []).append(f)
+        lines = []
+        for cause, failures in groups.items():
+            if len(failures) == 1:
+                lines.append(failures[0].line())
+                continue
+            jobs = "; ".join(f.job for f in failures[:named])
+            more = f"; and {len(failures) - named} more" if len(failures) > named else ""
+            lines.append(f"{len(failures)} jobs ({jobs}{more}): {cause}")
+        return lines
 
     def describe(self) -> str:
         what = "would run" if self.dry_run else "ran"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.sweep import plan_from_file, run_sweep
+from pipelines.sweep import SweepSummary, plan_from_file, run_sweep
 from pipelines.sweep_file import SweepFileError, load_sweep, parse_sweep
 from store.results import read_results
 
@@ -198,16 +198,26 @@ def test_failing_jobs_do_not_stop_the_others(tmp_path):
     assert all("\n" not in line for line in lines)
     assert any("probe test_vit coco boundaries" in l and "/nonexistent/coco" in l for l in lines)
     assert any("probe timm:test_convnext shapes depth" in l and "weights.safetensors" in l for l in lines)
-    # the CLI: a summary, one line per failure, non-zero exit; --dry-run writes nothing
+    # each cause once: every job the missing COCO root stops (its stores, the probe needing them) in one line
+    coco = [f.job for f in summary.failures if "/nonexistent/coco" in f.reason]
+    grouped = summary.grouped_failure_lines()
+    assert len(coco) >= 3 and len(grouped) == 2 and all("\n" not in line for line in grouped)
+    assert grouped[0].startswith(f"{len(coco)} jobs ({coco[0]}; {coco[1]}; and {len(coco) - 2} more): COCO root "), grouped
+    convnext = [f.job for f in summary.failures if "weights.safetensors" in f.reason]
+    assert grouped[1].startswith(f"{len(convnext)} jobs ({convnext[0]}; {convnext[1]}") and "does not exist" in grouped[1]
+    one = SweepSummary(plan=summary.plan, failures=summary.failures[-1:])
+    assert one.grouped_failure_lines() == [summary.failures[-1].line()]  # a cause of one job: its own line
+    # the CLI: a summary, one line per cause, non-zero exit; --dry-run writes nothing
     from typer.testing import CliRunner
 
     from pipelines.cli import app
 
     res = CliRunner().invoke(app, ["sweep", str(sweep), "--store-root", str(root), "--workers", "0", "--no-progress"])
     assert res.exit_code == 1, res.output
-    assert "0 probes" in res.output and "failed: probe timm:test_convnext shapes depth" in res.output
+    assert "0 probes" in res.output and f"failed: {len(convnext)} jobs (features timm:test_convnext" in res.output
     dry = CliRunner().invoke(app, ["sweep", str(sweep), "--store-root", str(tmp_path / "fresh"), "--dry-run"])
     assert dry.exit_code == 0 and "would run" in dry.output and not (tmp_path / "fresh").exists()
+    assert "failed:" not in dry.output and f"cannot run: {len(coco)} jobs" in " ".join(dry.output.split())
     bad = _write(tmp_path, TINY + '[[experiment]]\nbackbones = ["test_vit"]\ntasks = { shapes = ["dpeth"] }\n', "bad.toml")
     res = CliRunner().invoke(app, ["sweep", str(bad), "--store-root", str(tmp_path / "never")])
     assert res.exit_code == 2 and f"line {TINY.count(chr(10)) + 3}: unknown task 'dpeth'" in res.output and not (tmp_path / "never").exists()

@@ -337,8 +337,9 @@ def sweep(
         out.print(format_plan(plan))
     summary = run_sweep(plan, workers=workers, scheduler=scheduler, dry_run=dry_run, show_progress=progress)
     out.print(summary.describe(), highlight=False)
-    for line in summary.failure_lines():
-        err.print(f"[bold red]failed:[/] {rich_escape(line)}", soft_wrap=True, highlight=False)
+    label = "cannot run" if dry_run else "failed"  # a dry run's table lists every job; these lines, each cause once
+    for line in summary.grouped_failure_lines():
+        err.print(f"[bold red]{label}:[/] {rich_escape(line)}", soft_wrap=True, highlight=False)
     if summary.failures and not dry_run:
         raise typer.Exit(1)
 
