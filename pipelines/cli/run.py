@@ -361,3 +361,6 @@ def quickstart(
                             show_progress=progress, log=lambda m: err.print(m, highlight=False))
     stores_ls(store_root, as_json=False)
     out.print(_results_table(result.records, "MAXA on shapes (metrics on the val split; trivial = constant/majority predictor)"))
+    from pipelines.quickstart import against_trivial
+
+    out.print(against_trivial(result.records), highlight=False, soft_wrap=True)
