@@ -70,7 +70,7 @@ def test_targets_to_device_block_by_block(pair, monkeypatch):
     read, for every block size and for a subset of the images in any order."""
     from probe import data
 
-    fs, ts = pair
+    _, ts = pair
     name = "semantic"
     whole = ts.read_all(name)
     per_image = whole[0].nbytes
