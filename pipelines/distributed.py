@@ -161,12 +161,13 @@ def probe_task(train: Any, eval_: Any, train_targets: Any, eval_targets: Any, co
     If the results table already holds a run with this ``identity`` (a worker that died after
     recording it), that record is returned instead of training again: every result exists once.
     """
-    from store.results import read_results, run_identity
+    from pipelines.sweep_jobs import recorded_run_identity
     from probe.train import ProbeConfig, train_probe
+    from store.results import read_results
 
     _setup_process()
     for r in read_results(results_root):
-        if run_identity(r) == tuple(identity):
+        if recorded_run_identity(r) == tuple(identity):
             return {**r, "_reused": True}
     result = train_probe(train, ProbeConfig.from_dict(config), eval_features=eval_, targets=train_targets,
                          eval_targets=eval_targets, results_root=results_root, device=worker_device(device),

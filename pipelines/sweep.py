@@ -38,6 +38,7 @@ from pipelines.sweep_jobs import (
     SweepPlan,
     TargetJob,
     first_line,
+    run_identity,
 )
 from pipelines.sweep_plan import plan_sweep
 from runtime.errors import MaxaError
@@ -315,7 +316,7 @@ class _Execution:
         plan = self.plan
         f_tr, f_ev = plan.features[job.train], plan.features[job.eval]
         t_tr, t_ev = plan.targets[job.train_targets], plan.targets[job.eval_targets]
-        identity = (f_tr.key, f_ev.key, job.spec.task, job.spec.variant, job.spec.head, job.spec.seed)
+        identity = run_identity(f_tr.key, f_ev.key, job.config)
         device = str(job.spec.settings_dict().get("device", "auto"))
         f = self.ex.submit(probe_task, f_tr.path, f_ev.path, t_tr.path, t_ev.path, job.config, identity, self.root,
                            device, priority=100,

@@ -168,6 +168,25 @@ class ProbeJob:
         return cfg
 
 
+def run_identity(train_key: str, eval_key: str, config: dict[str, Any]) -> tuple[str, str, str]:
+    """What makes a probe run this experiment: its two feature stores and its whole configuration
+    (:func:`probe.config.config_identity`: task, variant, head, seed and every setting, defaults
+    filled in), so a run of another epoch budget or learning rate is never taken for it."""
+    from probe.config import config_identity
+
+    return (train_key, eval_key, config_identity(config))
+
+
+def recorded_run_identity(record: dict[str, Any]) -> tuple[str, str, str] | None:
+    """:func:`run_identity` of a probe record; ``None`` for a record that does not say its
+    configuration (never taken for a planned run) and for speed records."""
+    config = record.get("config")
+    probe = config.get("probe") if isinstance(config, dict) else None
+    if not record.get("train_store") or record.get("task") == "speed" or not isinstance(probe, dict):
+        return None
+    return run_identity(record["train_store"], record.get("eval_store"), probe)
+
+
 @dataclass
 class SweepPlan:
     sweep: SweepFile

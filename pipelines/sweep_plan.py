@@ -25,7 +25,10 @@ from pipelines.sweep_jobs import (
     SweepPlan,
     TargetJob,
     first_line,
+    recorded_run_identity,
+    run_identity,
 )
+from probe.config import config_identity
 
 __all__ = ["plan_sweep", "make_reader", "planned_backbone", "planned_weights_id"]
 
@@ -191,9 +194,17 @@ class _Planner:
         failed = [d for d in (f_tr, f_ev, self.targets[ttr], self.targets[tev]) if d.status == FAILED]
         if failed:
             job.status, job.error = FAILED, f"needs {failed[0].id}: {failed[0].error}"
-        elif f_tr.key and f_ev.key and (f_tr.key, f_ev.key, ps.task, ps.variant, ps.head, ps.seed) in finished:
+        elif f_tr.key and f_ev.key and run_identity(f_tr.key, f_ev.key, job.config) in finished:
             job.status = SKIP
         return job
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """The settings of probe config ``b`` that differ from ``a``'s (defaults filled in), as text."""
+    import json
+
+    ca, cb = json.loads(config_identity(a)), json.loads(config_identity(b))
+    return ", ".join(f"{k} {json.dumps(cb[k])}" for k in sorted(cb) if ca.get(k) != cb[k])
 
 
 def _skip_unneeded_stores(probes: list[ProbeJob], targets: dict[str, TargetJob],
@@ -218,19 +229,24 @@ def plan_sweep(sweep: SweepFile, store_root: Any) -> SweepPlan:
     ``store_root`` is a folder, a URL or a :class:`store.Location` (which carries storage options).
     """
     from store import as_location
-    from store.results import finished_runs
+    from store.results import read_results
 
     root = as_location(store_root)
     planner = _Planner(sweep, root)
-    finished = finished_runs(root)
+    finished = {recorded_run_identity(r) for r in read_results(root)} - {None}
     probes: list[ProbeJob] = []
     seen: set[tuple[Any, ...]] = set()
+    first: dict[str, ProbeJob] = {}  # by id: the first job of these stores, task, variant, head and seed
     for ps in sweep.probes:
         job = planner.probe_job(ps, finished)
-        ident = (job.train, job.eval, ps.task, ps.variant, ps.head, ps.seed)
+        ident = (job.train, job.eval, config_identity(job.config))
         if ident in seen:
-            continue  # asked for by two experiments: run once
+            continue  # asked for by two experiments with the same settings: run once
         seen.add(ident)
+        if job.id in first:  # the same probe with other settings (another experiment's epochs, lr, …)
+            job.id = f"{job.id} ({_differences(first[job.id].config, job.config)})"
+        else:
+            first[job.id] = job
         probes.append(job)
     _skip_unneeded_stores(probes, planner.targets, planner.features)
     return SweepPlan(sweep=sweep, store_root=root, targets=planner.targets, features=planner.features, probes=probes)

@@ -7,12 +7,12 @@ of heads and variants are checked when a config is made.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from runtime.errors import MaxaError
 
-__all__ = ["ProbeConfig", "probe_default"]
+__all__ = ["ProbeConfig", "config_identity", "probe_default"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,4 +78,27 @@ class ProbeConfig:
 
 def probe_default(name: str) -> Any:
     """The default of :class:`ProbeConfig` field ``name`` (for option defaults elsewhere)."""
-    return next(f.default for f in fields(ProbeConfig) if f.name == name)
+    f = next(f for f in fields(ProbeConfig) if f.name == name)
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None  # task: no default
+
+
+def config_identity(config: dict[str, Any]) -> str:
+    """A probe configuration (a :class:`ProbeConfig` as a dict, whole or in part) as canonical text:
+    every field, those missing at their defaults, integral floats as ints. Two runs of the same
+    stores are the same experiment only when this text is the same (what ``maxa sweep`` skips on):
+    a run of another epoch budget, patience, learning rate, … is another experiment."""
+    def canon(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): canon(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [canon(x) for x in v]
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v
+
+    import json
+
+    full = {f.name: config.get(f.name, probe_default(f.name)) for f in fields(ProbeConfig)}
+    return json.dumps(canon(full), sort_keys=True, default=str)

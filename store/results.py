@@ -28,7 +28,7 @@ from store.results_schema import (SCHEMA, SCHEMA_VERSION, decode_row, encode_rec
                                   record_table, schema_version)
 
 __all__ = ["append_result", "check_results_root", "read_results", "results_table", "results_location",
-           "upgrade_results", "result_counts", "run_location", "read_run_file", "write_run_files", "finished_runs", "run_identity"]
+           "upgrade_results", "result_counts", "run_location", "read_run_file", "write_run_files"]
 
 #: Record fields that name the stores a probe used.
 STORE_KEY_FIELDS = ("train_store", "eval_store", "train_targets", "eval_targets")
@@ -130,19 +130,6 @@ def result_counts(root: Root) -> dict[str, int]:
         for key in {r.get(f) for f in STORE_KEY_FIELDS} - {None, ""}:
             counts[str(key)] += 1
     return dict(counts)
-
-
-def run_identity(record: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes two probe records the same run: train store key, eval store key, task, variant,
-    head, seed (``maxa sweep`` skips a probe whose identity is already in the results table)."""
-    return (record.get("train_store"), record.get("eval_store"), record.get("task"), record.get("variant"),
-            record.get("head"), int(record["seed"]) if record.get("seed") is not None else None)
-
-
-def finished_runs(root: Root) -> set[tuple[Any, ...]]:
-    """:func:`run_identity` of every finished probe recorded under ``root`` (speed records excluded)."""
-    return {run_identity(r) for r in read_results(root)
-            if r.get("train_store") and r.get("task") != "speed"}
 
 
 def run_location(root: Root, backbone: str, name: str) -> Location:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipelines.sweep import SweepSummary, plan_from_file, run_sweep
+from probe.config import config_identity
 from pipelines.sweep_file import SweepFileError, load_sweep, parse_sweep
 from store.results import read_results
 
@@ -48,6 +49,17 @@ def _write(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
 def _identity_counts(root: Path) -> Counter:
     return Counter((r["backbone"], r["dataset"], r["task"], r["variant"], r["head"], r["seed"])
                    for r in read_results(root))
+
+
+def _run_counts(root: Path) -> Counter:
+    """Records by what they ran: the ``_identity_counts`` fields and the whole probe configuration."""
+    return Counter((r["backbone"], r["dataset"], r["task"], r["variant"], r["head"], r["seed"],
+                    config_identity(r["config"]["probe"])) for r in read_results(root))
+
+
+def _planned_runs(plan) -> set:
+    return {(p.spec.backbone, plan.sweep.datasets[p.spec.dataset].reader, p.spec.task, p.spec.variant, p.spec.head,
+             p.spec.seed, config_identity(p.config)) for p in plan.probes}
 
 
 def _expected(plan) -> set:
@@ -124,13 +136,43 @@ def test_smoke_sweep_every_result_once_and_rerun_does_nothing(tmp_path):
     summary = run_sweep(SMOKE, root, workers=2)
     assert summary.ok, summary.failure_lines()
     plan = summary.plan
-    assert summary.extractions == 6 and summary.probes == len(plan.probes) == 31
-    counts = _identity_counts(root)
-    assert set(counts) == _expected(plan) and set(counts.values()) == {1}
+    # 31 probes, and the base adapter once more at the ablation's and baselines' 1 epoch (tables: 2)
+    assert summary.extractions == 6 and summary.probes == len(plan.probes) == 34
+    counts = _run_counts(root)
+    assert set(counts) == _planned_runs(plan) and set(counts.values()) == {1}
+    semseg_base = sorted(r["config"]["probe"]["max_epochs"] for r in read_results(root)
+                         if (r["task"], r["variant"], r["head"], r["backbone"]) == ("semseg", "base", "maxa", "test_vit"))
+    assert semseg_base == [1, 2]
     again = run_sweep(SMOKE, root, workers=2)
     assert again.ok and again.extractions == 0 and again.probes == 0 and again.shards == 0
     assert again.skipped == again.planned
-    assert _identity_counts(root) == counts
+    assert _run_counts(root) == counts
+    # another epoch budget is another experiment: the probes it changes are planned again, none skipped
+    longer = tmp_path / "longer.toml"
+    longer.write_text(SMOKE.read_text().replace("max_epochs = 2\npatience = 2", "max_epochs = 3\npatience = 2"))
+    replanned = plan_from_file(longer, root)
+    todo = [p for p in replanned.probes if p.status == "todo"]
+    assert len(todo) == 10 and {p.spec.experiment for p in todo} == {"tables"}
+
+
+def test_a_probe_with_other_settings_is_another_run(tmp_path):
+    """Two experiments asking for the same probe with other settings plan two runs (the second named
+    by what differs); a record is taken for a planned run only with the same whole configuration."""
+    from pipelines.sweep_jobs import recorded_run_identity, run_identity
+
+    plan = plan_from_file(SMOKE, tmp_path / "none")
+    twice = [p for p in plan.probes if p.id.startswith("probe test_vit shapes semseg base maxa seed 0")]
+    assert [p.id for p in twice] == ["probe test_vit shapes semseg base maxa seed 0",
+                                     "probe test_vit shapes semseg base maxa seed 0 (max_epochs 1)"]
+    config = {"task": "semseg", "seed": 0, "max_epochs": 2, "patience": 2, "batch_size": 8}
+    record = {"train_store": "a", "eval_store": "b", "task": "semseg",
+              "config": {"probe": {**config, "variant": "base", "head": "maxa", "lr": None, "val_fraction": 0.1,
+                                   "max_train_images": None, "task_options": {}}}}
+    assert recorded_run_identity(record) == run_identity("a", "b", {**config, "max_epochs": 2.0})
+    assert recorded_run_identity(record) != run_identity("a", "b", {**config, "max_epochs": 3})
+    assert recorded_run_identity(record) != run_identity("a", "b", {**config, "lr": 1e-3})
+    assert recorded_run_identity({k: v for k, v in record.items() if k != "config"}) is None  # never taken for a run
+    assert recorded_run_identity({**record, "task": "speed"}) is None
 
 
 # -- distributed extraction equals a single-process one ---------------------------------------------
