@@ -408,6 +408,51 @@ def test_unexpected_errors_are_one_line_unless_debugging(tmp_path, monkeypatch):
     assert isinstance(result.exception, ZeroDivisionError)
 
 
+def _remote(name: str, module: str = "botocore.exceptions") -> type:
+    return type(name, (Exception,), {"__module__": module})
+
+
+@pytest.mark.parametrize("error, says", [
+    (_remote("NoCredentialsError")("Unable to locate credentials"), "set AWS_ACCESS_KEY_ID"),
+    (_remote("EndpointConnectionError")('Could not connect to the endpoint URL: "http://127.0.0.1:9/b"'),
+     "endpoint did not answer"),
+    (_remote("ClientError")("An error occurred (NoSuchBucket)"), "check the URL, the bucket"),
+    (_remote("ClientConnectorError", "aiohttp.client_exceptions")("Cannot connect to host"), "did not answer"),
+])
+def test_object_store_errors_are_one_line_not_a_bug(tmp_path, monkeypatch, error, says):
+    """An object store's refusal or silence is the user's to fix (credentials, endpoint, bucket):
+    one line naming the fix, exit 2, never "a bug in maxa"."""
+    import extract.jobs as jobs
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(jobs, "extract_features", refuse)
+    line = one_line_error(*extract_args(tmp_path, "--no-build-targets", n=4), code=2)
+    assert line.startswith("error: object storage: ") and says in line and "bug" not in line, line
+
+
+def test_a_storage_option_the_filesystem_does_not_take():
+    """s3fs hands unknown storage options to its session: the TypeError it raises there is named as
+    a --storage-option problem; a TypeError anywhere else is not an object store's."""
+    from pipelines.cli.errors import _remote_error_line
+
+    def raised(filename: str) -> TypeError:
+        ns: dict = {}
+        exec(compile("def f():\n    raise TypeError(\"AioSession.__init__() got an unexpected keyword argument 'bogus'\")",
+                     filename, "exec"), ns)
+        try:
+            ns["f"]()
+        except TypeError as e:
+            return e
+        raise AssertionError("not raised")
+
+    line = _remote_error_line(raised("/venv/lib/python3.11/site-packages/aiobotocore/session.py"))
+    assert line is not None and "'bogus'" in line and "--storage-option" in line
+    assert _remote_error_line(raised("/work/main/probe/train.py")) is None
+    assert _remote_error_line(ZeroDivisionError("x")) is None
+
+
 def test_disk_full_names_the_store_and_nothing_unwritten_is_flagged(tmp_path, monkeypatch):
     """ENOSPC while writing a shard, then while writing the completion mark: one line naming the store,
     the array and shard, and the fix; no lease left; the store stays incomplete; a re-run finishes it."""

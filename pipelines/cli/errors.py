@@ -121,6 +121,10 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(e, OSError):  # disk full, permissions, a file where a folder should be, ...
                 _error_line(_os_error_line(e, kwargs))
                 raise typer.Exit(2) from None
+            remote = _remote_error_line(e)
+            if remote is not None:  # object storage: credentials, endpoint, bucket, a storage option
+                _error_line(remote)
+                raise typer.Exit(2) from None
             unwrapped = _worker_error(e)
             if unwrapped is not None:  # a MaxaError raised in a DataLoader worker, re-raised by torch
                 _error_line(unwrapped[0])
@@ -131,6 +135,36 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+#: Modules whose exceptions are an object store's answer (or silence), not a bug in maxa.
+_REMOTE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "aiohttp", "google.auth", "google.api_core",
+                   "azure")
+_STORAGE_FIX = ("--storage-option KEY=VALUE pairs go to the filesystem (s3fs: key, secret, token, anon, endpoint_url, "
+                "client_kwargs; see its documentation)")
+
+
+def _remote_error_line(e: BaseException) -> str | None:
+    """One line for an object store's refusal or silence (no credentials, an endpoint that does not
+    answer, a bucket that is not there or not yours, a storage option the filesystem does not take),
+    naming the fix; ``None`` for anything else."""
+    import traceback
+
+    name, module = type(e).__name__, type(e).__module__ or ""
+    text = " ".join(str(e).split()) or name
+    frames = [f.filename.replace("\\", "/") for f in traceback.extract_tb(e.__traceback__)]
+    if isinstance(e, TypeError) and "unexpected keyword argument" in text and \
+            any(f"/{m}/" in f for f in frames for m in ("s3fs", "gcsfs", "adlfs", "aiobotocore", "botocore")):
+        return f"object storage: {text}: a --storage-option the filesystem does not take; {_STORAGE_FIX}."
+    if not module.startswith(_REMOTE_MODULES):
+        return None
+    if "Credentials" in name:
+        return (f"object storage: {text}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), pass "
+                "--storage-option key=… --storage-option secret=…, or --storage-option anon=true for a public bucket.")
+    if "Endpoint" in name or "Connect" in name or "Timeout" in name:
+        return (f"object storage: {text}: the store's endpoint did not answer; check the network and the endpoint "
+                "(--storage-option endpoint_url=…).")
+    return f"object storage: {name}: {text}; check the URL, the bucket and your access to it ({_STORAGE_FIX})."
 
 
 def _worker_error(e: BaseException) -> tuple[str, int] | None:
