@@ -453,6 +453,21 @@ def test_a_storage_option_the_filesystem_does_not_take():
     assert _remote_error_line(ZeroDivisionError("x")) is None
 
 
+def test_after_sigterm_broken_connections_of_background_threads_are_quiet(capsys):
+    """Once SIGTERM is in, a background thread's broken connection (multiprocessing's resource sharer
+    talking to a DataLoader worker the same signal killed) prints no traceback; other errors do."""
+    import threading
+
+    from pipelines.cli.errors import _quiet_after_sigterm
+
+    for exc, shown in ((ConnectionResetError("peer gone"), False), (EOFError(), False), (ValueError("real"), True)):
+        try:
+            raise exc
+        except Exception as e:  # noqa: BLE001
+            _quiet_after_sigterm(threading.ExceptHookArgs([type(e), e, e.__traceback__, threading.current_thread()]))
+        assert ("Traceback" in capsys.readouterr().err) == shown, exc
+
+
 def test_disk_full_names_the_store_and_nothing_unwritten_is_flagged(tmp_path, monkeypatch):
     """ENOSPC while writing a shard, then while writing the completion mark: one line naming the store,
     the array and shard, and the fix; no lease left; the store stays incomplete; a re-run finishes it."""

@@ -189,6 +189,27 @@ def test_stores_rm_is_safe(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".s.zarr*"))
 
 
+def test_stores_rm_says_which_results_used_the_store(tmp_path):
+    """Asked (or told, with --yes) how many results recorded under the store's root used it."""
+    from store.results import append_result
+
+    paths = {split: job.features for split, job in extract_shapes(tmp_path, {"train": 4, "val": 2}).items()}
+    record = {"task": "depth", "variant": "base", "head": "maxa", "seed": 0, "backbone": "test_vit",
+              "train_store": paths["train"].spec.key, "eval_store": paths["val"].spec.key, "metrics": {"mse": 1.0}}
+    for seed in (0, 1):
+        append_result(tmp_path, {**record, "seed": seed})
+    r = _invoke("stores", "rm", paths["val"].path, input="n\n")
+    assert r.exit_code == 1 and f"2 result(s) recorded under {tmp_path} used it" in " ".join(r.output.split())
+    r = _invoke("stores", "rm", paths["val"].path, "--yes")
+    assert r.exit_code == 0 and "2 result(s)" in r.output and not os.path.exists(paths["val"].path)
+    append_result(tmp_path / "elsewhere", record)  # a results table not under the store's root: not counted
+    r = _invoke("stores", "rm", paths["train"].path, "--yes")
+    assert r.exit_code == 0 and "result(s)" in r.output  # 2 under its own root
+    other = extract_shapes(tmp_path / "bare", {"val": 2})["val"].features
+    r = _invoke("stores", "rm", other.path, "--yes")
+    assert r.exit_code == 0 and "result" not in r.output  # a root without results: nothing to say
+
+
 @pytest.fixture(scope="module")
 def lab_root(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("lab")

@@ -48,11 +48,13 @@ class _SigtermAsInterrupt:
 
     def _handle(self, signum: int, frame: Any) -> None:
         import signal
+        import threading
 
         if self.received:
             return
         self.received = True
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        threading.excepthook = _quiet_after_sigterm
         raise KeyboardInterrupt("SIGTERM")
 
     def __enter__(self) -> "_SigtermAsInterrupt":
@@ -67,6 +69,20 @@ class _SigtermAsInterrupt:
             import signal
 
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _quiet_after_sigterm(args: Any) -> None:
+    """Once SIGTERM is in: a background thread's broken connection to a process the same signal
+    killed (multiprocessing's resource sharer handing tensors over from a DataLoader worker) is part
+    of the interruption, not news; anything else is printed as usual."""
+    import threading
+    import traceback
+
+    files = [f.filename.replace("\\", "/") for f in traceback.extract_tb(args.exc_traceback)]
+    if issubclass(args.exc_type, (OSError, EOFError)) or any(f.endswith("multiprocessing/resource_sharer.py")
+                                                              for f in files):
+        return
+    threading.__excepthook__(args)
 
 
 #: Command options that name where a command writes, by their flag (for an OSError without a file name).

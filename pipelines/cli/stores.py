@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -184,8 +184,26 @@ def stores_rm(
     spec = meta.get("spec", {})
     what = (f"{meta.get('kind')} store {spec.get('backbone', '')} {spec.get('dataset')}/{spec.get('split')} "
             f"({meta.get('num_images')} images, {'complete' if meta.get('complete') else 'incomplete'})")
-    if not yes and not typer.confirm(f"delete {what} at {path}?", default=False):
+    used = _results_that_used(loc, meta.get("key"))
+    if not yes and not typer.confirm(f"delete {what} at {path}?{used and ' ' + used}", default=False):
         out.print("nothing deleted")
         raise typer.Exit(1)
     remove_store(loc, force=force)
-    out.print(f"deleted {path}", highlight=False)
+    out.print(f"deleted {path}{used and ' (' + used + ')'}", highlight=False)
+
+
+def _results_that_used(loc: Any, key: Any) -> str:
+    """"N results recorded under ROOT used it; …" for a store under a root with a results table
+    (the store's own root: up to two folders above it), else ""."""
+    from store.results import result_counts, results_location
+
+    root = loc.parent
+    for _ in range(3):
+        if results_location(root).isdir():
+            n = result_counts(root).get(str(key), 0) if key else 0
+            return (f"{n} result(s) recorded under {root} used it: their records stay, and a sweep needing it "
+                    "extracts it again" if n else "")
+        if root.parent == root:
+            break
+        root = root.parent
+    return ""
