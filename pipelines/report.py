@@ -23,7 +23,8 @@ from pipelines.report_paper import build_tables, load_reference
 from pipelines.report_records import (NON_IDENTITY_FIELDS, DuplicateGroup, _read_all, collect_records, dedupe_records,
                                       record_identity)
 from pipelines.report_shared import DEFAULT_FEATURE_IMAGES, Figure
-from pipelines.report_tables import Table, all_records_table, duplicates_table, speed_table
+from pipelines.report_tables import (Table, all_records_table, configurations_table, duplicates_table,
+                                     provenance_table, speed_table)
 
 __all__ = ["ReportPaths", "write_report", "load_reference", "collect_records", "dedupe_records", "record_identity",
            "build_tables", "Table", "DuplicateGroup", "NON_IDENTITY_FIELDS", "Figure", "speed_table"]
@@ -77,6 +78,12 @@ def _save_images(img_dir: Path, figures: list[Figure]) -> list[str]:
     return paths
 
 
+CONFIGURATIONS_CAPTION = ("What each configuration id (the config column) stands for: records of one id differ in "
+                          "their seed only.")
+PROVENANCE_CAPTION = ("One row per record: its run directory holds the adapter (adapter.pt) and the full record "
+                      "(meta.json: settings, history, store paths).")
+
+
 def write_report(store_roots: list[str], out_dir: str, *,
                  max_feature_images: int = DEFAULT_FEATURE_IMAGES) -> ReportPaths:
     """Read the results of ``store_roots`` and write ``results.md``, ``index.html`` and ``img/*.png`` to ``out_dir``.
@@ -93,12 +100,16 @@ def write_report(store_roots: list[str], out_dir: str, *,
     notes += figure_notes
     images = _save_images(out / "img", figures)
     all_records, speed_rows, duplicates = all_records_table(records), speed_table(speed), duplicates_table(conflicts)
+    from runtime.provenance import tool_version
+
     meta = {"generated": datetime.now().strftime("%Y-%m-%d %H:%M:%S"), "roots": roots,
-            "n_records": len(records), "n_speed": len(speed)}
+            "n_records": len(records), "n_speed": len(speed), "maxa": tool_version()}
+    provenance = [("Configurations", CONFIGURATIONS_CAPTION, configurations_table(records)),
+                  ("Where each number comes from", PROVENANCE_CAPTION, provenance_table(records))]
     md_path = out / "results.md"
-    md_path.write_text(render_markdown(meta, notes, tables, figures, speed_rows, duplicates, all_records),
+    md_path.write_text(render_markdown(meta, notes, tables, figures, speed_rows, duplicates, all_records, provenance),
                        encoding="utf-8")
     html_path = out / "index.html"
-    html_path.write_text(render_html(meta, notes, tables, figures, speed_rows, all_records, duplicates),
+    html_path.write_text(render_html(meta, notes, tables, figures, speed_rows, all_records, duplicates, provenance),
                          encoding="utf-8")
     return ReportPaths(str(out), str(md_path), str(html_path), images, notes)

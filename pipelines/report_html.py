@@ -95,12 +95,14 @@ def _figures(figures, section: str) -> str:
     return "\n".join(parts)
 
 
-def render_html(meta: dict[str, Any], notes: list[str], tables, figures, speed, all_records, duplicates=None) -> str:
+def render_html(meta: dict[str, Any], notes: list[str], tables, figures, speed, all_records, duplicates=None,
+                provenance=()) -> str:
     """The whole page; ``speed`` and ``duplicates`` (``(header, body)`` like ``all_records``) only when
-    they have rows."""
+    they have rows; ``provenance``: (title, caption, table) sections after All records, folded."""
     roots = ", ".join(meta["roots"])
+    by = f" by maxa {meta['maxa']}" if meta.get("maxa") else ""
     body = ["<h1>maxa report</h1>",
-            f'<p class="meta">Generated {escape(meta["generated"])} from {escape(roots)}: {meta["n_records"]} probe '
+            f'<p class="meta">Generated {escape(meta["generated"])}{escape(by)} from {escape(roots)}: {meta["n_records"]} probe '
             f'record(s), {meta["n_speed"]} speed record(s). Cells: mean ± std over seeds (n = seeds); '
             "<b>bold</b>/green = best in column; italic rows: the paper's numbers; Δ = ours − paper "
             "(green: ours better).</p>"]
@@ -115,5 +117,9 @@ def render_html(meta: dict[str, Any], notes: list[str], tables, figures, speed, 
     if duplicates and duplicates[1]:
         body.append(_duplicates(*duplicates))
     body += ["<h2>All records</h2>", _simple(*all_records, "all-records")]
+    for n, (title, caption, table) in enumerate(provenance):
+        if table[1]:
+            body += [f"<details><summary><b>{escape(title)}</b> ({len(table[1])} rows)</summary>",
+                     f"<p>{escape(caption)}</p>", _simple(*table, f"provenance-{n}"), "</details>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>maxa report</title>\n"
             f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")

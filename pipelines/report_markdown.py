@@ -59,10 +59,13 @@ def _figures_markdown(figures: list[Figure]) -> list[str]:
 
 
 def render_markdown(meta: dict[str, Any], notes: list[str], tables: list[Table], figures: list[Figure],
-                    speed: SimpleTable, duplicates: SimpleTable, all_records: SimpleTable) -> str:
-    """The whole ``results.md``; ``speed`` and ``duplicates`` sections only when they have rows."""
+                    speed: SimpleTable, duplicates: SimpleTable, all_records: SimpleTable,
+                    provenance: list[tuple[str, str, SimpleTable]] = ()) -> str:
+    """The whole ``results.md``; ``speed`` and ``duplicates`` sections only when they have rows;
+    ``provenance``: (title, caption, table) sections after All records."""
     roots = meta["roots"]
-    md = ["# maxa report", "", f"Generated {meta['generated']} from {', '.join(roots)}: {meta['n_records']} probe "
+    by = f" by maxa {meta['maxa']}" if meta.get("maxa") else ""
+    md = ["# maxa report", "", f"Generated {meta['generated']}{by} from {', '.join(roots)}: {meta['n_records']} probe "
           f"record(s), {meta['n_speed']} speed record(s). Cells: mean ± std over seeds (n = seeds); **bold** = best in "
           "column; paper rows from the paper's tables, Δ = ours − paper.", ""]
     if notes:
@@ -74,4 +77,7 @@ def render_markdown(meta: dict[str, Any], notes: list[str], tables: list[Table],
     if duplicates[1]:
         md += ["## Duplicates", "", DUPLICATES_CAPTION, "", simple_markdown(*duplicates)]
     md += ["## All records", "", simple_markdown(*all_records)]
+    for title, caption, table in provenance:
+        if table[1]:
+            md += [f"## {title}", "", caption, "", simple_markdown(*table)]
     return "\n".join(md)

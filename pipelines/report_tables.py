@@ -209,6 +209,48 @@ def all_records_table(records: list[dict[str, Any]]) -> tuple[list[str], list[li
     return header, body
 
 
+#: Probe config keys that name the experiment's row, not its settings (shown in their own columns).
+_ROW_KEYS = ("task", "variant", "head", "seed")
+
+
+def configurations_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """What each configuration id of All records stands for: its probe settings (every field the
+    record keeps: epochs, patience, batch size, learning rate, …), the maxa versions and devices of its
+    records."""
+    by: dict[str, list[dict]] = {}
+    for r in records:
+        by.setdefault(str(r.get("_config")), []).append(r)
+    header = ["config", "task", "dataset", "backbone", "variant", "head", "probe settings", "records", "maxa", "device"]
+    body = []
+    for cid, recs in sorted(by.items(), key=lambda kv: (PROBE_TASKS.index(kv[1][0]["task"])
+                                                         if kv[1][0].get("task") in PROBE_TASKS else 99, kv[0])):
+        r0 = recs[0]
+        probe = ((r0.get("config") or {}).get("probe") or {}) if isinstance(r0.get("config"), dict) else {}
+        settings = ", ".join(f"{k} {v}" for k, v in sorted(probe.items()) if k not in _ROW_KEYS) or "not recorded"
+        body.append([cid, *(str(r0.get(k)) for k in ("task", "dataset", "backbone", "variant", "head")), settings,
+                     str(len(recs)), ", ".join(sorted({str(r.get("tool_version") or "–") for r in recs})),
+                     ", ".join(sorted({str(r.get("device") or "–") for r in recs}))])
+    return header, body
+
+
+def provenance_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Where every number comes from: one row per record with its run directory (the adapter and
+    ``meta.json``), its root, when it finished, the device and the maxa version."""
+    header = ["task", "dataset", "backbone", "variant", "head", "seed", "config", "metric", "value", "run dir",
+              "root", "finished", "device", "maxa"]
+    body = []
+    for r in sorted(records, key=lambda r: (PROBE_TASKS.index(r["task"]) if r.get("task") in PROBE_TASKS else 99,
+                                            str(r.get("dataset")), _order_key((str(r.get("backbone")), "")),
+                                            str(r.get("variant")), str(r.get("head")), str(r.get("_config")),
+                                            str(r.get("seed")))):
+        m = primary_metric(r)
+        v = r["metrics"].get(m)
+        body.append([*(str(r.get(k)) for k in ("task", "dataset", "backbone", "variant", "head", "seed", "_config")),
+                     m, "–" if v is None else _fmt(float(v), metric_decimals(m)), str(r.get("run_dir") or "–"),
+                     str(r.get("_root", "–")), _when(r), str(r.get("device") or "–"), str(r.get("tool_version") or "–")])
+    return header, body
+
+
 def speed_table(speed: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     by: dict[str, list[dict]] = {}
     for r in speed:

@@ -219,9 +219,17 @@ def test_other_experiments_are_kept_apart_not_replaced(tmp_path):
     assert _row(md, "*Δ ours − paper*", "Table 2")[col["Boundaries IoU"]] == ""
     note = next(n for n in paths.notes if "mixes 2 configurations" in n)
     assert "dinov2_b14" in note and "config.probe.max_epochs 1 / 4" in note and "eval_store" in note
-    all_rows = [line for line in md.split("## All records")[1].splitlines() if line.startswith("| boundaries")]
+    section = md.split("## All records")[1].split("\n## ")[0]
+    all_rows = [line for line in section.splitlines() if line.startswith("| boundaries")]
     assert len(all_rows) == 2  # one row per configuration
     assert "## Duplicates" not in md  # different experiments are not duplicates
+    # where the numbers come from: each configuration id's settings, each record's run directory
+    configs = md.split("## Configurations")[1].split("\n## ")[0]
+    ids = {line.split("|")[7].strip() for line in all_rows}
+    assert {line.split("|")[1].strip() for line in configs.splitlines() if line.startswith("| ") and "config" not in line} == ids
+    assert "max_epochs 1" in configs and "max_epochs 4" in configs
+    sources = md.split("## Where each number comes from")[1]
+    assert "| run-b |" in sources and str(b) in sources and "maxa " in md.split("\n")[2]
 
 
 def test_same_experiment_newest_record_wins_in_any_root_order(tmp_path):
