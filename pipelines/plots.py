@@ -109,6 +109,23 @@ def score_vs_speed(records, speed):
                    "plots")], []
 
 
+def _annotate_apart(ax, points: list[tuple[float, float, str]], log_x: bool) -> None:
+    """Label points; labels of points that fall on one spot (within 3 % of the axes' spans) are
+    joined into one, a line each, instead of printed over each other."""
+    if not points:
+        return
+    xs = np.array([np.log10(max(p[0], 1e-12)) if log_x else p[0] for p in points])
+    ys = np.array([p[1] for p in points])
+    span_x, span_y = max(np.ptp(xs), 1e-12), max(np.ptp(ys), 1e-12)
+    spots: dict[tuple[int, int], list[int]] = {}
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        spots.setdefault((round((x - xs.min()) / span_x * 33), round((y - ys.min()) / span_y * 33)), []).append(i)
+    for members in spots.values():
+        x, y, _ = points[members[0]]
+        ax.annotate("\n".join(points[i][2] for i in members), (x, y), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points", va="bottom")
+
+
 def score_vs_plearn(records, speed=None):
     """Primary metric per (task, dataset) against learnable parameters; one point per backbone/variant/head."""
     recs = [r for r in records if r.get("p_learn") is not None]
@@ -118,7 +135,7 @@ def score_vs_plearn(records, speed=None):
     fig, axes = _subplots(len(groups))
     for ax, ((task, ds), grecs) in zip(axes, sorted(groups.items())):
         metric, higher = _primary(grecs)
-        xs = []
+        xs, labelled = [], []
         points = _groups(grecs, lambda r: (r["backbone"], r["variant"], r["head"], r.get("_config", "")))
         for (b, v, h, conf), prs in sorted(points.items()):  # one point per configuration, never averaged
             ys = [float(r["metrics"].get(metric, math.nan)) for r in prs]
@@ -131,9 +148,17 @@ def score_vs_plearn(records, speed=None):
                         color=HEAD_COLOURS.get(h, "tab:gray"), capsize=3)
             label = b + ("" if v == "base" else f" {v}") + ("" if h == "maxa" else f" ({h})")
             label += f" [{conf}]" if sum(k[:3] == (b, v, h) for k in points) > 1 else ""
-            ax.annotate(label, (x, np.mean(ys)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if xs and max(xs) / max(min(xs), 1e-12) > 10:
+            labelled.append((x, float(np.mean(ys)), label))
+        log = bool(xs) and max(xs) / max(min(xs), 1e-12) > 10
+        _annotate_apart(ax, labelled, log)
+        if log:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks ran into each other
+        elif xs and max(xs) <= min(xs) * 1.05:  # one P_learn (±5 %): a range around it, one tick
+            ax.set_xlim(min(xs) * 0.8, max(xs) * 1.25)
+            ax.set_xticks([float(np.mean(xs))])
         else:
             from matplotlib.ticker import MaxNLocator
 

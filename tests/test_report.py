@@ -431,3 +431,24 @@ def test_html_renders_in_chromium(report, tmp_path):
     assert len(np.unique(small.reshape(-1, 3), axis=0)) > 200  # tables, plots, images: not a blank page
     if os.environ.get("MAXA_REPORT_SCREENSHOT"):  # keep a copy to look at
         shutil.copy(path, os.environ["MAXA_REPORT_SCREENSHOT"])
+
+
+def test_labels_of_points_on_one_spot_are_joined_not_overprinted():
+    """score_vs_plearn: two backbones with the same P_learn and score get one label of two lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipelines.plots import _annotate_apart
+
+    fig, ax = plt.subplots()
+    try:
+        _annotate_apart(ax, [(0.015, 0.0, "test_vit"), (0.015, 0.0, "timm:test_convnext"), (0.9, 19.0, "cnn")], False)
+        texts = sorted(t.get_text() for t in ax.texts)
+        assert texts == ["cnn", "test_vit\ntimm:test_convnext"]
+        ax.clear()
+        _annotate_apart(ax, [(0.002, 10.0, "linear"), (0.05, 10.5, "maxa"), (0.9, 19.0, "cnn")], True)
+        assert sorted(t.get_text() for t in ax.texts) == ["cnn", "linear", "maxa"]  # apart: each its own
+    finally:
+        plt.close(fig)
