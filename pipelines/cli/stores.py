@@ -161,8 +161,10 @@ def stores_upgrade(
     loc = _require_store(_location(path, storage_option))
     changes: list[str] = []
     new_path = upgrade_store(loc, root, changes.append)
-    out.print(f"upgraded {path}" + (f" → {new_path}" if new_path != loc else "")
-              + ("" if changes else " (already current)"), highlight=False)
+    if not changes and new_path == loc:
+        out.print(f"{path} is already current: nothing to upgrade", highlight=False)
+        return
+    out.print(f"upgraded {path}" + (f" → {new_path}" if new_path != loc else ""), highlight=False)
     for change in changes:
         out.print(f"  {change}", highlight=False)
 
