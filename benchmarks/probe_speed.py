@@ -14,6 +14,7 @@ extraction that fills the store is timed too, with the break-even number of epoc
 
     python benchmarks/probe_speed.py --backbone random_b16 --images 48 --epochs 2
     python benchmarks/probe_speed.py --paths store stream --epochs 3   # streamed vs in memory only
+    python benchmarks/probe_speed.py --paths store stream --images 80 --epochs 5 --rounds 5
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def main() -> None:
     p.add_argument("--variant", default="base", help="adapter variant (no-sigma: both attention layers unmasked)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "probe_speed.json"))
     p.add_argument("--paths", nargs="+", choices=["store", "stream", "live"], default=["store", "stream", "live"],
-                   help="paths to compare (each run twice, alternated, except live: once)")
+                   help="paths to compare (each run --rounds times, alternated, except live: once)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs of each of store and stream, alternated (an epoch here is short: more rounds, steadier medians)")
     p.add_argument("--path", choices=["store", "stream", "live"], help=argparse.SUPPRESS)
     p.add_argument("--features", help=argparse.SUPPRESS)
     p.add_argument("--targets", help=argparse.SUPPRESS)
@@ -123,7 +126,10 @@ def main() -> None:
     extract_s = time.perf_counter() - t0
     results = {}
     order = [p for p in args.paths if p != "live"]
-    order = order + (["live"] if "live" in args.paths else []) + order  # twice: the median tolerates a noisy neighbour
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    # several rounds, alternated: the median tolerates a noisy neighbour
+    order = order + (["live"] if "live" in args.paths else []) + order * (args.rounds - 1)
     for path in order:
         cmd = [sys.executable, __file__, "--path", path, "--features", job.features.path,
                "--targets", job.targets.path, "--backbone", args.backbone, "--task", args.task, "--variant", args.variant,
@@ -135,7 +141,7 @@ def main() -> None:
     later = {k: [t for r in v for t in r["epoch_seconds"][1:]] for k, v in results.items()}
     summary = {
         "backbone": args.backbone, "task": args.task, "variant": args.variant, "images": args.images, "batch_size": args.batch_size,
-        "epochs": args.epochs, "device": "cpu", "threads": next(iter(results.values()))[0]["threads"],
+        "epochs": args.epochs, "rounds": args.rounds, "device": "cpu", "threads": next(iter(results.values()))[0]["threads"],
         **{f"epoch_s_{k}": v for k, v in med.items()},
     }
     if "store" in med and "live" in med:
