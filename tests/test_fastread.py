@@ -1,7 +1,8 @@
 """The direct shard reader (store.fastread) gives exactly what zarr-python reads, bit for bit.
 
 Stores written by the current writer, compression none and zstd, on a local folder and on an
-in-memory fsspec filesystem: whole arrays, shard iteration, batches in random order, with
+in-memory fsspec filesystem, and stores written through zarr-python's own writer (as before
+store.fastwrite): whole arrays, shard iteration, batches in random order, with
 repeats and negative indices, a partial last shard, both ways of reading a shard (whole file or
 the wanted chunks' byte ranges), unwritten shards (fill value), and damaged chunks (the same
 one-line error as zarr's path, naming the image).
@@ -45,11 +46,16 @@ def bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.uint16)
 
 
-@pytest.fixture(params=[("none", "local"), ("zstd", "local"), ("none", "memory"), ("zstd", "memory")],
+@pytest.fixture(params=[("none", "local"), ("zstd", "local"), ("none", "memory"), ("zstd", "memory"),
+                        ("none", "local", "zarr-python"), ("zstd", "local", "zarr-python")],
                 ids=lambda p: "-".join(p))
 def written(request, tmp_path) -> tuple[str, np.ndarray]:
-    compression, where = request.param
-    w = make_writer(_root(where, tmp_path), make_spec(n=N), shard_size=SHARD, compression=compression)
+    """A store, and the values written to it. "zarr-python": every shard written through zarr-python's
+    own writer, as stores were written before ``store.fastwrite`` (what older stores on disk hold)."""
+    compression, where, *through = request.param
+    w = make_writer(_root(where, tmp_path), make_spec(n=N), shard_size=SHARD, compression=compression,
+                    direct_writes=not through)
+    assert bool(w._shard_writers) == (not through)
     data = _data()
     fill(w, data)
     w.finalize()

@@ -37,12 +37,14 @@ def make_spec(n: int = 10, grid=(4, 5), channels: int = 6, **kw) -> FeatureSpec:
     return FeatureSpec(**base)
 
 
-def make_writer(root: Path, spec: FeatureSpec, shard_size: int = 4, compression: str = "none") -> StoreWriter:
+def make_writer(root: Path, spec: FeatureSpec, shard_size: int = 4, compression: str = "none",
+                direct_writes: bool = True) -> StoreWriter:
     layer = spec.layers[0]
     return StoreWriter(
         feature_store_path(root, spec), kind="features", key=spec.key, spec=spec.to_dict(),
         arrays=[ArrayDef("features/last", (*layer.grid, layer.channels), "float16", ("y", "x", "c"))],
         image_ids=[f"img{i}" for i in range(spec.num_images)], shard_size=shard_size, compression=compression,
+        direct_writes=direct_writes,
     ).open()
 
 
