@@ -486,7 +486,9 @@ def test_nyu_samples_depth_in_metres() -> None:
     root = _shared("nyu_samples")
     reader = NYUv2Dataset(root, "test")
     assert reader.layout == "pairs" and len(reader) == 3
-    assert NYUv2Dataset(root, "train").image_ids == reader.image_ids  # no train list: every pair
+    with pytest.raises(DatasetError, match=r"test_annotations.json\) but has no train_annotations.json: which pairs "
+                       r"are train is not known. .*--split test"):
+        NYUv2Dataset(root, "train")  # a test list and no train list: the test pairs are not train images
     ann = reader.read_annotation(0)
     raw = np.array(Image.open(root / "depth" / "sync_depth_00000.png"))
     assert ann.size == (480, 640)

@@ -8,7 +8,8 @@ Two layouts, detected from ``ROOT``:
 * **pairs** — ``rgb_*.jpg`` files anywhere under ``ROOT`` with ``sync_depth_*.png`` beside them or in a
   sibling ``depth/`` folder (the BTS/Metric3D export; depth = value / 1000 m, 0 = invalid). A
   ``ROOT/{split}_annotations.json`` (Metric3D format) selects the split's pairs and their
-  ``depth_scale``; without one, every pair found belongs to every split. Image ids are the RGB paths
+  ``depth_scale``; a split without one is refused when another split has one (which pairs it holds is
+  not known), and where there is no list at all every pair found belongs to every split. Image ids are the RGB paths
   relative to ``ROOT`` without suffix.
 
 Splits are ``train`` and ``test``; ``val`` is an alias for ``test``.
@@ -138,6 +139,12 @@ class NYUv2Dataset(DatasetReader):
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise DatasetError(f"NYUv2 split file {listing} is not a Metric3D annotation list ({err}).") from None
         else:
+            others = sorted(p.name for p in self.root.glob("*_annotations.json"))
+            if others:  # the folder says which pairs are which split, but not this one: no guessing
+                raise DatasetError(
+                    f"NYUv2 root {self.root} lists its pairs by split ({', '.join(others)}) but has no {listing.name}: "
+                    f"which pairs are {split} is not known. Add ROOT/{listing.name} (Metric3D format), or extract "
+                    f"a split it lists (--split {others[0].removesuffix('_annotations.json')}).")
             pairs = []
             for rgb in sorted(self.root.rglob("rgb_*.jpg")):
                 name = "sync_depth_" + rgb.stem[len("rgb_") :] + ".png"
