@@ -225,7 +225,7 @@ def test_cli_table_one_line_per_record(filled):
     assert "(3 records)" in result.output
     assert all(name in result.output for name in ("dinov2_b14", "siglip_384", "relative_to_vitb16", "0.25"))
     result = runner.invoke(app, ["results", "ls", str(filled), "--task", "depth"])
-    assert result.exit_code == 0 and "(1 records)" in result.output and "siglip_384" not in result.output
+    assert result.exit_code == 0 and "(1 record)" in result.output and "siglip_384" not in result.output
 
 
 def test_cli_filters_and_csv_export(filled, tmp_path):

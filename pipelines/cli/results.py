@@ -82,7 +82,7 @@ def results_ls(
             raise MaxaError("--out writes CSV or JSON: add --format csv or --format json.")
         shown = ", ".join(f"{k} {'/'.join(v)}" for k, v in where.items() if v)
         out.print(_record_lines_table(records, f"results under {root}{': ' + shown if shown else ''} "
-                                               f"({len(records)} records)"))
+                                               f"({len(records)} record{'' if len(records) == 1 else 's'})"))
         return
     text = (to_csv if fmt == Format.csv else to_json)(flat_rows(records))
     if out_path is None:
