@@ -213,6 +213,16 @@ def all_records_table(records: list[dict[str, Any]]) -> tuple[list[str], list[li
 _ROW_KEYS = ("task", "variant", "head", "seed")
 
 
+#: How an unset (None) probe setting reads: what the probe did in its place.
+_UNSET = {"lr": "the task's", "max_train_images": "all", "val_fraction": "default"}
+
+
+def _setting_text(key: str, value: Any, config: dict[str, Any]) -> str:
+    if value is None and key == "lr" and config.get("lr") is not None:  # the rate the task chose
+        return f"lr {config['lr']} (the task's)"
+    return f"{key} {_UNSET.get(key, 'default') if value is None else value}"
+
+
 def configurations_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """What each configuration id of All records stands for: its probe settings (every field the
     record keeps: epochs, patience, batch size, learning rate, …), the maxa versions and devices of its
@@ -225,8 +235,10 @@ def configurations_table(records: list[dict[str, Any]]) -> tuple[list[str], list
     for cid, recs in sorted(by.items(), key=lambda kv: (PROBE_TASKS.index(kv[1][0]["task"])
                                                          if kv[1][0].get("task") in PROBE_TASKS else 99, kv[0])):
         r0 = recs[0]
-        probe = ((r0.get("config") or {}).get("probe") or {}) if isinstance(r0.get("config"), dict) else {}
-        settings = ", ".join(f"{k} {v}" for k, v in sorted(probe.items()) if k not in _ROW_KEYS) or "not recorded"
+        config = r0.get("config") if isinstance(r0.get("config"), dict) else {}
+        probe = config.get("probe") or {}
+        settings = ", ".join(_setting_text(k, v, config) for k, v in sorted(probe.items())
+                             if k not in _ROW_KEYS and v != {}) or "not recorded"
         body.append([cid, *(str(r0.get(k)) for k in ("task", "dataset", "backbone", "variant", "head")), settings,
                      str(len(recs)), ", ".join(sorted({str(r.get("tool_version") or "–") for r in recs})),
                      ", ".join(sorted({str(r.get("device") or "–") for r in recs}))])

@@ -228,6 +228,8 @@ def test_other_experiments_are_kept_apart_not_replaced(tmp_path):
     ids = {line.split("|")[7].strip() for line in all_rows}
     assert {line.split("|")[1].strip() for line in configs.splitlines() if line.startswith("| ") and "config" not in line} == ids
     assert "max_epochs 1" in configs and "max_epochs 4" in configs
+    assert "lr 0.002 (the task's)" in configs and "max_train_images all" in configs and "None" not in configs
+    assert "task_options" not in configs  # an empty setting says nothing
     sources = md.split("## Where each number comes from")[1]
     assert "| run-b |" in sources and str(b) in sources and "maxa " in md.split("\n")[2]
 
