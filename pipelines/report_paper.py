@@ -98,6 +98,7 @@ def _backbone_table(key: str, title: str, caption: str, columns: list[Column], r
     triv = _trivial_row(columns, all_per_col)
     if triv:
         rows.append(triv)
+    caption += " I: input image side (px), F: feature grid side, P: backbone parameters (millions)."
     return Table(key, title, caption, columns, rows, ["I", "F", "P (M)"], notes)
 
 

@@ -230,6 +230,7 @@ def test_other_experiments_are_kept_apart_not_replaced(tmp_path):
     assert "max_epochs 1" in configs and "max_epochs 4" in configs
     assert "lr 0.002 (the task's)" in configs and "max_train_images all" in configs and "None" not in configs
     assert "task_options" not in configs  # an empty setting says nothing
+    assert "I: input image side (px), F: feature grid side, P: backbone parameters" in md.split("### Table 2")[1]
     sources = md.split("## Where each number comes from")[1]
     assert "| run-b |" in sources and str(b) in sources and "maxa " in md.split("\n")[2]
 
