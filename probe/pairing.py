@@ -77,6 +77,12 @@ def open_stores(features: Where, eval_features: Where | None, targets: Where | N
     if eval_features is None:
         eval_features = find_eval_features(root, train_fs.spec)
         if eval_features is None:
+            split = train_fs.spec.split
+            if split in ("val", "test"):  # the eval store given as the training store, most likely
+                raise StoreError(
+                    f"{train_fs.path} is the {split} split, and no other val/test store of {train_fs.spec.backbone} "
+                    f"on {train_fs.spec.dataset} is under {root} to evaluate on: give the train split's store to "
+                    f"--store (the eval store is found beside it), or pass --eval-store.")
             raise StoreError(
                 f"no eval store for {train_fs.spec.backbone} on {train_fs.spec.dataset} (val/test split) under "
                 f"{root}; extract the val split with the same backbone and weights, or pass --eval-store."

@@ -92,6 +92,12 @@ def test_eval_store_is_found_on_the_same_dataset_only(two_datasets, tmp_path):
     assert r.record["eval_image_ids_hash"] == a_val.spec.image_ids_hash
 
 
+def test_an_eval_split_given_as_the_training_store_is_named(two_datasets, tmp_path):
+    with pytest.raises(StoreError, match=r"is the val split, .* give the train split's store to --store"):
+        train_probe(two_datasets["A-val"], ProbeConfig(**QUICK), results_root=str(tmp_path), device="cpu",
+                    show_progress=False)
+
+
 def test_eval_store_of_another_dataset_is_refused(two_datasets, tmp_path):
     with pytest.raises(StoreMismatchError, match="another dataset"):
         train_probe(two_datasets["A-train"], ProbeConfig(**QUICK), eval_features=two_datasets["B-val"],
