@@ -301,7 +301,7 @@ def prediction_resolutions(records: list[dict[str, Any]], sizes=PREDICTION_SIZES
             for s in sizes:
                 raw, meta = predict(run, ev, index, (s, s))
                 preds.append((f"prediction {s}×{s}", output_values(raw, task)))
-            view = view_inputs(ev, index, task)
+            view = view_inputs(ev, index, task, trained_on=meta.get("info"))
             if view.class_names is None and (meta.get("info") or {}).get("class_names"):
                 view.class_names = tuple(meta["info"]["class_names"])
             group = f"{task} · {r['backbone']} · {r['dataset']} · seed {r.get('seed')} · image {index}"

@@ -71,9 +71,13 @@ class PredictionFigure:
         Image.open(io.BytesIO(self.png)).convert("RGB").save(path)
 
 
-def view_inputs(store: Any, index: int, task: str) -> ViewInputs:
+def view_inputs(store: Any, index: int, task: str, trained_on: dict[str, Any] | None = None) -> ViewInputs:
     """The input image and ground truth of image ``index`` of feature store ``store`` (a path, URL or
-    open store) from its aligned target store; whatever is missing is left out with a note."""
+    open store) from its aligned target store; whatever is missing is left out with a note.
+
+    ``trained_on``: the adapter's target info (its run's ``info``: ``num_classes``, ``class_names``).
+    A semseg ground truth in other classes than the adapter's (another dataset or labelling) is not
+    drawn beside its prediction, as if the two were comparable: a note says why."""
     from probe.pairing import find_targets
     from runtime.errors import StoreError
     from store.reader import FeatureStore, open_features
@@ -91,11 +95,28 @@ def view_inputs(store: Any, index: int, task: str) -> ViewInputs:
     if IMAGE_ARRAY in names:
         view.image = np.asarray(ts.read(IMAGE_ARRAY, [index])[0], dtype=np.uint8)
     truth = TRUTH_ARRAYS.get(task)
-    if truth in names:
+    other = _other_classes(task, spec, trained_on)
+    if other:
+        view.truth_note = other
+        view.class_names = tuple(trained_on.get("class_names") or ()) or None
+    elif truth in names:
         view.truth = np.asarray(ts.read(truth, [index])[0])
     else:
         view.truth_note = f"the target store has no {truth!r} targets"
     return view
+
+
+def _other_classes(task: str, spec: Any, trained_on: dict[str, Any] | None) -> str | None:
+    """Why the store's semseg targets are not the adapter's classes, or ``None`` when they are."""
+    if task != "semseg" or not trained_on or trained_on.get("num_classes") is None:
+        return None
+    mine, theirs = int(trained_on["num_classes"]), spec.num_classes
+    if theirs is not None and int(theirs) != mine:
+        return f"this store's targets have {theirs} classes,\nthe adapter's {mine}: not drawn"
+    names, their_names = trained_on.get("class_names"), spec.class_names
+    if names and their_names and list(names) != list(their_names):
+        return "this store's classes are not\nthe adapter's (other names): not drawn"
+    return None
 
 
 # -- colours --------------------------------------------------------------------------------------
@@ -247,7 +268,8 @@ def prediction_figure(task: str, predictions: Sequence[tuple[str, np.ndarray]], 
     values = [np.asarray(v) for _, v in predictions]
     palette = None
     if task == "semseg":
-        n = max(int(values[0].shape[0]), len(view.class_names or ()))
+        labelled = [] if view.truth is None else np.asarray(view.truth)[view.truth != view.ignore_index]
+        n = max(int(values[0].shape[0]), len(view.class_names or ()), int(labelled.max()) + 1 if len(labelled) else 0)
         palette = class_palette(n)
     scale = _scale(task, view.truth, values)
     extra: list[tuple[str, np.ndarray]] = []

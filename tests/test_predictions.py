@@ -234,6 +234,26 @@ def test_boundaries_figure_has_a_colour_bar_and_is_not_a_grey_square(runs):
     assert len(np.unique(bar.reshape(-1, 3), axis=0)) > 50
 
 
+def test_ground_truth_in_other_classes_is_not_drawn_as_comparable(runs):
+    """An adapter shown on a store labelled in other classes (another dataset, another --num-classes)
+    gets no ground-truth panel but a note; a label beyond the adapter's classes never breaks the legend."""
+    raw, meta = predict(runs["semseg"], runs["val"], 1, (32, 32))
+    same = view_inputs(runs["val"], 1, "semseg", trained_on=meta["info"])
+    assert same.truth is not None  # the adapter's own classes: drawn
+    n = meta["info"]["num_classes"]
+    other = view_inputs(runs["val"], 1, "semseg", trained_on={**meta["info"], "num_classes": n - 1})
+    assert other.truth is None and f"have {n} classes" in other.truth_note and f"adapter's {n - 1}" in other.truth_note
+    renamed = view_inputs(runs["val"], 1, "semseg", trained_on={**meta["info"], "class_names": ["x"] * n})
+    assert renamed.truth is None and "other names" in renamed.truth_note
+    # a truth label the adapter has no output for (its top class beyond the palette): drawn, in the legend
+    values = output_values(raw, "semseg")[:2]
+    view = view_inputs(runs["val"], 1, "semseg")
+    view.class_names = None
+    view.truth = np.full(view.truth.shape, 5, dtype=np.uint8)
+    fig = prediction_figure("semseg", [("prediction", values)], view)
+    assert fig.scale == "legend"
+
+
 def test_without_an_image_the_input_panel_says_so(runs):
     view = view_inputs(runs["plain_val"], 0, "semseg")
     assert view.image is None and view.truth is not None and view.image_note == NO_IMAGE_NOTE

@@ -251,10 +251,15 @@ def predict(
         prediction_image(values, task).save(out_path)
         out.print(f"wrote {out_path} ({size}x{size}, task {task})", highlight=False)
         return
-    view = view_inputs(_location(store, storage_option), index, task)
+    view = view_inputs(_location(store, storage_option), index, task, trained_on=meta.get("info"))
     if view.class_names is None and (meta.get("info") or {}).get("class_names"):
         view.class_names = tuple(meta["info"]["class_names"])
-    title = f"{task} · {meta.get('backbone')} · {meta.get('dataset')} · image {index}"
+    from store.reader import open_features
+
+    shown = open_features(_location(store, storage_option)).spec
+    where = (f"{meta.get('dataset')}" if shown.dataset_id == meta.get("dataset_id")
+             else f"trained on {meta.get('dataset')} · shown on {shown.dataset}")
+    title = f"{task} · {meta.get('backbone')} · {where} · {shown.split} image {index}"
     figure = prediction_figure(task, [(f"prediction {size}×{size}", values)], view, title)
     figure.save(out_path)
     out.print(f"wrote {out_path} ({' | '.join(t for t, _ in figure.panels)}; task {task})", highlight=False)
