@@ -577,6 +577,26 @@ def test_command_lines_click_refuses_are_one_line(args, says):
     assert says in line and line.endswith("-h`."), line
 
 
+def test_command_lists_read_each_summary_as_one_sentence():
+    """A docstring's line breaks do not break a command's line in its group's list (typer's rich help
+    keeps them there): every command's summary is one line, its docstring's first paragraph."""
+    from typer.main import get_command
+
+    def commands(group):
+        for name, cmd in group.commands.items():
+            yield name, cmd
+            if hasattr(cmd, "commands"):  # a group (typer's own click or click)
+                yield from commands(cmd)
+
+    listed = dict(commands(get_command(app)))
+    assert {"predict", "quickstart", "verify", "upgrade", "speed"} <= set(listed)
+    for name, cmd in listed.items():
+        if not hasattr(cmd, "commands"):
+            assert cmd.short_help and "\n" not in cmd.short_help, (name, cmd.short_help)
+    assert listed["predict"].short_help.startswith("Render a trained adapter's prediction for one stored image at any "
+                                                   "output size (a picture or its values), or write")
+
+
 def test_a_bare_group_still_prints_its_help():
     bare = invoke("stores")
     assert "Usage:" in bare.output and "verify" in bare.output and "error:" not in bare.output

@@ -56,14 +56,22 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Dense evaluation of frozen vision backbones with masked cross-attention adapters."""
 
 
+def _summary(command) -> str:
+    """A command's line in its group's list: the docstring's first paragraph as one line (typer's rich
+    help keeps a docstring's line breaks there, which broke sentences mid-line)."""
+    import inspect
+
+    return " ".join(inspect.cleandoc(command.__doc__ or "").split("\n\n")[0].split())
+
+
 for _command in (backbones, datasets, extract, probe, predict, report, sweep, quickstart):
-    app.command()(_command)
+    app.command(short_help=_summary(_command))(_command)
 for _name, _command in (("ls", stores_ls), ("info", stores_info), ("verify", stores_verify),
                         ("upgrade", stores_upgrade), ("rm", stores_rm)):
-    stores_app.command(_name)(_command)
-bench_app.command("speed")(bench_speed)
-results_app.command("ls")(results_ls)
-results_app.command("upgrade")(results_upgrade)
+    stores_app.command(_name, short_help=_summary(_command))(_command)
+bench_app.command("speed", short_help=_summary(bench_speed))(bench_speed)
+results_app.command("ls", short_help=_summary(results_ls))(results_ls)
+results_app.command("upgrade", short_help=_summary(results_upgrade))(results_upgrade)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias
