@@ -151,7 +151,7 @@ def probe(
     head: Annotated[str, typer.Option(help="Readout: maxa (the MAXA adapter) or a baseline head (linear, cnn, "
                                      "jbu: image-guided upsampling then linear probing, needs target stores with images).")] = probe_default("head"),
     seed: Annotated[int, typer.Option(help="Seed: initialisation, validation split, shuffling.")] = probe_default("seed"),
-    batch_size: Annotated[int, typer.Option(min=1)] = probe_default("batch_size"),
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per training step (and per evaluation batch).")] = probe_default("batch_size"),
     max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap (early stopping on validation loss).")] = probe_default("max_epochs"),
     patience: Annotated[int, typer.Option(min=1, help="Epochs without improvement before stopping.")] = probe_default("patience"),
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: the task's).")] = None,
