@@ -163,12 +163,34 @@ def parse_data_roots(items: list[str] | dict[str, str] | None) -> dict[str, str]
     return out
 
 
+#: The sweep files that come with maxa, by name: ``maxa sweep smoke`` / ``maxa sweep paper``.
+BUILTIN_SWEEPS = ("smoke", "paper")
+
+
+def builtin_sweep(name: str) -> Path | None:
+    """The file of built-in sweep ``name`` (``smoke``, ``paper``, with or without ``.toml``): packaged
+    beside this module in a wheel (``pipelines/builtin_sweeps``), ``sweeps/`` in a source checkout."""
+    stem = name.removesuffix(".toml")
+    if stem not in BUILTIN_SWEEPS:
+        return None
+    here = Path(__file__).resolve().parent
+    for folder in (here / "builtin_sweeps", here.parent / "sweeps"):
+        if (folder / f"{stem}.toml").is_file():
+            return folder / f"{stem}.toml"
+    return None
+
+
 def load_sweep(path: str | Path, data_roots: dict[str, str] | list[str] | None = None) -> SweepFile:
-    """Read and validate the sweep file at ``path`` (see the module docstring for the schema)."""
+    """Read and validate the sweep file at ``path`` (see the module docstring for the schema); a path
+    that is no file but a built-in sweep's name (``smoke``, ``paper``) reads that sweep."""
     p = Path(path)
     if not p.is_file():
-        raise SweepFileError(f"sweep file {p} does not exist; pass a TOML file such as sweeps/smoke.toml.")
-    return parse_sweep(p.read_text(), str(path), data_roots)
+        builtin = builtin_sweep(str(path)) if p.parent == Path(".") else None
+        if builtin is None:
+            raise SweepFileError(f"sweep file {p} does not exist; pass a TOML file, or a built-in sweep: "
+                                 f"{' or '.join(BUILTIN_SWEEPS)} (`maxa sweep smoke`).")
+        p = builtin
+    return parse_sweep(p.read_text(), str(p), data_roots)
 
 
 def parse_sweep(text: str, path: str = "<sweep>", data_roots: dict[str, str] | list[str] | None = None) -> SweepFile:

@@ -129,6 +129,24 @@ def test_shipped_sweep_files_validate():
     assert {p.backbone for p in smoke.probes} == {"test_vit", "timm:test_convnext"}
 
 
+def test_built_in_sweeps_by_name(tmp_path, monkeypatch):
+    """`maxa sweep smoke` / `paper` read the shipped files wherever maxa runs; a file of that name in
+    the working folder comes first; an unknown name is one line naming the built-in ones."""
+    from pipelines.sweep_file import builtin_sweep
+
+    monkeypatch.chdir(tmp_path)
+    assert builtin_sweep("smoke") == builtin_sweep("smoke.toml") == SMOKE.resolve()
+    assert builtin_sweep("paper") == PAPER.resolve() and builtin_sweep("other") is None
+    assert load_sweep("smoke").probes == load_sweep(SMOKE).probes
+    assert len(load_sweep("paper", ["coco=/elsewhere/coco"]).probes) == len(load_sweep(PAPER).probes)
+    (tmp_path / "smoke.toml").write_text(SMOKE.read_text().replace("timm:test_convnext", "timm:test_vit"))
+    assert {p.backbone for p in load_sweep("smoke.toml").probes} == {"test_vit", "timm:test_vit"}
+    with pytest.raises(SweepFileError, match="sweep file other does not exist; .* built-in sweep: smoke or paper"):
+        load_sweep("other")
+    with pytest.raises(SweepFileError, match="does not exist"):
+        load_sweep(tmp_path / "sub" / "smoke")  # a path, not a name: not replaced by the built-in one
+
+
 # -- the smoke sweep on a 2-worker LocalCluster, then a re-run that does nothing ------------------
 @pytest.mark.slow
 def test_smoke_sweep_every_result_once_and_rerun_does_nothing(tmp_path):

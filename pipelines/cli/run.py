@@ -323,7 +323,7 @@ def bench_speed(
 # -- sweep ----------------------------------------------------------------------------------------
 @clean_errors
 def sweep(
-    sweep_file: Annotated[Path, typer.Argument(help="Sweep TOML file (see sweeps/paper.toml, sweeps/smoke.toml).")],
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep TOML file, or a built-in sweep: smoke (the machinery on `shapes`, minutes on a CPU) or paper (the paper's tables; needs the datasets).")],
     store_root: Annotated[str, typer.Option(help="Where stores and results live: a folder or s3://bucket/prefix ($MAXA_STORE_ROOT).")] = DEFAULT_STORE_ROOT,
     workers: Annotated[Optional[int], typer.Option(min=0, help="LocalCluster workers (default: one per GPU, else a few CPU workers); 0 runs in this process.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler, e.g. tcp://head:8786.")] = None,
