@@ -258,7 +258,8 @@ def predict(
 
     shown = open_features(_location(store, storage_option)).spec
     where = (f"{meta.get('dataset')}" if shown.dataset_id == meta.get("dataset_id")
-             else f"trained on {meta.get('dataset')} · shown on {shown.dataset}")
+             else f"trained on {meta.get('dataset')} · shown on {shown.dataset}"
+             + (" (another dataset id)" if shown.dataset == meta.get("dataset") else ""))
     title = f"{task} · {meta.get('backbone')} · {where} · {shown.split} image {index}"
     figure = prediction_figure(task, [(f"prediction {size}×{size}", values)], view, title)
     figure.save(out_path)
