@@ -135,7 +135,8 @@ class SegFolderDataset(DatasetReader):
                 f"were inferred from the first {min(_INFER_FILES, len(self))} label files, ignore_index "
                 f"{self._source_ignore}; if the highest label is void rather than a class (CamVid's 11), pass "
                 f"--num-classes {num_classes - 1} --ignore-index {num_classes - 1}, else pass --num-classes "
-                f"{num_classes} to silence this."
+                f"{num_classes} to silence this (the stores' keys include the classes: another choice later means "
+                f"extracting the features again)."
             )
         self.num_classes = int(num_classes)
         if not 1 <= self.num_classes <= 255:
