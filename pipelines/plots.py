@@ -16,7 +16,7 @@ from pipelines.report_shared import DEFAULT_FEATURE_IMAGES, Figure, primary_metr
 __all__ = ["score_vs_speed", "score_vs_plearn", "feature_pca", "prediction_resolutions", "PREDICTION_SIZES"]
 
 PREDICTION_SIZES = (56, 112, 224, 448)
-HEAD_COLOURS = {"maxa": "tab:blue", "linear": "tab:orange", "cnn": "tab:green"}
+HEAD_COLOURS = {"maxa": "tab:blue", "linear": "tab:orange", "cnn": "tab:green", "jbu": "tab:red"}
 
 
 def _pyplot():
@@ -126,6 +126,13 @@ def _annotate_apart(ax, points: list[tuple[float, float, str]], log_x: bool) -> 
                     textcoords="offset points", va="bottom")
 
 
+def head_legend(records) -> list[tuple[str, str]]:
+    """(head, colour) for the heads among ``records`` only, MAXA first: a legend of what is plotted."""
+    heads = {r["head"] for r in records}
+    order = sorted(heads, key=lambda h: (list(HEAD_COLOURS).index(h) if h in HEAD_COLOURS else len(HEAD_COLOURS), h))
+    return [(h, HEAD_COLOURS.get(h, "tab:gray")) for h in order]
+
+
 def score_vs_plearn(records, speed=None):
     """Primary metric per (task, dataset) against learnable parameters; one point per backbone/variant/head."""
     recs = [r for r in records if r.get("p_learn") is not None]
@@ -169,7 +176,7 @@ def score_vs_plearn(records, speed=None):
         ax.grid(alpha=0.3)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], marker="o", ls="", color=c, label=h) for h, c in HEAD_COLOURS.items()]
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=h) for h, c in head_legend(recs)]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
     fig.suptitle("Score against learnable parameters (mean ± std over seeds)")
     return [Figure("score_vs_plearn.png", _png(fig), "Score against learnable parameters per task and dataset.",

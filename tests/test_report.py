@@ -455,3 +455,11 @@ def test_labels_of_points_on_one_spot_are_joined_not_overprinted():
         assert sorted(t.get_text() for t in ax.texts) == ["cnn", "linear", "maxa"]  # apart: each its own
     finally:
         plt.close(fig)
+
+
+def test_the_plot_legend_names_the_heads_plotted_only():
+    from pipelines.plots import head_legend
+
+    assert head_legend([{"head": "maxa"}, {"head": "maxa"}]) == [("maxa", "tab:blue")]
+    assert [h for h, _ in head_legend([{"head": "cnn"}, {"head": "jbu"}, {"head": "maxa"}, {"head": "new"}])] == \
+        ["maxa", "cnn", "jbu", "new"]
