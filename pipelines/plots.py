@@ -72,10 +72,17 @@ def score_vs_speed(records, speed):
     """Primary metric per (task, dataset) against the backbone's inference time relative to ViT-B/16."""
     if not speed:
         return [], ["no speed records (task 'speed', from `maxa bench speed`): the score-vs-speed plot is skipped."]
+    from pipelines.report_shared import other_references, relative_to_vitb16
+
     rel: dict[str, float] = {}
     unit = "relative to ViT-B/16 @224"
+    notes = []
+    if other_references(speed):
+        notes.append(f"speed records timed against another reference ({', '.join(other_references(speed))}, "
+                     "`maxa bench speed --reference`) are left out of the relative speeds: their ratios are not to "
+                     "ViT-B/16.")
     for b, recs in _groups(speed, lambda r: r.get("backbone")).items():
-        v = _mean([r["metrics"].get("relative_to_vitb16") for r in recs])
+        v = _mean([relative_to_vitb16(r) for r in recs])
         if v is not None:
             rel[b] = v
     if not rel:  # no relative numbers: seconds per batch
@@ -87,7 +94,8 @@ def score_vs_speed(records, speed):
     base = [r for r in records if r["head"] == "maxa" and r["variant"] == "base" and r["backbone"] in rel]
     groups = _groups(base, lambda r: (r["task"], r["dataset"]))
     if not groups:
-        return [], ["speed records exist, but no maxa base probe shares a backbone with them: no score-vs-speed plot."]
+        return [], notes + ["speed records exist, but no maxa base probe shares a backbone with them: no "
+                            "score-vs-speed plot."]
     fig, axes = _subplots(len(groups))
     for ax, ((task, ds), recs) in zip(axes, sorted(groups.items())):
         metric, higher = _primary(recs)
@@ -105,8 +113,7 @@ def score_vs_speed(records, speed):
         ax.set_title(f"{task} · {ds}")
         ax.grid(alpha=0.3)
     fig.suptitle("Score against relative speed (paper Fig. 6)")
-    return [Figure("score_vs_speed.png", _png(fig), "Score against inference time relative to ViT-B/16 (224 px).",
-                   "plots")], []
+    return [Figure("score_vs_speed.png", _png(fig), f"Score against inference time ({unit}).", "plots")], notes
 
 
 def _annotate_apart(ax, points: list[tuple[float, float, str]], log_x: bool) -> None:

@@ -33,6 +33,25 @@ FIGURE_SECTIONS = (("plots", "Plots"), ("pca", "Feature PCA (first three compone
                    ("predictions", "Predictions at several output resolutions"))
 
 
+def relative_to_vitb16(r: dict[str, Any]) -> float | None:
+    """A speed record's time relative to ViT-B/16 at 224 px, or ``None`` when it was timed against
+    another reference (``maxa bench speed --reference``): its ratio is then in other units, and is
+    never shown as one to ViT-B/16."""
+    from pipelines.defaults import SPEED_REFERENCE
+
+    reference = (r.get("config") or {}).get("reference", SPEED_REFERENCE)
+    v = (r.get("metrics") or {}).get("relative_to_vitb16")
+    return None if v is None or reference != SPEED_REFERENCE else float(v)
+
+
+def other_references(speed: list[dict[str, Any]]) -> list[str]:
+    """The references other than ViT-B/16 that speed records were timed against."""
+    from pipelines.defaults import SPEED_REFERENCE
+
+    return sorted({str((r.get("config") or {}).get("reference")) for r in speed
+                   if (r.get("config") or {}).get("reference", SPEED_REFERENCE) != SPEED_REFERENCE})
+
+
 def metric_decimals(metric: str) -> int:
     """Decimals a value of ``metric`` is shown with."""
     return METRICS.get(metric, UNKNOWN_METRIC)[2]

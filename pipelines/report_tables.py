@@ -12,7 +12,8 @@ from typing import Any
 
 from pipelines.report_records import (DuplicateGroup, _by_configuration, _finished, _order_key, backbone_info,
                                       configuration_differences)
-from pipelines.report_shared import METRICS, PROBE_TASKS, UNKNOWN_METRIC, metric_decimals, primary_metric
+from pipelines.report_shared import (METRICS, PROBE_TASKS, UNKNOWN_METRIC, metric_decimals, primary_metric,
+                                     relative_to_vitb16)
 
 __all__ = ["Cell", "Row", "Column", "Table", "all_records_table", "speed_table", "duplicates_table",
            "DUPLICATES_CAPTION"]
@@ -271,7 +272,7 @@ def speed_table(speed: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     body = []
     for b in sorted(by, key=lambda b: _order_key((b, ""))):
         s = _stats([r["metrics"].get("seconds_per_batch") for r in by[b]])
-        rel = _stats([r["metrics"].get("relative_to_vitb16") for r in by[b]])
+        rel = _stats([relative_to_vitb16(r) for r in by[b]])  # none from records timed against another reference
         body.append([b, _fmt(s[0], 4) if s else "–", _fmt(rel[0], 2) if rel else "–", str(len(by[b]))])
     return header, body
 

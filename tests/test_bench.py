@@ -48,7 +48,7 @@ def test_cli_writes_speed_records(tmp_path):
                                  "--batches", "1", "--batch-size", "1", "--device", "cpu", "--weights", "random",
                                  "--store-root", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "rel. ViT-B/16" in result.output
+    assert "rel. test_vit" in result.output and "rel. ViT-B/16" not in result.output  # the reference it ran against
     records = read_results(tmp_path)
     assert sorted(r["backbone"] for r in records) == ["test_vit", "timm:test_convnext"]
     assert all(r["task"] == "speed" and r["metrics"]["seconds_per_batch"] > 0 for r in records)
@@ -56,6 +56,12 @@ def test_cli_writes_speed_records(tmp_path):
     _, speed = collect_records([str(tmp_path)])  # the report sees them as speed records
     header, body = speed_table(speed)
     assert len(body) == 2 and "relative to ViT-B/16 224" in header
+    # timed against test_vit, not ViT-B/16: never shown as relative to ViT-B/16, and the report says so
+    assert [row[2] for row in body] == ["–", "–"] and all(float(row[1]) > 0 for row in body)
+    from pipelines.plots import score_vs_speed
+
+    _, notes = score_vs_speed([], speed)
+    assert any("another reference (test_vit" in n for n in notes), notes
 
 
 def test_cli_unknown_backbone_one_line_error(tmp_path):

@@ -90,7 +90,10 @@ def _speed_table(rows: list[dict[str, Any]]):
                           f"{r0['reference_drift']:.2f}); adapter = MAXA base, "
                           f"D_out {r0['task_dim']}, 224x224 output; adapter rel. in units of the reference "
                           "backbone's time. Weights: " + ", ".join(sorted({r['weights'] for r in rows})))
-    for col in ("backbone", "input", "grid", "params (M)", "s / batch", "img / s", "rel. ViT-B/16",
+    from pipelines.defaults import SPEED_REFERENCE
+
+    relative = "rel. ViT-B/16" if r0["reference"] == SPEED_REFERENCE else f"rel. {r0['reference']}"
+    for col in ("backbone", "input", "grid", "params (M)", "s / batch", "img / s", relative,
                 "adapter s / batch", "adapter rel.", "adapter P_learn"):
         table.add_column(col, overflow="fold")
     for r in rows:
