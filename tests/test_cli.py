@@ -74,6 +74,22 @@ def backbone_rows() -> list[dict]:
     return json.loads(ok("backbones", "--json"))
 
 
+def test_stores_ls_says_what_tells_look_alike_stores_apart(tmp_path):
+    """Two stores that read alike in the table (same kind, backbone, dataset, split) get a note naming
+    the settings they differ in."""
+    ok(*extract_args(tmp_path, n=6))
+    ok(*extract_args(tmp_path, n=8))
+    result = invoke("stores", "ls", tmp_path)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "note: 2 feature stores of test_vit on shapes/val differ in" in text, text
+    assert "num_images 6 / 8" in text or "num_images 8 / 6" in text, text
+    assert "note: 2 target stores on shapes/val differ" in text, text
+    single = tmp_path / "single"
+    ok(*extract_args(single))
+    assert "note:" not in invoke("stores", "ls", single).output  # nothing alike: nothing to say
+
+
 # -- listings ---------------------------------------------------------------------------------------
 def test_backbones_json(backbone_rows):
     rows = {r["name"]: r for r in backbone_rows}

@@ -10,7 +10,7 @@ import typer
 
 from pipelines.cli.errors import clean_errors
 from pipelines.cli.options import DEFAULT_STORE_ROOT, JsonFlag, StorageOptionList, _location
-from pipelines.cli.render import _human_bytes, out
+from pipelines.cli.render import _human_bytes, err, out
 from runtime.errors import MaxaError
 from store.location import Location
 
@@ -82,6 +82,43 @@ def stores_ls(
         table.add_row(r["kind"], str(r["backbone"]), str(r["dataset"]), str(r["split"]), str(r["images"]), bad,
                       r["grid"] + lossy, _human_bytes(r.get("bytes")), state, str(r["results"]), where.relative_to(loc))
     out.print(table if rows else f"no stores under {root}")
+    for line in _look_alike_notes(rows, stores):
+        err.print(f"[yellow]note:[/] {line}", highlight=False, soft_wrap=True)
+
+
+def _flat_spec(spec: Any, prefix: str = "") -> dict[str, str]:
+    """A spec's scalar settings by dotted name (per-token arrays and layer lists left out)."""
+    out: dict[str, str] = {}
+    if isinstance(spec, dict):
+        for k, v in spec.items():
+            if k in ("layers", "token_centres", "class_names"):
+                continue
+            out.update(_flat_spec(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(spec, default=str)}
+
+
+def _look_alike_notes(rows: list[dict[str, Any]], stores: list) -> list[str]:
+    """Stores that read alike in the table (same kind, backbone, dataset, split) but are different stores:
+    what tells them apart (their specs' differing settings), so that a user picks the one they mean."""
+    groups: dict[tuple, list[tuple[dict, Any]]] = {}
+    for r, (where, meta) in zip(rows, stores):
+        groups.setdefault((r["kind"], str(r["backbone"]), str(r["dataset"]), str(r["split"])), []).append(
+            (_flat_spec((meta or {}).get("spec") or {}), where))
+    notes = []
+    for (kind, backbone, dataset, split), members in sorted(groups.items()):
+        if len(members) < 2:
+            continue
+        keys = sorted({k for flat, _ in members for k in flat})
+        differ = [k for k in keys if len({flat.get(k) for flat, _ in members}) > 1
+                  and not k.endswith(("dataset_id", "image_ids_hash"))]
+        what = "; ".join(f"{k} " + " / ".join(flat.get(k, "–") for flat, _ in members) for k in differ[:4])
+        who = "" if backbone in ("-", "None") else f" of {backbone}"
+        word = {"features": "feature", "targets": "target", "predictions": "prediction"}.get(kind, kind)
+        notes.append(f"{len(members)} {word} stores{who} on {dataset}/{split} differ"
+                     + (f" in {what}" if what else " in their data (another dataset id)")
+                     + " (in the order listed); `maxa stores info PATH` shows each one's settings.")
+    return notes
 
 
 @clean_errors
