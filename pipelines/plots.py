@@ -94,8 +94,8 @@ def score_vs_speed(records, speed):
     base = [r for r in records if r["head"] == "maxa" and r["variant"] == "base" and r["backbone"] in rel]
     groups = _groups(base, lambda r: (r["task"], r["dataset"]))
     if not groups:
-        return [], [*notes, "speed records exist, but no maxa base probe shares a backbone with them: no "
-                            "score-vs-speed plot."]
+        return [], [*notes, ("speed records exist, but no maxa base probe shares a backbone with them: no "
+                             "score-vs-speed plot.")]
     fig, axes = _subplots(len(groups))
     for ax, ((task, ds), recs) in zip(axes, sorted(groups.items())):
         metric, higher = _primary(recs)
